@@ -1,0 +1,82 @@
+"""cometkit: a thread-pool client for CometAPI (OpenAI-compatible) built on ``requests``.
+
+Retry strategy, admission control and metrics are supplied by pluggy plugins; see
+``docs/plugins.md``. Everything a plugin may use is exported here.
+"""
+
+from ._client import Client
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    CometError,
+    ConfigError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    PluginError,
+    RateLimitError,
+    UnprocessableEntityError,
+)
+from ._objects import ApiObject
+from ._streaming import Stream
+from ._version import __version__
+from .context import ClientContext
+from .hookspecs import hookimpl
+from .options import Option, PluginSpec
+from .records import (
+    ATTEMPT_FIELDS,
+    CALL_FIELDS,
+    AttemptRecord,
+    AttemptResult,
+    CallRecord,
+    Clock,
+    Limiter,
+    MetricsSink,
+    RequestInfo,
+    RetryDecision,
+    RetryPolicy,
+    SystemClock,
+)
+
+__all__ = [
+    "__version__",
+    "Client",
+    "ApiObject",
+    "Stream",
+    "hookimpl",
+    "ClientContext",
+    "Option",
+    "PluginSpec",
+    "ATTEMPT_FIELDS",
+    "CALL_FIELDS",
+    "AttemptRecord",
+    "AttemptResult",
+    "CallRecord",
+    "Clock",
+    "Limiter",
+    "MetricsSink",
+    "RequestInfo",
+    "RetryDecision",
+    "RetryPolicy",
+    "SystemClock",
+    "CometError",
+    "ConfigError",
+    "PluginError",
+    "APIError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+]

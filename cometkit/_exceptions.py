@@ -1,0 +1,242 @@
+"""The exception tree users catch.
+
+Names and shape follow openai-python so that ``except openai.RateLimitError`` ports by
+changing the import. Every message carries the server's own message and the request id,
+because those are what a support ticket needs; none ever carries the API key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import requests
+
+__all__ = [
+    "CometError",
+    "ConfigError",
+    "PluginError",
+    "APIError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "status_error_class",
+    "make_status_error",
+]
+
+
+class CometError(Exception):
+    """Base of every error cometkit raises on purpose."""
+
+
+class ConfigError(CometError, ValueError):
+    """The configuration is invalid: the message names the file, the key path and the fix."""
+
+    def __init__(self, message: str, *, path: Optional[str] = None, key: Optional[str] = None) -> None:
+        super().__init__(message)
+        #: File the bad value came from, when it came from a file.
+        self.path = path
+        #: Dotted key path of the bad value (``plugins.backoff.max_attempts``).
+        self.key = key
+
+
+class PluginError(CometError):
+    """A plugin could not be loaded or broke the hook contract."""
+
+
+class APIError(CometError):
+    """A call to the API failed. ``request_id`` is the provider's id when known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: Optional[str] = None,
+        body: Any = None,
+        code: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        #: The provider's request id (``x-request-id`` header or found in the message).
+        self.request_id = request_id
+        #: The decoded JSON error body, or the raw text when it was not JSON.
+        self.body = body
+        #: The provider's machine-readable error code (``insufficient_quota``), if any.
+        self.code = code
+
+
+class APIStatusError(APIError):
+    """The server answered with a non-success status code."""
+
+    #: Status code this class stands for; ``None`` on the generic class.
+    expected_status: Optional[int] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        request_id: Optional[str] = None,
+        body: Any = None,
+        code: Optional[str] = None,
+        response: Optional[requests.Response] = None,
+        retry_after_s: Optional[float] = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id, body=body, code=code)
+        self.status_code = status_code
+        #: The ``requests.Response`` (its body already read), when there was one.
+        self.response = response
+        #: The server's retry hint in seconds, when it sent one.
+        self.retry_after_s = retry_after_s
+
+
+class BadRequestError(APIStatusError):
+    expected_status = 400
+
+
+class AuthenticationError(APIStatusError):
+    expected_status = 401
+
+
+class PermissionDeniedError(APIStatusError):
+    expected_status = 403
+
+
+class NotFoundError(APIStatusError):
+    expected_status = 404
+
+
+class ConflictError(APIStatusError):
+    expected_status = 409
+
+
+class UnprocessableEntityError(APIStatusError):
+    expected_status = 422
+
+
+class RateLimitError(APIStatusError):
+    """429, or a retry policy that gave up on one (budget spent, hint too long)."""
+
+    expected_status = 429
+
+
+class InternalServerError(APIStatusError):
+    """Any status of 500 and above."""
+
+
+class APIConnectionError(APIError):
+    """The request did not get a complete HTTP answer (refused, reset, DNS, TLS, truncated)."""
+
+    def __init__(self, message: str = "Connection error.", *, request_id: Optional[str] = None,
+                 stage: str = "read") -> None:
+        super().__init__(message, request_id=request_id)
+        #: ``"connect"`` when the request never reached the server (always safe to retry),
+        #: ``"read"`` when it broke after sending (the server may have done the work).
+        self.stage = stage
+
+
+class APITimeoutError(APIConnectionError):
+    """The connect or read timeout expired."""
+
+    def __init__(self, message: str = "Request timed out.", *, request_id: Optional[str] = None,
+                 stage: str = "read") -> None:
+        super().__init__(message, request_id=request_id, stage=stage)
+
+
+_STATUS_CLASSES = {
+    cls.expected_status: cls
+    for cls in (
+        BadRequestError,
+        AuthenticationError,
+        PermissionDeniedError,
+        NotFoundError,
+        ConflictError,
+        UnprocessableEntityError,
+        RateLimitError,
+    )
+}
+
+
+def status_error_class(status_code: int) -> type[APIStatusError]:
+    """The exception class that stands for ``status_code``."""
+    if status_code >= 500:
+        return InternalServerError
+    return _STATUS_CLASSES.get(status_code, APIStatusError)
+
+
+# CometAPI embeds its request id in the message text, e.g. "... (request id: 2025...abc)".
+_REQUEST_ID_IN_TEXT = re.compile(r"request[ _-]?id[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9._-]{6,})", re.I)
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
+_MAX_TEXT = 300
+
+
+def _describe_body(content: bytes, content_type: str) -> tuple[Any, str, Optional[str]]:
+    """Decode an error body into ``(body, human message, error code)``."""
+    text = content.decode("utf-8", "replace")
+    try:
+        body: Any = json.loads(text) if text.strip() else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            message = str(err.get("message") or err.get("msg") or "").strip()
+            code = err.get("code") or err.get("type")
+            return body, message or text[:_MAX_TEXT], str(code) if code else None
+        if isinstance(err, str):
+            return body, err, None
+        return body, text[:_MAX_TEXT], None
+    if "html" in content_type.lower() or text.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
+        title = _HTML_TITLE.search(text)
+        summary = " ".join(title.group(1).split()) if title else "an HTML page"
+        return text, f"the server answered with HTML ({summary}) instead of JSON: check base_url", None
+    return text or None, " ".join(text.split())[:_MAX_TEXT], None
+
+
+def make_status_error(
+    status_code: int,
+    content: bytes,
+    headers: Any,
+    *,
+    response: Optional[requests.Response] = None,
+    retry_after_s: Optional[float] = None,
+    method: str = "",
+    route: str = "",
+) -> APIStatusError:
+    """Build the typed exception for an error answer, with message and request id found.
+
+    Handles JSON error bodies (OpenAI style ``{"error": {...}}``), HTML pages that a wrong path
+    or a gateway returns, and request ids embedded in the message text.
+    """
+    content_type = headers.get("content-type", "") if headers is not None else ""
+    body, message, code = _describe_body(content, content_type)
+    request_id = None
+    if headers is not None:
+        request_id = headers.get("x-request-id") or headers.get("x-oneapi-request-id")
+    if not request_id:
+        found = _REQUEST_ID_IN_TEXT.search(message)
+        request_id = found.group(1) if found else None
+    where = f" for {method} {route}" if method else ""
+    text = f"Error code: {status_code}{where} - {message or 'no message'}"
+    if request_id and request_id not in text:
+        text += f" (request id: {request_id})"
+    cls = status_error_class(status_code)
+    return cls(
+        text,
+        status_code=status_code,
+        request_id=request_id,
+        body=body,
+        code=code,
+        response=response,
+        retry_after_s=retry_after_s,
+    )

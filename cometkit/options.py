@@ -1,0 +1,216 @@
+"""Declared options: one schema drives validation, defaults and the configuration reference.
+
+The core declares its top-level keys with :class:`Option`, and every plugin declares its own
+section the same way (through the ``cometkit_plugin_spec`` hook). The validator and the docs
+generator read the same objects, so the reference cannot drift from what is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from ._exceptions import ConfigError
+
+__all__ = ["Option", "PluginSpec", "validate_section", "describe_kind"]
+
+_KINDS = ("int", "float", "bool", "str", "list", "section", "mapping", "any")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key.
+
+    :param kind: ``int``, ``float`` (ints accepted), ``bool``, ``str``, ``list`` (items checked
+        against ``item``), ``section`` (fixed keys in ``children``), ``mapping`` (free keys,
+        each value a ``section`` of ``children``) or ``any``.
+    :param default: value used when the key is absent (``None``: absent means unset).
+    :param help: one sentence for the configuration reference.
+    :param choices: allowed values, for ``str`` and ``list`` items.
+    :param minimum: smallest allowed number.
+    :param maximum: largest allowed number.
+    :param nullable: ``null`` is accepted.
+    :param secret: redact the value whenever configuration is shown.
+    :param parse: custom converter for values that take several shapes; it returns the
+        normalised value or raises ``ValueError`` with what is allowed.
+    """
+
+    kind: str
+    default: Any = None
+    help: str = ""
+    choices: Optional[Sequence[Any]] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    nullable: bool = False
+    secret: bool = False
+    item: Optional[Option] = None
+    children: Mapping[str, Option] = field(default_factory=dict)
+    parse: Optional[Callable[[Any], Any]] = None
+    example: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"Option kind must be one of {_KINDS}, not {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """What a plugin tells cometkit about itself.
+
+    :param options: the keys its ``plugins.<name>`` section accepts.
+    :param enabled_by_default: active even when the config does not mention it (``backoff`` and
+        ``limiter`` are); ``<name>: false`` still turns it off.
+    :param summary: one line for ``cometkit plugins`` and the docs.
+    """
+
+    options: Mapping[str, Option] = field(default_factory=dict)
+    enabled_by_default: bool = False
+    summary: str = ""
+
+
+def describe_kind(option: Option) -> str:
+    """Human words for what an option accepts, used in errors and in the reference."""
+    if option.choices is not None and option.kind == "str":
+        text = "one of " + ", ".join(repr(c) for c in option.choices)
+    elif option.kind == "list" and option.item is not None:
+        text = f"a list of {describe_kind(option.item)}"
+    else:
+        text = {
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "str": "a string",
+            "list": "a list",
+            "section": "a mapping with keys " + ", ".join(option.children),
+            "mapping": "a mapping of names to sections",
+            "any": "any value",
+        }[option.kind]
+    if option.choices is not None and option.kind != "str":
+        text += " (each one of " + ", ".join(repr(c) for c in option.choices) + ")"
+    if option.minimum is not None and option.maximum is not None:
+        text += f" between {option.minimum:g} and {option.maximum:g}"
+    elif option.minimum is not None:
+        text += f" >= {option.minimum:g}"
+    elif option.maximum is not None:
+        text += f" <= {option.maximum:g}"
+    if option.nullable:
+        text += " or null"
+    return text
+
+
+def _fail(where: str, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: {key}: {message}", path=where or None, key=key)
+
+
+def unknown_key_error(where: str, key_path: str, name: str, known: Sequence[str]) -> ConfigError:
+    """An unknown key, with the closest known one suggested."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    allowed = ", ".join(sorted(known)) or "none"
+    return _fail(where, key_path, f"unknown key {name!r}.{hint} Allowed keys: {allowed}.")
+
+
+def _check_value(option: Option, value: Any, where: str, key: str) -> Any:
+    if value is None:
+        if option.nullable:
+            return None
+        return _fail(where, key, f"must be {describe_kind(option)}, got null")
+    if option.parse is not None:
+        try:
+            return option.parse(value)
+        except (TypeError, ValueError) as exc:
+            return _fail(where, key, f"{exc}")
+    kind = option.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            return _fail(where, key, f"must be true or false, got {value!r}")
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+        if kind == "int" and not isinstance(value, int):
+            if not float(value).is_integer():
+                return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            value = int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return _fail(where, key, f"must be a finite number, got {value!r}")
+        if (option.minimum is not None and value < option.minimum) or (
+            option.maximum is not None and value > option.maximum
+        ):
+            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+        return float(value) if kind == "float" else value
+    if kind == "str":
+        if not isinstance(value, str):
+            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+        if option.choices is not None and value not in option.choices:
+            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+        return value
+    if kind == "list":
+        if not isinstance(value, list):
+            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+        out = []
+        for index, item in enumerate(value):
+            if option.choices is not None and item not in option.choices:
+                return _fail(where, f"{key}[{index}]", f"must be one of "
+                             + ", ".join(repr(c) for c in option.choices) + f", got {item!r}")
+            if option.item is not None:
+                item = _check_value(option.item, item, where, f"{key}[{index}]")
+                if isinstance(item, ConfigError):
+                    return item
+            out.append(item)
+        return out
+    if kind == "section":
+        if not isinstance(value, dict):
+            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+        return validate_section(option.children, value, where=where, key_path=key)
+    if kind == "mapping":
+        if not isinstance(value, dict):
+            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+        return {
+            str(name): validate_section(option.children, sub or {}, where=where,
+                                        key_path=f"{key}.{name}", fill_defaults=False)
+            for name, sub in value.items()
+        }
+    return value
+
+
+def validate_section(
+    schema: Mapping[str, Option],
+    data: Any,
+    *,
+    where: str = "",
+    key_path: str = "",
+    fill_defaults: bool = True,
+) -> dict[str, Any]:
+    """Check ``data`` against ``schema`` and return it with defaults filled in.
+
+    :param where: the file (or ``<dict>``) the data came from, for error messages.
+    :param key_path: dotted path of this section, for error messages.
+    :param fill_defaults: add absent keys with their defaults (off for per-model overrides,
+        where an absent key means "inherit").
+    :raises ConfigError: naming ``where``, the full key path, what was wrong and what is allowed.
+    """
+    label = key_path or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _fail(where, label, f"must be a mapping, got {data!r}")
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        option = schema.get(name) if isinstance(name, str) else None
+        full = f"{key_path}.{name}" if key_path else str(name)
+        if option is None:
+            raise unknown_key_error(where, full, str(name), list(schema))
+        checked = _check_value(option, value, where, full)
+        if isinstance(checked, ConfigError):
+            raise checked
+        out[name] = checked
+    if fill_defaults:
+        for name, option in schema.items():
+            if name not in out:
+                default = option.default
+                out[name] = dict(default) if isinstance(default, dict) else (
+                    list(default) if isinstance(default, list) else default)
+    return out

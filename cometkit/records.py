@@ -1,0 +1,271 @@
+"""The values that cross the hook boundary: what a plugin is told and what it answers.
+
+These are the whole vocabulary between the core and a plugin. First-party plugins use
+nothing else, so a third-party plugin can do everything they do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Protocol, runtime_checkable
+
+__all__ = [
+    "Clock",
+    "SystemClock",
+    "RequestInfo",
+    "AttemptResult",
+    "RetryDecision",
+    "AttemptRecord",
+    "CallRecord",
+    "RetryPolicy",
+    "Limiter",
+    "Permit",
+    "MetricsSink",
+    "ATTEMPT_FIELDS",
+    "CALL_FIELDS",
+]
+
+
+class Clock(Protocol):
+    """Time as the core and plugins see it; tests inject a fake one so nothing sleeps."""
+
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+    sleep = staticmethod(time.sleep)
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """One logical call, shared by all of its attempts.
+
+    :ivar request_id: cometkit's own id for the call (``ck-...``); every attempt shares it.
+    :ivar operation: OpenTelemetry GenAI operation name: ``chat``, ``embeddings``, ``models``
+        or ``request`` for any other route.
+    :ivar method: HTTP method, upper case.
+    :ivar route: path below the base URL, e.g. ``/chat/completions``.
+    :ivar model: the requested model, when the body names one.
+    :ivar stream: whether the answer is a server-sent-event stream.
+    :ivar json: the request body (read it, never change it; never log it: it holds prompts).
+    :ivar started_at: ``clock.monotonic()`` when the call began, for deadlines.
+    """
+
+    request_id: str
+    operation: str
+    method: str
+    route: str
+    model: Optional[str] = None
+    stream: bool = False
+    json: Optional[Mapping[str, Any]] = None
+    started_at: float = 0.0
+
+
+@dataclass
+class AttemptResult:
+    """What happened to one attempt: handed to the limiter's ``release`` and the retry policy.
+
+    Exactly one of ``status_code`` and ``error`` tells the story: a status code when the server
+    answered, an exception when it did not (``error_stage`` then says ``connect`` or ``read``, as
+    urllib3 names them). An answer with an error status has ``error`` set to its typed exception
+    too.
+    """
+
+    request: RequestInfo
+    #: 1 for the first attempt.
+    attempt: int
+    status_code: Optional[int] = None
+    #: Response headers (case-insensitive mapping), ``None`` when there was no answer.
+    headers: Optional[Mapping[str, str]] = None
+    error: Optional[BaseException] = None
+    #: ``"connect"`` (never reached the server) or ``"read"`` (broke after sending).
+    error_stage: Optional[str] = None
+    #: Provider error code from the body, e.g. ``insufficient_quota``.
+    error_code: Optional[str] = None
+    #: ``clock.monotonic()`` when the attempt was sent and how long it took.
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    #: Token usage reported by the server, when known.
+    input_tokens: Optional[int] = None
+    output_tokens: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status_code is not None and self.status_code < 400
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    """A retry policy's answer.
+
+    :ivar retry: try again after ``delay_s``.
+    :ivar delay_s: seconds to wait before the next attempt (the core sleeps, outside any
+        limiter slot).
+    :ivar reason: short text for logs, e.g. ``"429"`` or ``"connect error"``.
+    :ivar error: when not retrying, an exception to raise instead of the attempt's own (for
+        example a ``RateLimitError`` explaining that the retry budget ran out).
+    """
+
+    retry: bool
+    delay_s: float = 0.0
+    reason: str = ""
+    error: Optional[BaseException] = None
+
+
+#: CSV column order of an attempt record; documented in docs/metrics.md.
+ATTEMPT_FIELDS = (
+    "timestamp",
+    "request_id",
+    "attempt",
+    "operation",
+    "method",
+    "route",
+    "server_address",
+    "model",
+    "response_model",
+    "status_code",
+    "error_type",
+    "outcome",
+    "duration_s",
+    "ttfc_s",
+    "retry_delay_s",
+    "input_tokens",
+    "output_tokens",
+    "provider_request_id",
+)
+
+
+@dataclass
+class AttemptRecord:
+    """One row of metrics per attempt. Never holds the API key, prompts or completions.
+
+    ``outcome`` is ``ok``, ``retry`` (this attempt failed and another follows) or ``error``
+    (this attempt failed and the call failed with it).
+    """
+
+    timestamp: float
+    request_id: str
+    attempt: int
+    operation: str
+    method: str
+    route: str
+    server_address: str
+    model: Optional[str]
+    response_model: Optional[str]
+    status_code: Optional[int]
+    error_type: Optional[str]
+    outcome: str
+    duration_s: float
+    ttfc_s: Optional[float]
+    retry_delay_s: Optional[float]
+    input_tokens: Optional[int]
+    output_tokens: Optional[int]
+    provider_request_id: Optional[str]
+
+    def as_tuple(self) -> tuple:
+        """Values in :data:`ATTEMPT_FIELDS` order."""
+        return tuple(getattr(self, name) for name in ATTEMPT_FIELDS)
+
+
+#: Field order of a call record.
+CALL_FIELDS = (
+    "timestamp",
+    "request_id",
+    "operation",
+    "method",
+    "route",
+    "server_address",
+    "model",
+    "attempts",
+    "status_code",
+    "error_type",
+    "outcome",
+    "duration_s",
+    "input_tokens",
+    "output_tokens",
+)
+
+
+@dataclass
+class CallRecord:
+    """One record per finished call (all attempts and the waits between them)."""
+
+    timestamp: float
+    request_id: str
+    operation: str
+    method: str
+    route: str
+    server_address: str
+    model: Optional[str]
+    attempts: int
+    status_code: Optional[int]
+    error_type: Optional[str]
+    outcome: str
+    duration_s: float
+    input_tokens: Optional[int]
+    output_tokens: Optional[int]
+
+
+@runtime_checkable
+class RetryPolicy(Protocol):
+    """Decides, after a failed attempt, whether to try again and how long to wait.
+
+    One object serves every thread of a client, so it must be thread-safe.
+    """
+
+    def on_call_start(self, request: RequestInfo) -> None:
+        """A new call begins (a retry budget earns credit here)."""
+
+    def decide(self, result: AttemptResult) -> RetryDecision:
+        """Called after every failed attempt (never after a success)."""
+        ...
+
+
+class Permit(Protocol):
+    """Whatever a limiter hands out on admission; the core hands it back on release."""
+
+
+@runtime_checkable
+class Limiter(Protocol):
+    """Admission control before each attempt.
+
+    ``acquire`` blocks (FIFO, without busy waiting) until the attempt may go out, and returns a
+    permit; ``release`` is called exactly once per permit when the attempt ends (for a stream:
+    when it is exhausted, closed or collected) with what happened, so an adaptive limiter can
+    react to a 429. Must be thread-safe.
+    """
+
+    def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> Any:
+        """Wait for admission; raise ``RateLimitError`` when ``timeout_s`` passes first."""
+        ...
+
+    def release(self, permit: Any, result: AttemptResult) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """Receives records. Exceptions raised here are logged once and counted, never raised
+    into the call that produced the record."""
+
+    def record_attempt(self, record: AttemptRecord) -> None: ...
+
+    def record_call(self, record: CallRecord) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
