@@ -42,7 +42,9 @@ class CometError(Exception):
 class ConfigError(CometError, ValueError):
     """The configuration is invalid: the message names the file, the key path and the fix."""
 
-    def __init__(self, message: str, *, path: Optional[str] = None, key: Optional[str] = None) -> None:
+    def __init__(
+        self, message: str, *, path: Optional[str] = None, key: Optional[str] = None
+    ) -> None:
         super().__init__(message)
         #: File the bad value came from, when it came from a file.
         self.path = path
@@ -196,10 +198,12 @@ def _describe_body(content: bytes, content_type: str) -> tuple[Any, str, Optiona
         if isinstance(err, str):
             return body, err, None
         return body, text[:_MAX_TEXT], None
-    if "html" in content_type.lower() or text.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
+    looks_html = text.lstrip()[:15].lower().startswith(("<!doctype", "<html"))
+    if "html" in content_type.lower() or looks_html:
         title = _HTML_TITLE.search(text)
         summary = " ".join(title.group(1).split()) if title else "an HTML page"
-        return text, f"the server answered with HTML ({summary}) instead of JSON: check base_url", None
+        message = f"the server answered with HTML ({summary}) instead of JSON: check base_url"
+        return text, message, None
     return text or None, " ".join(text.split())[:_MAX_TEXT], None
 
 
@@ -220,6 +224,10 @@ def make_status_error(
     """
     content_type = headers.get("content-type", "") if headers is not None else ""
     body, message, code = _describe_body(content, content_type)
+    if 300 <= status_code < 400:
+        location = headers.get("location", "?") if headers is not None else "?"
+        message = (f"the server redirected to {location} instead of answering: check base_url "
+                   "(it should end in /v1)")
     request_id = None
     if headers is not None:
         request_id = headers.get("x-request-id") or headers.get("x-oneapi-request-id")

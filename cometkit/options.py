@@ -12,9 +12,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import yaml
+
 from ._exceptions import ConfigError
 
-__all__ = ["Option", "PluginSpec", "validate_section", "describe_kind"]
+__all__ = [
+    "Option",
+    "PluginSpec",
+    "validate_section",
+    "describe_kind",
+    "Interpolated",
+    "InvalidValue",
+]
 
 _KINDS = ("int", "float", "bool", "str", "list", "section", "mapping", "any")
 
@@ -34,7 +43,11 @@ class Option:
     :param nullable: ``null`` is accepted.
     :param secret: redact the value whenever configuration is shown.
     :param parse: custom converter for values that take several shapes; it returns the
-        normalised value or raises ``ValueError`` with what is allowed.
+        normalised value or raises ``ValueError`` with what is allowed (raise
+        :class:`InvalidValue` with ``key=`` to point at a part of the value).
+    :param example: a typical value, for the configuration reference.
+    :param accepts: what the value may be, in words, when ``parse`` accepts more shapes than
+        ``kind`` says (``"seconds, or a mapping {connect, read}"``); used in errors and docs.
     """
 
     kind: str
@@ -49,6 +62,7 @@ class Option:
     children: Mapping[str, Option] = field(default_factory=dict)
     parse: Optional[Callable[[Any], Any]] = None
     example: Any = None
+    accepts: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -70,8 +84,40 @@ class PluginSpec:
     summary: str = ""
 
 
+class Interpolated(str):
+    """A string that was a whole ``${VAR}`` reference in the configuration.
+
+    Environment variables are strings, yet ``concurrency: ${WORKERS}`` should give an integer.
+    The loader marks such values with this type and the validator reads them as YAML scalars
+    wherever the option wants something other than a string; ``str`` options keep the text as
+    it is, so an API key that happens to look like a number stays a string.
+
+    :ivar reference: the reference as written (``${WORKERS}``), for error messages.
+    """
+
+    reference: str
+
+    def __new__(cls, value: str, reference: str = "") -> Interpolated:
+        obj = super().__new__(cls, value)
+        obj.reference = reference
+        return obj
+
+    def __reduce__(self) -> Any:
+        return (Interpolated, (str(self), self.reference))
+
+
+class InvalidValue(ValueError):
+    """Raised by an :attr:`Option.parse` function; ``key`` names the bad part (``read``)."""
+
+    def __init__(self, message: str, *, key: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def describe_kind(option: Option) -> str:
     """Human words for what an option accepts, used in errors and in the reference."""
+    if option.accepts:
+        return option.accepts
     if option.choices is not None and option.kind == "str":
         text = "one of " + ", ".join(repr(c) for c in option.choices)
     elif option.kind == "list" and option.item is not None:
@@ -101,7 +147,35 @@ def describe_kind(option: Option) -> str:
 
 
 def _fail(where: str, key: str, message: str) -> ConfigError:
-    return ConfigError(f"{where}: {key}: {message}", path=where or None, key=key)
+    prefix = f"{where}: " if where else ""
+    # "<dict>" and similar labels name a source, not a file.
+    path = where if where and not where.startswith("<") else None
+    return ConfigError(f"{prefix}{key}: {message}", path=path, key=key)
+
+
+def _shown(option: Option, value: Any) -> str:
+    """``value`` as an error message may show it: never the value of a secret."""
+    if option.secret:
+        return f"a {type(value).__name__} (value hidden)"
+    text = repr(str(value)) if isinstance(value, Interpolated) else repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    if isinstance(value, Interpolated) and value.reference:
+        text += f" (from {value.reference})"
+    return text
+
+
+def _from_environment(option: Option, value: Interpolated) -> Any:
+    """Read an interpolated string as the YAML scalar it spells, unless a string is wanted."""
+    if option.kind == "str":
+        return str(value)
+    try:
+        parsed = yaml.safe_load(str(value))
+    except yaml.YAMLError:
+        return str(value)
+    if parsed is None or isinstance(parsed, (bool, int, float, str)):
+        return parsed
+    return str(value)
 
 
 def unknown_key_error(where: str, key_path: str, name: str, known: Sequence[str]) -> ConfigError:
@@ -112,7 +186,13 @@ def unknown_key_error(where: str, key_path: str, name: str, known: Sequence[str]
     return _fail(where, key_path, f"unknown key {name!r}.{hint} Allowed keys: {allowed}.")
 
 
+_ANY = Option("any")
+
+
 def _check_value(option: Option, value: Any, where: str, key: str) -> Any:
+    shown = value
+    if isinstance(value, Interpolated):
+        value = _from_environment(option, value)
     if value is None:
         if option.nullable:
             return None
@@ -121,53 +201,56 @@ def _check_value(option: Option, value: Any, where: str, key: str) -> Any:
         try:
             return option.parse(value)
         except (TypeError, ValueError) as exc:
-            return _fail(where, key, f"{exc}")
+            sub = getattr(exc, "key", None)
+            return _fail(where, f"{key}.{sub}" if sub else key, f"{exc}")
+    got = _shown(option, shown)
     kind = option.kind
     if kind == "bool":
         if not isinstance(value, bool):
-            return _fail(where, key, f"must be true or false, got {value!r}")
+            return _fail(where, key, f"must be true or false, got {got}")
         return value
     if kind in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
         if kind == "int" and not isinstance(value, int):
             if not float(value).is_integer():
-                return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+                return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
             value = int(value)
         if isinstance(value, float) and not math.isfinite(value):
-            return _fail(where, key, f"must be a finite number, got {value!r}")
+            return _fail(where, key, f"must be a finite number, got {got}")
         if (option.minimum is not None and value < option.minimum) or (
             option.maximum is not None and value > option.maximum
         ):
-            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
         return float(value) if kind == "float" else value
     if kind == "str":
         if not isinstance(value, str):
-            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
         if option.choices is not None and value not in option.choices:
-            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
         return value
     if kind == "list":
         if not isinstance(value, list):
-            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
         out = []
-        for index, item in enumerate(value):
+        for index, raw in enumerate(value):
+            item_option = option.item or _ANY
+            item = _check_value(item_option, raw, where, f"{key}[{index}]")
+            if isinstance(item, ConfigError):
+                return item
             if option.choices is not None and item not in option.choices:
-                return _fail(where, f"{key}[{index}]", f"must be one of "
-                             + ", ".join(repr(c) for c in option.choices) + f", got {item!r}")
-            if option.item is not None:
-                item = _check_value(option.item, item, where, f"{key}[{index}]")
-                if isinstance(item, ConfigError):
-                    return item
+                return _fail(where, f"{key}[{index}]", "must be one of "
+                             + ", ".join(repr(c) for c in option.choices)
+                             + f", got {_shown(item_option, raw)}")
             out.append(item)
         return out
     if kind == "section":
         if not isinstance(value, dict):
-            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
         return validate_section(option.children, value, where=where, key_path=key)
     if kind == "mapping":
         if not isinstance(value, dict):
-            return _fail(where, key, f"must be {describe_kind(option)}, got {value!r}")
+            return _fail(where, key, f"must be {describe_kind(option)}, got {got}")
         return {
             str(name): validate_section(option.children, sub or {}, where=where,
                                         key_path=f"{key}.{name}", fill_defaults=False)

@@ -6,7 +6,7 @@ nothing else, so a third-party plugin can do everything they do.
 
 from __future__ import annotations
 
-import time
+import time as _time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 
@@ -40,9 +40,9 @@ class Clock(Protocol):
 class SystemClock:
     """The real clock."""
 
-    monotonic = staticmethod(time.monotonic)
-    time = staticmethod(time.time)
-    sleep = staticmethod(time.sleep)
+    monotonic = staticmethod(_time.monotonic)
+    time = staticmethod(_time.time)
+    sleep = staticmethod(_time.sleep)
 
     def __repr__(self) -> str:
         return "SystemClock()"

@@ -1,0 +1,165 @@
+"""The HTTP transport: one ``requests`` Session and HTTPAdapter per client.
+
+Everything that does not change between calls (proxies and CA bundle from the environment,
+default headers, the adapter) is resolved once when the client is built. A call then builds a
+``PreparedRequest`` by hand and hands it straight to the adapter: ``Session.request`` would
+re-merge environment settings and re-prepare the URL on every call, which is a large share of
+its CPU cost. The adapter's own retries stay off: retrying is a plugin's job.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from typing import Any, Mapping, Optional, Union
+from urllib.parse import urlencode, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.retry import Retry
+
+from ._exceptions import APIConnectionError, APITimeoutError, ConfigError
+from ._version import __version__
+
+__all__ = ["Transport", "connection_error", "DEFAULT_BASE_URL"]
+
+logger = logging.getLogger("cometkit.transport")
+
+DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
+
+_NO_RETRIES = Retry(total=0, connect=0, read=False, redirect=False, status=0, raise_on_status=False)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",) or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool, where: str = "") -> str:
+    """Validate ``base_url``; refuse clear-text HTTP to a non-loopback host.
+
+    The API key travels in a header: over plain ``http://`` to another machine anyone on the
+    path can read it, so that needs an explicit ``allow_insecure_http: true``.
+    """
+    parts = urlsplit(base_url)
+    prefix = f"{where}: " if where else ""
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{prefix}base_url: must be an http(s) URL such as {DEFAULT_BASE_URL}, "
+            f"got {base_url!r}",
+            path=where or None,
+            key="base_url",
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname) and not allow_insecure_http:
+        raise ConfigError(
+            f"{prefix}base_url: {parts.scheme}://{parts.hostname} is plain HTTP to a non-loopback "
+            "host, so the API key would travel in clear text. Use https://, or set "
+            "allow_insecure_http: true if you really mean it.",
+            path=where or None,
+            key="base_url",
+        )
+    return base_url.rstrip("/")
+
+
+def connection_error(exc: BaseException) -> APIConnectionError:
+    """Map a ``requests`` exception to ours, telling *connect* (never sent) from *read*."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return APITimeoutError(f"Read timeout: {exc}", stage="read")
+    reason: Any = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)
+    if isinstance(reason, ConnectTimeoutError):
+        return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
+    if isinstance(reason, NewConnectionError) or isinstance(exc, requests.exceptions.SSLError):
+        return APIConnectionError(f"Could not connect: {exc}", stage="connect")
+    return APIConnectionError(f"Connection broken: {exc}", stage="read")
+
+
+class Transport:
+    """Sends requests for one client; safe to use from any number of threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Optional[str],
+        *,
+        timeout_s: tuple[float, float],
+        pool_size: int,
+        verify: Union[bool, str] = True,
+    ) -> None:
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        self.adapter = HTTPAdapter(
+            pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=_NO_RETRIES
+        )
+        self.session.mount("https://", self.adapter)
+        self.session.mount("http://", self.adapter)
+        headers = {
+            "User-Agent": f"cometkit/{__version__} python-requests/{requests.__version__}",
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+            "Connection": "keep-alive",
+        }
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = headers
+        self._json_headers = {**headers, "Content-Type": "application/json"}
+        # Enterprise proxies and CA bundles, resolved once (Session.request does it per call).
+        self.proxies: dict[str, str] = requests.utils.get_environ_proxies(base_url) or {}
+        if verify is False:
+            logger.warning(
+                "TLS certificate verification is OFF (verify: false): anyone on the network "
+                "path can read the API key and answers. Use a CA bundle path instead."
+            )
+        if verify is True:
+            env = os.environ
+            verify = env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or True
+        self.verify: Union[bool, str] = verify
+
+    def send(
+        self,
+        method: str,
+        route: str,
+        body: Optional[bytes],
+        *,
+        params: Optional[Mapping[str, Any]] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        stream: bool = False,
+        timeout_s: Optional[tuple[float, float]] = None,
+    ) -> requests.Response:
+        """Send one attempt; raises ``requests`` exceptions (the caller maps them)."""
+        prepared = requests.PreparedRequest()
+        prepared.method = method
+        url = self.base_url + route
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
+        prepared.url = url
+        merged = self._json_headers if body is not None else self._headers
+        prepared.headers = CaseInsensitiveDict(merged)
+        if headers:
+            prepared.headers.update(headers)
+        if body is not None:
+            prepared.headers["Content-Length"] = str(len(body))
+        prepared.body = body
+        return self.adapter.send(
+            prepared,
+            stream=stream,
+            timeout=timeout_s or self.timeout_s,
+            verify=self.verify,
+            proxies=self.proxies,
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __repr__(self) -> str:
+        return f"Transport(base_url={self.base_url!r})"
