@@ -8,7 +8,6 @@ every attempt and every call. Plugins decide *what*. With no plugins, a call goe
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from ._engine import CallEngine, Sent, new_request_id, usage_tokens
 from ._exceptions import APIError, make_status_error
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
@@ -28,14 +28,7 @@ from ._resources import Chat, Embeddings, Models
 from ._streaming import Stream
 from ._transport import DEFAULT_BASE_URL, Transport, check_base_url, connection_error
 from .config import load_config
-from .records import (
-    AttemptRecord,
-    AttemptResult,
-    CallRecord,
-    Clock,
-    RequestInfo,
-    SystemClock,
-)
+from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
 __all__ = ["Client"]
 
@@ -45,22 +38,6 @@ R = TypeVar("R")
 
 _OPERATIONS = {"/chat/completions": "chat", "/embeddings": "embeddings", "/models": "models",
                "/completions": "text_completion"}
-_call_counter = itertools.count(1)
-_ID_PREFIX = f"ck-{os.getpid():x}-{random.getrandbits(24):06x}-"
-
-
-def _new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_call_counter):x}"
-
-
-def _usage_tokens(usage: Any) -> tuple[Optional[int], Optional[int]]:
-    if not isinstance(usage, dict):
-        return None, None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    return prompt, completion
-
-
 class Client:
     """A thread-safe CometAPI client with a worker pool.
 
@@ -119,12 +96,9 @@ class Client:
             ),
             extra_plugins=extra_plugins,
         )
-        self._policy = self._plugins.retry_policy
-        self._limiter = self._plugins.limiter
-        self._sinks = list(self._plugins.sinks)
-        self._sink_failed: set[int] = set()
-        self._stats_lock = threading.Lock()
-        self._stats = {"calls": 0, "attempts": 0, "retries": 0, "failures": 0, "sink_errors": 0}
+        self._engine = CallEngine(clock=self._clock, policy=self._plugins.retry_policy,
+                                  limiter=self._plugins.limiter, sinks=list(self._plugins.sinks),
+                                  server_address=self.server_address)
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                             thread_name_prefix="cometkit")
         self._close_lock = threading.Lock()
@@ -156,8 +130,7 @@ class Client:
     def stats(self) -> dict[str, int]:
         """Counters since the client was built: calls, attempts, retries, failures,
         sink_errors."""
-        with self._stats_lock:
-            return dict(self._stats)
+        return dict(self._engine.stats)
 
     def request(
         self,
@@ -241,11 +214,7 @@ class Client:
                 return
             self._closed = True
         self._executor.shutdown(wait=True)
-        if self._limiter is not None:
-            self._guard("limiter.close", self._limiter.close)
-        for sink in self._sinks:
-            self._sink_call(sink, "flush")
-            self._sink_call(sink, "close")
+        self._engine.close()
         self._transport.close()
 
     def __enter__(self) -> Client:
@@ -259,57 +228,6 @@ class Client:
                 f"plugins={self.plugins}>")
 
     # -- the life of one call ---------------------------------------------------------------
-
-    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except Exception:
-            logger.exception("%s failed", what)
-
-    def _count(self, **deltas: int) -> None:
-        with self._stats_lock:
-            for key, delta in deltas.items():
-                self._stats[key] += delta
-
-    def _sink_call(self, sink: Any, method: str, *args: Any) -> None:
-        try:
-            getattr(sink, method)(*args)
-        except Exception:
-            self._count(sink_errors=1)
-            if id(sink) not in self._sink_failed:
-                self._sink_failed.add(id(sink))
-                logger.warning("metrics sink %r failed in %s(); the call goes on, further "
-                               "failures of this sink are only counted", sink, method,
-                               exc_info=True)
-
-    def _emit_attempt(self, request: RequestInfo, result: AttemptResult, outcome: str,
-                      response_model: Optional[str], provider_id: Optional[str],
-                      retry_delay_s: Optional[float], ttfc_s: Optional[float] = None) -> None:
-        if not self._sinks:
-            return
-        record = AttemptRecord(
-            self._clock.time(), request.request_id, result.attempt, request.operation,
-            request.method, request.route, self.server_address, request.model, response_model,
-            result.status_code,
-            type(result.error).__name__ if result.error is not None else None,
-            outcome, result.duration_s, ttfc_s, retry_delay_s, result.input_tokens,
-            result.output_tokens, provider_id,
-        )
-        for sink in self._sinks:
-            self._sink_call(sink, "record_attempt", record)
-
-    def _emit_call(self, request: RequestInfo, result: AttemptResult, outcome: str) -> None:
-        if not self._sinks:
-            return
-        record = CallRecord(
-            self._clock.time(), request.request_id, request.operation, request.method,
-            request.route, self.server_address, request.model, result.attempt, result.status_code,
-            type(result.error).__name__ if result.error is not None else None, outcome,
-            self._clock.monotonic() - request.started_at, result.input_tokens,
-            result.output_tokens,
-        )
-        for sink in self._sinks:
-            self._sink_call(sink, "record_call", record)
 
     def _call(
         self,
@@ -326,85 +244,51 @@ class Client:
     ) -> Any:
         if self._closed:
             raise RuntimeError("this cometkit.Client is closed")
-        clock = self._clock
-        request = RequestInfo(_new_request_id(), operation, method, route, model, stream,
-                              body, clock.monotonic())
+        request = RequestInfo(new_request_id(), operation, method, route, model, stream,
+                              body, self._clock.monotonic())
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         timeout_s = (timeout, timeout) if isinstance(timeout, (int, float)) else timeout
-        policy, limiter = self._policy, self._limiter
-        if policy is not None:
-            policy.on_call_start(request)
-        self._count(calls=1)
-        attempt = 0
-        while True:
-            attempt += 1
-            permit = limiter.acquire(request, None) if limiter is not None else None
-            result = AttemptResult(request, attempt, started_at=clock.monotonic())
-            response: Optional[requests.Response] = None
-            value: Any = None
+        send = self._transport.send
+
+        def attempt(result: AttemptResult) -> Sent:
+            sent = Sent()
             try:
-                response = self._transport.send(method, route, payload, params=params,
+                response = sent.response = send(method, route, payload, params=params,
                                                 headers=headers, stream=stream,
                                                 timeout_s=timeout_s)
                 result.status_code = response.status_code
                 result.headers = response.headers
-                if response.status_code >= 300 or not stream:
-                    content = response.content  # reads (and may fail on) the body
-                    if response.status_code >= 300:
-                        error = make_status_error(
-                            response.status_code, content, response.headers, response=response,
-                            method=method, route=route)
-                        result.error, result.error_code = error, error.code
-                    else:
-                        value = self._decode(content, response)
-                        if isinstance(value, dict):
-                            result.input_tokens, result.output_tokens = _usage_tokens(
-                                value.get("usage"))
+                sent.provider_request_id = response.headers.get("x-request-id")
+                if response.status_code < 300 and stream:
+                    sent.held = True
+                    return sent
+                content = response.content  # reads (and may fail on) the body
+                if response.status_code >= 300:
+                    error = make_status_error(response.status_code, content, response.headers,
+                                              response=response, method=method, route=route)
+                    result.error, result.error_code = error, error.code
+                    return sent
+                value = sent.value = self._decode(content, response)
+                if isinstance(value, dict):
+                    sent.response_model = value.get("model")
+                    result.input_tokens, result.output_tokens = usage_tokens(value.get("usage"))
             except requests.exceptions.RequestException as exc:
                 mapped = connection_error(exc)
                 result.error, result.error_stage = mapped, mapped.stage
-                if response is not None:
-                    response.close()
-            except APIError as exc:  # undecodable success body
+                if sent.response is not None:
+                    sent.response.close()
+            except APIError as exc:  # a success status with an undecodable body
                 result.error = exc
-            except BaseException as exc:  # never leak a permit, even on KeyboardInterrupt
-                result.error = exc
-                result.duration_s = clock.monotonic() - result.started_at
-                if limiter is not None:
-                    limiter.release(permit, result)
-                raise
-            result.duration_s = clock.monotonic() - result.started_at
-            provider_id = response.headers.get("x-request-id") if response is not None else None
+            return sent
 
-            if result.error is None and stream:
-                assert response is not None
-                return self._open_stream(request, result, response, permit, provider_id)
-            if limiter is not None:
-                limiter.release(permit, result)
-            self._count(attempts=1)
-
-            if result.error is None:
-                response_model = value.get("model") if isinstance(value, dict) else None
-                self._emit_attempt(request, result, "ok", response_model, provider_id, None)
-                self._emit_call(request, result, "ok")
-                return self._wrap(value)
-
-            decision = policy.decide(result) if policy is not None else None
-            if decision is not None and decision.retry:
-                self._count(retries=1)
-                self._emit_attempt(request, result, "retry", None, provider_id,
-                                   decision.delay_s)
-                if decision.delay_s > 0:
-                    clock.sleep(decision.delay_s)
-                continue
-            self._count(failures=1)
-            self._emit_attempt(request, result, "error", None, provider_id, None)
-            self._emit_call(request, result, "error")
-            final = decision.error if decision is not None and decision.error is not None \
-                else result.error
-            if final is not result.error and final.__cause__ is None:
-                final.__cause__ = result.error
-            raise final
+        sent, result, error, permit = self._engine.execute(request, attempt)
+        if error is not None:
+            raise error
+        if sent.held:
+            return Stream(sent.response, self._engine.finisher(sent, result, permit),
+                          monotonic=self._clock.monotonic, started_at=result.started_at,
+                          request_id=sent.provider_request_id)
+        return self._wrap(sent.value)
 
     @staticmethod
     def _decode(content: bytes, response: requests.Response) -> Any:
@@ -427,26 +311,3 @@ class Client:
         if isinstance(value, list):
             return [ApiObject(v) if isinstance(v, dict) else v for v in value]
         return value
-
-    def _open_stream(self, request: RequestInfo, result: AttemptResult,
-                     response: requests.Response, permit: Any,
-                     provider_id: Optional[str]) -> Stream:
-        limiter = self._limiter
-        clock = self._clock
-
-        def finish(error: Optional[BaseException], usage: Optional[dict],
-                   response_model: Optional[str], ttfc_s: Optional[float]) -> None:
-            result.duration_s = clock.monotonic() - result.started_at
-            result.input_tokens, result.output_tokens = _usage_tokens(usage)
-            if error is not None:
-                result.error = error
-            if limiter is not None:
-                limiter.release(permit, result)
-            self._count(attempts=1, failures=1 if error is not None else 0)
-            outcome = "ok" if error is None else "error"
-            self._emit_attempt(request, result, outcome, response_model, provider_id, None,
-                               ttfc_s)
-            self._emit_call(request, result, outcome)
-
-        return Stream(response, finish, monotonic=clock.monotonic,
-                      started_at=result.started_at, request_id=provider_id)

@@ -1,0 +1,218 @@
+"""The life of one call: admit, send, report, decide, sleep, record.
+
+This is the one place that sequences the plugins' objects. ``Client`` uses it with its own
+transport; ``CometAdapter`` uses it to wrap a legacy ``requests`` Session. Both hand it an
+``attempt`` function that sends once and fills in an :class:`AttemptResult`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .records import (
+    AttemptRecord,
+    AttemptResult,
+    CallRecord,
+    Clock,
+    Limiter,
+    MetricsSink,
+    RequestInfo,
+    RetryPolicy,
+)
+
+__all__ = ["CallEngine", "Sent", "new_request_id", "usage_tokens"]
+
+logger = logging.getLogger("cometkit")
+
+_call_counter = itertools.count(1)
+_ID_PREFIX = f"ck-{os.getpid():x}-{random.getrandbits(24):06x}-"
+
+
+def new_request_id() -> str:
+    """cometkit's own id for a call, shared by its attempts (never the provider's)."""
+    return f"{_ID_PREFIX}{next(_call_counter):x}"
+
+
+def usage_tokens(usage: Any) -> tuple[Optional[int], Optional[int]]:
+    """``(input, output)`` tokens from an OpenAI-style ``usage`` block."""
+    if not isinstance(usage, dict):
+        return None, None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return prompt, completion
+
+
+@dataclass
+class Sent:
+    """What one attempt produced, besides the facts in its AttemptResult."""
+
+    value: Any = None
+    response: Any = None
+    provider_request_id: Optional[str] = None
+    response_model: Optional[str] = None
+    #: A success whose body is still being read (a stream): the limiter slot stays held and
+    #: the attempt is finished later through :meth:`CallEngine.finisher`.
+    held: bool = False
+
+
+#: Sends one attempt: fills ``result`` (status, headers, error, usage) and returns what it got.
+AttemptFn = Callable[[AttemptResult], Sent]
+
+
+class CallEngine:
+    """Runs calls through a client's retry policy, limiter and sinks. Thread-safe."""
+
+    def __init__(self, *, clock: Clock, policy: Optional[RetryPolicy],
+                 limiter: Optional[Limiter], sinks: list[MetricsSink],
+                 server_address: str) -> None:
+        self.clock = clock
+        self.policy = policy
+        self.limiter = limiter
+        self.sinks = sinks
+        self.server_address = server_address
+        self._failed_sinks: set[int] = set()
+        self._lock = threading.Lock()
+        self.stats = {"calls": 0, "attempts": 0, "retries": 0, "failures": 0, "sink_errors": 0}
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def count(self, **deltas: int) -> None:
+        with self._lock:
+            for key, delta in deltas.items():
+                self.stats[key] += delta
+
+    def sink_call(self, sink: Any, method: str, *args: Any) -> None:
+        """Call a sink; a failure is logged once per sink, then only counted."""
+        try:
+            getattr(sink, method)(*args)
+        except Exception:
+            self.count(sink_errors=1)
+            if id(sink) not in self._failed_sinks:
+                self._failed_sinks.add(id(sink))
+                logger.warning("metrics sink %r failed in %s(); the call goes on, further "
+                               "failures of this sink are only counted", sink, method,
+                               exc_info=True)
+
+    def _emit_attempt(self, result: AttemptResult, sent: Sent, outcome: str,
+                      retry_delay_s: Optional[float], ttfc_s: Optional[float] = None) -> None:
+        request = result.request
+        record = AttemptRecord(
+            self.clock.time(), request.request_id, result.attempt, request.operation,
+            request.method, request.route, self.server_address, request.model,
+            sent.response_model, result.status_code,
+            type(result.error).__name__ if result.error is not None else None,
+            outcome, result.duration_s, ttfc_s, retry_delay_s, result.input_tokens,
+            result.output_tokens, sent.provider_request_id,
+        )
+        for sink in self.sinks:
+            self.sink_call(sink, "record_attempt", record)
+
+    def _emit_call(self, result: AttemptResult, outcome: str) -> None:
+        request = result.request
+        record = CallRecord(
+            self.clock.time(), request.request_id, request.operation, request.method,
+            request.route, self.server_address, request.model, result.attempt,
+            result.status_code,
+            type(result.error).__name__ if result.error is not None else None, outcome,
+            self.clock.monotonic() - request.started_at, result.input_tokens,
+            result.output_tokens,
+        )
+        for sink in self.sinks:
+            self.sink_call(sink, "record_call", record)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def execute(self, request: RequestInfo, attempt_fn: AttemptFn
+                ) -> tuple[Sent, AttemptResult, Optional[BaseException], Any]:
+        """Run one call to its end.
+
+        :returns: ``(sent, result, error, permit)``: ``error`` is the exception the call ends
+            with (``None`` on success); ``permit`` is still held only when ``sent.held``.
+        """
+        clock, policy, limiter = self.clock, self.policy, self.limiter
+        if policy is not None:
+            policy.on_call_start(request)
+        self.count(calls=1)
+        attempt = 0
+        while True:
+            attempt += 1
+            permit = limiter.acquire(request, None) if limiter is not None else None
+            result = AttemptResult(request, attempt, started_at=clock.monotonic())
+            try:
+                sent = attempt_fn(result)
+            except BaseException as exc:  # never leak a permit, even on KeyboardInterrupt
+                result.error = exc
+                result.duration_s = clock.monotonic() - result.started_at
+                if limiter is not None:
+                    limiter.release(permit, result)
+                raise
+            result.duration_s = clock.monotonic() - result.started_at
+            if result.error is None and sent.held:
+                return sent, result, None, permit
+            if limiter is not None:
+                limiter.release(permit, result)
+            self.count(attempts=1)
+            if result.error is None:
+                if self.sinks:
+                    self._emit_attempt(result, sent, "ok", None)
+                    self._emit_call(result, "ok")
+                return sent, result, None, None
+
+            decision = policy.decide(result) if policy is not None else None
+            if decision is not None and decision.retry:
+                self.count(retries=1)
+                if self.sinks:
+                    self._emit_attempt(result, sent, "retry", decision.delay_s)
+                if decision.delay_s > 0:
+                    clock.sleep(decision.delay_s)
+                continue
+            self.count(failures=1)
+            if self.sinks:
+                self._emit_attempt(result, sent, "error", None)
+                self._emit_call(result, "error")
+            final = result.error
+            if decision is not None and decision.error is not None:
+                final = decision.error
+                if final.__cause__ is None:
+                    final.__cause__ = result.error
+            return sent, result, final, None
+
+    def finisher(self, sent: Sent, result: AttemptResult, permit: Any
+                 ) -> Callable[[Optional[BaseException], Optional[dict], Optional[str],
+                                Optional[float]], None]:
+        """The callback that ends a held attempt (a stream) exactly once."""
+
+        def finish(error: Optional[BaseException], usage: Optional[dict],
+                   response_model: Optional[str], ttfc_s: Optional[float]) -> None:
+            result.duration_s = self.clock.monotonic() - result.started_at
+            if usage is not None:
+                result.input_tokens, result.output_tokens = usage_tokens(usage)
+            if error is not None:
+                result.error = error
+            if response_model:
+                sent.response_model = response_model
+            if self.limiter is not None:
+                self.limiter.release(permit, result)
+            self.count(attempts=1, failures=1 if error is not None else 0)
+            if self.sinks:
+                outcome = "ok" if error is None else "error"
+                self._emit_attempt(result, sent, outcome, None, ttfc_s)
+                self._emit_call(result, outcome)
+
+        return finish
+
+    def close(self) -> None:
+        if self.limiter is not None:
+            try:
+                self.limiter.close()
+            except Exception:
+                logger.exception("limiter.close() failed")
+        for sink in self.sinks:
+            self.sink_call(sink, "flush")
+            self.sink_call(sink, "close")
