@@ -1,0 +1,140 @@
+"""``CometAdapter``: the limiter, retries and metrics for code that already speaks ``requests``.
+
+A legacy codebase mounts it on its own Session and keeps every ``session.post(...)`` as it is::
+
+    session = requests.Session()
+    session.mount("https://api.cometapi.com/", CometAdapter.from_config("cometkit.yaml"))
+
+Each request sent through the session then goes through the same engine as
+``cometkit.Client``: admitted by the limiter, retried by the retry policy, recorded by the
+sinks. What the caller gets back stays what ``requests`` gives: a ``Response`` (also for an
+error status, once retries are over) or a ``requests`` exception for a broken connection, so
+existing ``resp.status_code`` checks and ``except requests.ConnectionError`` clauses still work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional, Union
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ._client import Client
+from ._engine import Sent, new_request_id, usage_tokens
+from ._exceptions import make_status_error
+from ._transport import connection_error
+from .records import AttemptResult, RequestInfo
+
+__all__ = ["CometAdapter"]
+
+_OPERATIONS = {"chat/completions": "chat", "embeddings": "embeddings", "models": "models",
+               "completions": "text_completion"}
+
+
+def _operation(path: str) -> str:
+    for suffix, name in _OPERATIONS.items():
+        if path.rstrip("/").endswith("/" + suffix):
+            return name
+    return "request"
+
+
+def _json_body(request: requests.PreparedRequest) -> Optional[Mapping[str, Any]]:
+    body = request.body
+    if not body or "json" not in (request.headers.get("Content-Type") or ""):
+        return None
+    try:
+        value = json.loads(body)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class CometAdapter(HTTPAdapter):
+    """A ``requests`` transport adapter that runs every request through a cometkit client's
+    limiter, retry policy and metrics sinks. Safe for threads sharing one Session.
+
+    :param client: the client whose plugins to use (default: a new one from ``config``).
+    :param config: a YAML path or dict, as for :class:`cometkit.Client`.
+    :param overrides: config keys (``concurrency=8``); the pool is sized to ``concurrency``.
+    """
+
+    def __init__(self, client: Optional[Client] = None, *,
+                 config: Union[str, os.PathLike, Mapping[str, Any], None] = None,
+                 **overrides: Any) -> None:
+        self._owns_client = client is None
+        self.client = client if client is not None else Client(config=config, **overrides)
+        size = self.client.concurrency
+        super().__init__(pool_connections=2, pool_maxsize=size, max_retries=0)
+
+    @classmethod
+    def from_config(cls, config: Union[str, os.PathLike, Mapping[str, Any], None] = None,
+                    **overrides: Any) -> CometAdapter:
+        """An adapter configured from a YAML file (or dict), like ``Client.from_config``."""
+        return cls(config=config, **overrides)
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: Any = None, verify: Any = True, cert: Any = None,
+             proxies: Optional[Mapping[str, str]] = None) -> requests.Response:
+        engine = self.client._engine
+        path = urlsplit(request.url or "").path
+        base_path = urlsplit(self.client.base_url).path
+        route = path[len(base_path):] if base_path and path.startswith(base_path) else path
+        body = _json_body(request)
+        info = RequestInfo(new_request_id(), _operation(path), (request.method or "GET").upper(),
+                           route or "/", body.get("model") if body else None, stream, body,
+                           engine.clock.monotonic())
+        send = super().send
+        broken: list[BaseException] = []
+
+        def attempt(result: AttemptResult) -> Sent:
+            sent = Sent()
+            try:
+                response = sent.response = send(request, stream=stream, timeout=timeout,
+                                                verify=verify, cert=cert, proxies=proxies)
+                result.status_code = response.status_code
+                result.headers = response.headers
+                sent.provider_request_id = response.headers.get("x-request-id")
+                if stream and response.status_code < 300:
+                    return sent  # the caller reads the body; the attempt ends at the headers
+                content = response.content
+                if response.status_code >= 400:
+                    error = make_status_error(response.status_code, content, response.headers,
+                                              response=response, method=info.method, route=route)
+                    result.error, result.error_code = error, error.code
+                elif "json" in response.headers.get("Content-Type", ""):
+                    try:
+                        value = json.loads(content)
+                    except ValueError:
+                        value = None
+                    if isinstance(value, dict):
+                        sent.response_model = value.get("model")
+                        result.input_tokens, result.output_tokens = usage_tokens(
+                            value.get("usage"))
+            except requests.exceptions.RequestException as exc:
+                mapped = connection_error(exc)
+                result.error, result.error_stage = mapped, mapped.stage
+                broken[:] = [exc]
+                sent.response = None
+            return sent
+
+        sent, _result, error, _permit = engine.execute(info, attempt)
+        if sent.response is not None:
+            return sent.response  # success, or the last error answer: the caller checks status
+        if broken:
+            raise broken[0]
+        assert error is not None
+        raise error
+
+    def __enter__(self) -> CometAdapter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        super().close()
+        if self._owns_client:
+            self.client.close()
