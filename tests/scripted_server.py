@@ -122,6 +122,7 @@ class ScriptedServer:
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
         class Server(ThreadingHTTPServer):
+            request_queue_size = 256
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # resets and stalls are on purpose here
 

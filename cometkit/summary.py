@@ -1,0 +1,454 @@
+"""Per-model statistics of attempt records, and the metrics-CSV cell format they are read from.
+
+One :class:`Summary` serves both places a run is summed up: the ``stdout_metrics`` sink feeds
+it live and prints its table at close, and ``cometkit report`` feeds it from a metrics CSV with
+:meth:`Summary.from_csv`. Both see the same attempt rows, so both print the same numbers.
+
+Everything is derived from attempt records alone (the CSV holds nothing else):
+
+- a *call* is one ``request_id``; it is counted when its final attempt arrives, i.e. an attempt
+  whose ``outcome`` is ``ok`` or ``error`` (an attempt with outcome ``retry`` is never final).
+  Calls cut short by a killed process (only ``retry`` rows) are therefore not counted;
+- *failures* are calls whose final outcome is ``error``;
+- *429s* are attempts answered with status 429; *retries* are attempts with outcome ``retry``;
+- *latency* is per call: the sum of its attempts' ``duration_s`` plus the back-off sleeps
+  between them (``retry_delay_s``). Time queued in the client's limiter is not included (the
+  ``duration_s`` of a call record, written with ``csv_metrics.calls_path``, includes it);
+- *tokens* are summed over all attempts;
+- *calls/s* is calls divided by the observed span: from the earliest attempt start
+  (``timestamp - duration_s``; the timestamp is taken when an attempt ends) to the latest
+  attempt end. Timestamps are taken to the millisecond, as the CSV stores them.
+
+Memory stays bounded whatever the number of rows: latencies go into a log-bucket sketch
+(:class:`LatencySketch`, relative error at most 1 %), and only calls still waiting for their
+final attempt are remembered (at most :data:`MAX_OPEN_CALLS`).
+
+The cell helpers (:func:`column_formatter`, :func:`format_timestamp`, :func:`parse_timestamp`,
+:func:`neutralize_cell`, :func:`restore_cell`) define how the ``csv_metrics`` plugin writes
+cells and how this module reads them back, in one place.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import logging
+import math
+import threading
+import time as _time
+from typing import Any, Callable, Iterable, Optional, Union
+
+from .records import ATTEMPT_FIELDS, AttemptRecord
+
+__all__ = [
+    "Summary",
+    "LatencySketch",
+    "AGGREGATED",
+    "MAX_OPEN_CALLS",
+    "format_timestamp",
+    "parse_timestamp",
+    "format_seconds",
+    "neutralize_cell",
+    "restore_cell",
+    "column_formatter",
+    "INT_COLUMNS",
+    "SECONDS_COLUMNS",
+]
+
+logger = logging.getLogger("cometkit.summary")
+
+#: Name of the total row in :meth:`Summary.rows` and the table.
+AGGREGATED = "Aggregated"
+#: Shown in place of a missing model name (e.g. ``GET /models``).
+NO_MODEL = "(no model)"
+#: Calls whose final attempt has not been seen yet that are remembered at most; past it the
+#: oldest are forgotten (only rows of killed runs stay open forever).
+MAX_OPEN_CALLS = 65_536
+
+# -------------------------------------------------------------------------------------------
+# Cell format
+# -------------------------------------------------------------------------------------------
+
+#: First characters that make a spreadsheet treat a cell as a formula (OWASP "CSV Injection"),
+#: plus their full-width forms, which some spreadsheets also honour, and the quote itself so
+#: that :func:`restore_cell` is an exact inverse.
+_FORMULA_STARTS = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20'")
+
+_second_cache: tuple[int, str] = (-1, "")
+
+
+def format_timestamp(epoch_s: float) -> str:
+    """ISO 8601 UTC rounded to the millisecond, e.g. ``2024-05-01T12:00:00.123Z``.
+
+    Readable in a spreadsheet, sortable as text, and unambiguous about the time zone. The
+    date part is cached per second, so formatting costs about a microsecond per row.
+    """
+    global _second_cache
+    second, millis = divmod(round(epoch_s * 1000.0), 1000)
+    cached_second, prefix = _second_cache
+    if cached_second != second:
+        prefix = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second))
+        _second_cache = (second, prefix)
+    return f"{prefix}.{millis:03d}Z"
+
+
+def parse_timestamp(text: str) -> float:
+    """Epoch seconds from :func:`format_timestamp`'s output (any ISO 8601 form with a time zone,
+    a naive one read as UTC, or plain epoch seconds).
+
+    :raises ValueError: when ``text`` is neither.
+    """
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    moment = _dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp()
+
+
+def format_seconds(value: float) -> str:
+    """A duration with at most 6 decimals (microseconds), trailing zeros dropped: ``1.5``."""
+    text = f"{float(value):.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def neutralize_cell(text: str) -> str:
+    """Defuse a text cell a spreadsheet could run as a formula (OWASP CSV injection).
+
+    A cell starting with ``= + - @``, tab or carriage return (or a full-width ``= + - @``) gets a
+    leading single quote, which spreadsheets show as text. A cell that already starts with a
+    quote gets one more, so :func:`restore_cell` gives back exactly the original. Only text
+    columns go through this: numeric columns are written from numbers and cannot hold a formula.
+    """
+    if text and text[0] in _FORMULA_STARTS:
+        return "'" + text
+    return text
+
+
+def restore_cell(text: str) -> str:
+    """Inverse of :func:`neutralize_cell`."""
+    if text.startswith("'"):
+        return text[1:]
+    return text
+
+
+#: Integer columns of attempt and call records.
+INT_COLUMNS = frozenset({"attempt", "attempts", "status_code", "input_tokens", "output_tokens"})
+#: Columns holding seconds, written by :func:`format_seconds`.
+SECONDS_COLUMNS = frozenset({"duration_s", "ttfc_s", "retry_delay_s"})
+
+
+def _format_int(value: Any) -> str:
+    return str(int(value))
+
+
+def column_formatter(name: str, text: Callable[[str], str] = neutralize_cell
+                     ) -> Callable[[Any], str]:
+    """How a value of column ``name`` is written (``None`` is the caller's business).
+
+    ``timestamp`` by :func:`format_timestamp`, :data:`INT_COLUMNS` as integers,
+    :data:`SECONDS_COLUMNS` by :func:`format_seconds` (numbers are converted first, so a numeric
+    column can never carry text), anything else as ``text(str(value))``. Resolve the formatters
+    once per sink, not per row.
+    """
+    if name == "timestamp":
+        return format_timestamp
+    if name in INT_COLUMNS:
+        return _format_int
+    if name in SECONDS_COLUMNS:
+        return format_seconds
+    return lambda value: text(str(value))
+
+
+# -------------------------------------------------------------------------------------------
+# Latency sketch
+# -------------------------------------------------------------------------------------------
+
+
+class LatencySketch:
+    """Quantiles of durations in bounded memory (a DDSketch-style log-bucket histogram).
+
+    A duration ``v`` falls into bucket ``ceil(log(v) / log(gamma))`` with
+    ``gamma = (1 + a) / (1 - a)``; every value in a bucket is within a relative error ``a`` of
+    the bucket's representative ``2 * gamma**i / (gamma + 1)``, so each reported quantile is
+    within :attr:`RELATIVE_ACCURACY` (1 %) of the true nearest-rank quantile. Durations are
+    clamped to [1 µs, 10**6 s] (below 1 µs reads as 0), which caps the sketch at about 1,400
+    buckets whatever the number of values. Quantiles are also clamped to the exact minimum and
+    maximum seen. Not thread-safe on its own: :class:`Summary` locks around it.
+    """
+
+    RELATIVE_ACCURACY = 0.01
+    _GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
+    _LOG_GAMMA = math.log(_GAMMA)
+    MIN_S = 1e-6
+    MAX_S = 1e6
+
+    __slots__ = ("_buckets", "_zero", "count", "min_s", "max_s")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, int] = {}
+        self._zero = 0
+        self.count = 0
+        self.min_s = math.inf
+        self.max_s = -math.inf
+
+    def add(self, seconds: float) -> None:
+        if not seconds == seconds:  # NaN carries no information
+            return
+        self.count += 1
+        if seconds < self.min_s:
+            self.min_s = seconds
+        if seconds > self.max_s:
+            self.max_s = seconds
+        if seconds < self.MIN_S:
+            self._zero += 1
+            return
+        index = math.ceil(math.log(min(seconds, self.MAX_S)) / self._LOG_GAMMA)
+        self._buckets[index] = self._buckets.get(index, 0) + 1
+
+    def quantile(self, q: float) -> Optional[float]:
+        """The nearest-rank ``q`` quantile (0 < q <= 1), or ``None`` with no values."""
+        if self.count == 0:
+            return None
+        rank = max(1, math.ceil(q * self.count - 1e-9))
+        seen = self._zero
+        if seen >= rank:
+            return max(0.0, self.min_s)
+        for index in sorted(self._buckets):
+            seen += self._buckets[index]
+            if seen >= rank:
+                estimate = 2.0 * self._GAMMA**index / (self._GAMMA + 1.0)
+                return min(max(estimate, self.min_s), self.max_s)
+        return self.max_s  # pragma: no cover - ranks never exceed count
+
+
+# -------------------------------------------------------------------------------------------
+# Summary
+# -------------------------------------------------------------------------------------------
+
+
+class _Stats:
+    """Counters of one model (or of the total row)."""
+
+    __slots__ = ("attempts", "calls", "failures", "status_429", "retries", "input_tokens",
+                 "output_tokens", "first_start", "last_end", "latency")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.calls = 0
+        self.failures = 0
+        self.status_429 = 0
+        self.retries = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.first_start = math.inf
+        self.last_end = -math.inf
+        self.latency = LatencySketch()
+
+    def as_row(self, model: str) -> dict[str, Any]:
+        span_s = max(0.0, self.last_end - self.first_start) if self.attempts else 0.0
+        sketch = self.latency
+        return {
+            "model": model,
+            "calls": self.calls,
+            "failures": self.failures,
+            "status_429": self.status_429,
+            "retries": self.retries,
+            "attempts": self.attempts,
+            "latency_p50_s": sketch.quantile(0.50),
+            "latency_p95_s": sketch.quantile(0.95),
+            "latency_p99_s": sketch.quantile(0.99),
+            "latency_max_s": sketch.max_s if sketch.count else None,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "span_s": span_s,
+            "calls_per_s": self.calls / span_s if span_s > 0 else 0.0,
+        }
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value * 1000.0:.0f}"
+
+
+#: Table layout: (header, row key, width, formatter). Latencies are shown in milliseconds.
+_COLUMNS = (
+    ("Calls", "calls", 8, str),
+    ("Fails", "failures", 7, str),
+    ("429s", "status_429", 7, str),
+    ("Retries", "retries", 8, str),
+    ("p50 ms", "latency_p50_s", 8, _ms),
+    ("p95 ms", "latency_p95_s", 8, _ms),
+    ("p99 ms", "latency_p99_s", 8, _ms),
+    ("Tokens in", "input_tokens", 11, str),
+    ("Tokens out", "output_tokens", 11, str),
+    ("Calls/s", "calls_per_s", 8, lambda v: f"{v:.2f}"),
+)
+_MODEL_WIDTH_MIN = len(AGGREGATED)
+_MODEL_WIDTH_MAX = 40
+
+
+class Summary:
+    """Accumulates attempt records and sums them up per model (see the module docstring for how
+    each number is computed). Thread-safe: one lock around each record."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, _Stats] = {}
+        self._total = _Stats()
+        # request_id -> seconds spent so far by a call whose final attempt is still to come
+        self._open: dict[str, float] = {}
+        #: Rows :meth:`from_csv` could not read (wrong column count, bad numbers).
+        self.skipped_rows = 0
+
+    def add_attempt(self, record: Any) -> None:
+        """Count one attempt: an :class:`cometkit.AttemptRecord` or any object with its fields
+        (``timestamp``, ``request_id``, ``model``, ``status_code``, ``outcome``,
+        ``duration_s``, ``retry_delay_s``, ``input_tokens``, ``output_tokens``)."""
+        model = record.model or NO_MODEL
+        duration_s = float(record.duration_s or 0.0)
+        spent_s = duration_s + float(record.retry_delay_s or 0.0)
+        # to the millisecond, as the CSV holds it, so live and CSV summaries agree
+        end = round(float(record.timestamp), 3)
+        start = end - duration_s
+        outcome = record.outcome
+        with self._lock:
+            stats = self._models.get(model)
+            if stats is None:
+                stats = self._models[model] = _Stats()
+            if outcome == "retry":
+                open_calls = self._open
+                open_calls[record.request_id] = open_calls.get(record.request_id, 0.0) + spent_s
+                if len(open_calls) > MAX_OPEN_CALLS:
+                    del open_calls[next(iter(open_calls))]
+                call_s = None
+            elif outcome in ("ok", "error"):
+                call_s = self._open.pop(record.request_id, 0.0) + spent_s
+            else:
+                logger.debug("attempt of %s has unknown outcome %r: counted as an attempt only",
+                             record.request_id, outcome)
+                call_s = None
+            for target in (stats, self._total):
+                target.attempts += 1
+                if record.status_code == 429:
+                    target.status_429 += 1
+                if outcome == "retry":
+                    target.retries += 1
+                elif call_s is not None:
+                    target.calls += 1
+                    if outcome == "error":
+                        target.failures += 1
+                    target.latency.add(call_s)
+                target.input_tokens += record.input_tokens or 0
+                target.output_tokens += record.output_tokens or 0
+                if start < target.first_start:
+                    target.first_start = start
+                if end > target.last_end:
+                    target.last_end = end
+
+    def add_attempts(self, records: Iterable[Any]) -> None:
+        """:meth:`add_attempt` for each record."""
+        for record in records:
+            self.add_attempt(record)
+
+    @classmethod
+    def from_csv(cls, path: Union[str, Any], *, encoding: str = "utf-8") -> Summary:
+        """Read a metrics CSV written by the ``csv_metrics`` plugin, streaming it row by row.
+
+        Rows that cannot be read (a line cut short by a crash, a bad number) are skipped with a
+        warning and counted in :attr:`skipped_rows`; a header that lacks a column this summary
+        needs raises ``ValueError``.
+        """
+        summary = cls()
+        with open(path, newline="", encoding=encoding) as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                return summary
+            missing = [name for name in ATTEMPT_FIELDS if name not in header]
+            if missing:
+                raise ValueError(f"{path}: not a cometkit metrics CSV: missing columns "
+                                 f"{', '.join(missing)}")
+            width = len(header)
+            positions = [header.index(name) for name in ATTEMPT_FIELDS]
+            for line_number, cells in enumerate(reader, start=2):
+                if not cells:
+                    continue
+                try:
+                    if len(cells) != width:
+                        raise ValueError(f"{len(cells)} cells instead of {width}")
+                    record = _record_from_cells([cells[i] for i in positions])
+                except ValueError as exc:
+                    summary.skipped_rows += 1
+                    logger.warning("%s: line %d skipped: %s", path, line_number, exc)
+                    continue
+                summary.add_attempt(record)
+        return summary
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per model, sorted by model name, then the ``Aggregated`` total row.
+
+        Keys: ``model, calls, failures, status_429, retries, attempts, latency_p50_s,
+        latency_p95_s, latency_p99_s, latency_max_s`` (seconds, ``None`` without calls),
+        ``input_tokens, output_tokens, span_s, calls_per_s``.
+        """
+        with self._lock:
+            out = [self._models[name].as_row(name) for name in sorted(self._models)]
+            out.append(self._total.as_row(AGGREGATED))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"models": [...], "total": {...}, "latency": {...}}``."""
+        rows = self.rows()
+        return {
+            "models": rows[:-1],
+            "total": rows[-1],
+            "latency": {"per": "call", "relative_accuracy": LatencySketch.RELATIVE_ACCURACY},
+            "skipped_rows": self.skipped_rows,
+        }
+
+    def format_table(self) -> str:
+        """A fixed-width table shaped like Locust's console statistics, ending in a newline."""
+        rows = self.rows()
+        model_width = max([_MODEL_WIDTH_MIN] + [len(row["model"]) for row in rows])
+        model_width = min(model_width, _MODEL_WIDTH_MAX)
+
+        def line(model: str, cells: Iterable[str]) -> str:
+            if len(model) > model_width:
+                model = model[: model_width - 1] + "~"
+            parts = [f"{model:<{model_width}}"]
+            parts += [f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, _COLUMNS)]
+            return " ".join(parts).rstrip()
+
+        rule = "-" * model_width + "".join("|" + "-" * width for _, _, width, _ in _COLUMNS)
+        out = [line("Model", (header for header, _, _, _ in _COLUMNS)), rule]
+        for row in rows[:-1]:
+            out.append(line(row["model"], (fmt(row[key]) for _, key, _, fmt in _COLUMNS)))
+        out.append(rule)
+        total = rows[-1]
+        out.append(line(total["model"], (fmt(total[key]) for _, key, _, fmt in _COLUMNS)))
+        return "\n".join(out) + "\n"
+
+
+def _record_from_cells(cells: list[str]) -> AttemptRecord:
+    """An :class:`AttemptRecord` from CSV cells in :data:`ATTEMPT_FIELDS` order."""
+    values: list[Any] = []
+    for name, cell in zip(ATTEMPT_FIELDS, cells):
+        if name == "timestamp":
+            values.append(parse_timestamp(cell))
+        elif cell == "":
+            values.append(None)
+        elif name in INT_COLUMNS:
+            values.append(int(cell))
+        elif name in SECONDS_COLUMNS:
+            values.append(float(cell))
+        else:
+            values.append(restore_cell(cell))
+    record = AttemptRecord(**dict(zip(ATTEMPT_FIELDS, values)))
+    if record.duration_s is None:
+        record.duration_s = 0.0
+    return record

@@ -1,0 +1,253 @@
+"""cometkit.summary: per-model statistics and the metrics-CSV cell format."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+
+import pytest
+
+from cometkit import AttemptRecord
+from cometkit.summary import (
+    AGGREGATED,
+    LatencySketch,
+    Summary,
+    format_seconds,
+    format_timestamp,
+    neutralize_cell,
+    parse_timestamp,
+    restore_cell,
+)
+
+
+def attempt(**fields) -> AttemptRecord:
+    """An attempt record with harmless defaults for whatever the test does not care about."""
+    values = dict(
+        timestamp=1_714_564_800.0, request_id="ck-1", attempt=1, operation="chat",
+        method="POST", route="/chat/completions", server_address="127.0.0.1", model="m1",
+        response_model=None, status_code=200, error_type=None, outcome="ok", duration_s=0.1,
+        ttfc_s=None, retry_delay_s=None, input_tokens=None, output_tokens=None,
+        provider_request_id=None,
+    )
+    values.update(fields)
+    return AttemptRecord(**values)
+
+
+def by_model(summary: Summary) -> dict:
+    return {row["model"]: row for row in summary.rows()}
+
+
+# -------------------------------------------------------------------------------------------
+# Cell format
+# -------------------------------------------------------------------------------------------
+
+
+def test_timestamp_is_iso_utc_with_milliseconds_and_parses_back():
+    assert format_timestamp(1_714_564_800.1234) == "2024-05-01T12:00:00.123Z"
+    assert format_timestamp(1_714_564_800.9999) == "2024-05-01T12:00:01.000Z"
+    assert format_timestamp(1_714_564_802.771) == "2024-05-01T12:00:02.771Z"
+    assert format_timestamp(0.0) == "1970-01-01T00:00:00.000Z"
+    for epoch in (0.0, 1_714_564_800.25, 1_714_564_801.5, 2_000_000_000.007):
+        assert parse_timestamp(format_timestamp(epoch)) == pytest.approx(epoch, abs=5e-4)
+    assert parse_timestamp("2024-05-01T12:00:00+00:00") == 1_714_564_800.0
+    assert parse_timestamp("2024-05-01T14:00:00+02:00") == 1_714_564_800.0
+    assert parse_timestamp("1714564800.5") == 1_714_564_800.5
+    with pytest.raises(ValueError):
+        parse_timestamp("yesterday")
+
+
+def test_seconds_are_compact():
+    assert format_seconds(1.5) == "1.5"
+    assert format_seconds(2.0) == "2"
+    assert format_seconds(0.0000004) == "0"
+    assert format_seconds(-0.0) == "0"
+    assert format_seconds(0.1234567) == "0.123457"
+    assert format_seconds(-0.25) == "-0.25"
+
+
+@pytest.mark.parametrize("text", ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\rx", "'quoted",
+                                  "\uff1dcmd"])
+def test_formula_starts_are_neutralized_and_restored(text):
+    cell = neutralize_cell(text)
+    assert cell == "'" + text
+    assert restore_cell(cell) == text
+
+
+@pytest.mark.parametrize("text", ["gpt-4o", "", "a=b", "ck-1"])
+def test_harmless_text_is_left_alone(text):
+    assert neutralize_cell(text) == text
+    assert restore_cell(text) == text
+
+
+# -------------------------------------------------------------------------------------------
+# Latency sketch
+# -------------------------------------------------------------------------------------------
+
+
+def test_sketch_quantiles_on_known_data_within_one_percent():
+    sketch = LatencySketch()
+    values = [i / 1000.0 for i in range(1, 101)]  # 1 ms .. 100 ms
+    random.Random(1).shuffle(values)
+    for value in values:
+        sketch.add(value)
+    assert sketch.quantile(0.50) == pytest.approx(0.050, rel=0.01)
+    assert sketch.quantile(0.95) == pytest.approx(0.095, rel=0.01)
+    assert sketch.quantile(0.99) == pytest.approx(0.099, rel=0.01)
+    assert sketch.quantile(1.0) == pytest.approx(0.100, rel=0.01)
+    assert sketch.max_s == 0.1 and sketch.min_s == 0.001
+
+
+def test_sketch_edge_cases():
+    sketch = LatencySketch()
+    assert sketch.quantile(0.5) is None
+    sketch.add(0.0)
+    assert sketch.quantile(0.5) == 0.0
+    sketch.add(float("nan"))
+    assert sketch.count == 1
+    one = LatencySketch()
+    one.add(7.0)
+    assert one.quantile(0.01) == one.quantile(0.99) == 7.0  # clamped to the exact min/max
+
+
+def test_sketch_memory_is_bounded():
+    sketch = LatencySketch()
+    rng = random.Random(2)
+    for _ in range(50_000):
+        sketch.add(10 ** rng.uniform(-9, 9))  # far wider than any real latency
+    assert sketch.count == 50_000
+    assert len(sketch._buckets) <= 1_400
+
+
+# -------------------------------------------------------------------------------------------
+# Summary
+# -------------------------------------------------------------------------------------------
+
+
+def test_calls_failures_429s_retries_and_call_latency():
+    summary = Summary()
+    summary.add_attempts([
+        # call a: 429, wait 1 s, then ok -> one call, 1 retry, latency 0.1 + 1.0 + 0.2
+        attempt(request_id="a", status_code=429, outcome="retry", duration_s=0.1,
+                retry_delay_s=1.0, error_type="RateLimitError"),
+        attempt(request_id="a", attempt=2, outcome="ok", duration_s=0.2, input_tokens=10,
+                output_tokens=5),
+        # call b: 429 retried, then 429 final -> a failed call
+        attempt(request_id="b", status_code=429, outcome="retry", duration_s=0.1,
+                retry_delay_s=0.5),
+        attempt(request_id="b", attempt=2, status_code=429, outcome="error", duration_s=0.1),
+        # call c on another model: ok at once
+        attempt(request_id="c", model="m2", duration_s=0.3, input_tokens=7, output_tokens=3),
+        # a connection error without a status
+        attempt(request_id="d", model="m2", status_code=None, error_type="APIConnectionError",
+                outcome="error", duration_s=0.05),
+    ])
+    rows = by_model(summary)
+    m1, m2, total = rows["m1"], rows["m2"], rows[AGGREGATED]
+    assert (m1["calls"], m1["failures"], m1["status_429"], m1["retries"], m1["attempts"]) == (
+        2, 1, 3, 2, 4)
+    assert (m2["calls"], m2["failures"], m2["status_429"], m2["retries"]) == (2, 1, 0, 0)
+    assert (total["calls"], total["failures"], total["status_429"], total["retries"],
+            total["attempts"]) == (4, 2, 3, 2, 6)
+    assert (m1["input_tokens"], m1["output_tokens"]) == (10, 5)
+    assert (total["input_tokens"], total["output_tokens"]) == (17, 8)
+    # m1 call latencies: a = 1.3 s, b = 0.7 s -> the max is call a, sleeps included
+    assert m1["latency_max_s"] == pytest.approx(1.3)
+    assert m1["latency_p99_s"] == pytest.approx(1.3, rel=0.01)
+    assert m1["latency_p50_s"] == pytest.approx(0.7, rel=0.01)
+    assert [row["model"] for row in summary.rows()] == ["m1", "m2", AGGREGATED]
+
+
+def test_calls_per_second_over_the_observed_span():
+    summary = Summary()
+    # ten calls of 0.5 s ending at t0 + 0.5 .. t0 + 9.5: span from t0 to t0 + 9.5
+    t0 = 1_000.0
+    for i in range(10):
+        summary.add_attempt(attempt(request_id=f"r{i}", timestamp=t0 + i + 0.5, duration_s=0.5))
+    row = by_model(summary)["m1"]
+    assert row["span_s"] == pytest.approx(9.5)
+    assert row["calls_per_s"] == pytest.approx(10 / 9.5)
+
+
+def test_aggregated_rate_uses_the_whole_span():
+    summary = Summary()
+    summary.add_attempt(attempt(request_id="x", model="a", timestamp=10.0, duration_s=0.0))
+    summary.add_attempt(attempt(request_id="y", model="a", timestamp=12.0, duration_s=0.0))
+    summary.add_attempt(attempt(request_id="z", model="b", timestamp=14.0, duration_s=0.0))
+    rows = by_model(summary)
+    assert rows["a"]["calls_per_s"] == pytest.approx(1.0)
+    assert rows["b"]["calls_per_s"] == 0.0  # one instant: no span to divide by
+    assert rows[AGGREGATED]["calls_per_s"] == pytest.approx(3 / 4)
+
+
+def test_unfinished_calls_and_unknown_outcomes_are_not_calls():
+    summary = Summary()
+    summary.add_attempt(attempt(request_id="killed", outcome="retry", status_code=429))
+    summary.add_attempt(attempt(request_id="odd", outcome="weird"))
+    total = summary.rows()[-1]
+    assert total["attempts"] == 2
+    assert total["calls"] == 0
+    assert total["retries"] == 1
+    assert total["latency_p50_s"] is None
+
+
+def test_missing_model_gets_a_placeholder_row():
+    summary = Summary()
+    summary.add_attempt(attempt(model=None, operation="models", route="/models"))
+    assert [row["model"] for row in summary.rows()] == ["(no model)", AGGREGATED]
+
+
+def test_concurrent_adds_are_all_counted():
+    summary = Summary()
+
+    def work(thread: int) -> None:
+        for i in range(500):
+            rid = f"t{thread}-{i}"
+            summary.add_attempt(attempt(request_id=rid, status_code=429, outcome="retry"))
+            summary.add_attempt(attempt(request_id=rid, attempt=2, input_tokens=1))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    total = summary.rows()[-1]
+    assert (total["calls"], total["retries"], total["status_429"], total["input_tokens"]) == (
+        8_000, 8_000, 8_000, 8_000)
+    assert summary._open == {}
+
+
+def test_table_is_fixed_width_and_locust_shaped():
+    summary = Summary()
+    summary.add_attempt(attempt(request_id="a", model="gpt-4o-mini", duration_s=0.25,
+                                input_tokens=1200, output_tokens=340))
+    summary.add_attempt(attempt(request_id="b", model="m", status_code=429, outcome="error",
+                                duration_s=0.05, timestamp=1_714_564_801.0))
+    lines = summary.format_table().splitlines()
+    assert lines[0].split() == ["Model", "Calls", "Fails", "429s", "Retries", "p50", "ms", "p95",
+                                "ms", "p99", "ms", "Tokens", "in", "Tokens", "out", "Calls/s"]
+    assert set(lines[1]) == {"-", "|"} and lines[1] == lines[-2]
+    assert lines[2].split() == ["gpt-4o-mini", "1", "0", "0", "0", "250", "250", "250", "1200",
+                                "340", "4.00"]
+    assert lines[3].split()[:4] == ["m", "1", "1", "1"]
+    assert lines[-1].split()[:5] == [AGGREGATED, "2", "1", "1", "0"]
+    data_lines = [lines[0], *lines[2:-2], lines[-1]]
+    assert len({len(line) for line in data_lines}) == 1  # columns line up
+
+
+def test_table_truncates_long_model_names_and_handles_no_data():
+    summary = Summary()
+    assert summary.format_table().splitlines()[-1].split() == [
+        AGGREGATED, "0", "0", "0", "0", "-", "-", "-", "0", "0", "0.00"]
+    summary.add_attempt(attempt(model="x" * 100))
+    line = summary.format_table().splitlines()[2]
+    assert line.startswith("x" * 39 + "~ ")
+
+
+def test_to_dict_is_json_ready():
+    summary = Summary()
+    summary.add_attempt(attempt(input_tokens=3))
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert data["total"]["calls"] == 1
+    assert data["models"][0]["model"] == "m1"
+    assert data["latency"] == {"per": "call", "relative_accuracy": 0.01}
