@@ -67,7 +67,7 @@ class Client:
         self._closed = True  # until fully built, so __del__/close() are safe on failure
         loaded = load_config(config, overrides=overrides)
         data = loaded.data
-        where = loaded.path or "<config>"
+        where = loaded.where
         self.config_path = loaded.path
         api_key = api_key or data.get("api_key") or os.environ.get("COMETAPI_KEY") or None
         base_url = (base_url or data.get("base_url") or os.environ.get("COMETAPI_BASE_URL")

@@ -166,7 +166,12 @@ def _shown(option: Option, value: Any) -> str:
 
 
 def _from_environment(option: Option, value: Interpolated) -> Any:
-    """Read an interpolated string as the YAML scalar it spells, unless a string is wanted."""
+    """Read an interpolated string as the YAML scalar it spells, unless a string is wanted.
+
+    An empty value means "unset" for an option that accepts null, whatever its kind.
+    """
+    if option.nullable and not value.strip():
+        return None
     if option.kind == "str":
         return str(value)
     try:
@@ -186,7 +191,7 @@ def unknown_key_error(where: str, key_path: str, name: str, known: Sequence[str]
     return _fail(where, key_path, f"unknown key {name!r}.{hint} Allowed keys: {allowed}.")
 
 
-_ANY = Option("any")
+_ANY = Option("any", nullable=True)
 
 
 def _check_value(option: Option, value: Any, where: str, key: str) -> Any:

@@ -45,3 +45,14 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert "cometkit batch" in lines[0] and "--sandbox" in lines[0]
     assert "pytest" in lines[1]
     assert lines[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_generated_reference_tables_are_up_to_date():
+    from cometkit._docgen import DOC_BLOCKS, extract_block
+
+    for relative, name, render in DOC_BLOCKS:
+        text = (ROOT / relative).read_text()
+        block = extract_block(text, name)
+        assert block is not None, f"{relative}: markers for {name} missing"
+        assert block == render().strip() + "\n", (
+            f"{relative}: {name} is stale; run python -m cometkit._docgen")

@@ -7,9 +7,6 @@ import json
 import threading
 
 import pytest
-from cometkit_plugins import csv_metrics, stdout_metrics
-from cometkit_plugins.csv_metrics import CsvMetricsSink
-from cometkit_plugins.stdout_metrics import StdoutMetricsSink
 from scripted_server import ScriptedServer, chat_body, json_reply
 from test_summary import attempt
 
@@ -17,6 +14,9 @@ import cometkit
 from cometkit import ATTEMPT_FIELDS, CALL_FIELDS, CallRecord, ClientContext, ConfigError
 from cometkit.options import validate_section
 from cometkit.summary import AGGREGATED, Summary, parse_timestamp
+from cometkit_plugins import csv_metrics, stdout_metrics
+from cometkit_plugins.csv_metrics import CsvMetricsSink
+from cometkit_plugins.stdout_metrics import StdoutMetricsSink
 
 HEADER = ",".join(ATTEMPT_FIELDS)
 

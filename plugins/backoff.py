@@ -1,0 +1,498 @@
+"""``backoff``: the first-party retry strategy.
+
+It retries what waiting can fix and nothing else, waits as long as the server asks (or, with
+no usable hint, exponentially longer with jitter), and keeps a client-wide *retry budget* so
+that a server answering 429 to everything sees a bounded number of extra attempts instead of
+``max_attempts`` times the traffic. The options and the log line are documented in
+``docs/plugins/backoff.md``.
+
+The policy only decides; the core sleeps the decided delay (outside any limiter slot) and
+raises the error when the answer is "no".
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from cometkit import (
+    APIConnectionError,
+    APIStatusError,
+    AttemptResult,
+    ClientContext,
+    Clock,
+    ConfigError,
+    Option,
+    PluginSpec,
+    RateLimitError,
+    RequestInfo,
+    RetryDecision,
+    SystemClock,
+    hookimpl,
+)
+from cometkit.hints import retry_after_s
+
+__all__ = [
+    "BackoffPolicy",
+    "RetryBudget",
+    "OPTIONS",
+    "cometkit_plugin_spec",
+    "cometkit_make_retry_policy",
+]
+
+logger = logging.getLogger("cometkit.backoff")
+
+PLUGIN_NAME = "backoff"
+
+#: Statuses and connection-error stages that may be listed in ``retry_on``.
+RETRYABLE_STATUSES = (408, 429, 500, 502, 503, 504, 524)
+ERROR_STAGES = ("connect", "read")
+
+#: Statuses that mean the request itself is wrong: never retried, whatever ``retry_on`` says.
+NEVER_RETRIED_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
+
+#: Provider error codes (``error.code`` or ``error.type`` of the body) on which waiting cannot
+#: help: the quota or balance is spent, or the request is larger than any limit allows.
+#: A 429 carrying one of these fails at once.
+HOPELESS_ERROR_CODES = frozenset({
+    "insufficient_quota",
+    "insufficient_user_quota",
+    "insufficient_balance",
+    "billing_hard_limit_reached",
+    "quota_exceeded",
+    "context_length_exceeded",
+    "request_too_large",
+})
+#: OpenAI answers a single request above the tokens-per-minute limit with a 429 whose code is
+#: the ordinary ``rate_limit_exceeded``; only the message tells it apart.
+_TOO_LARGE_MESSAGE = "request too large"
+
+#: Jitter added on top of a server hint: uniform in [0, this share of the hint], so clients
+#: told the same value do not all wake together.
+HINT_JITTER_RATIO = 0.1
+
+#: ``jitter`` values (see the AWS Architecture Blog, "Exponential Backoff and Jitter").
+JITTER_MODES = ("additive", "full", "decorrelated", "none")
+
+#: Calls whose previous delay ``decorrelated`` jitter remembers (the calls retrying right
+#: now are at most the client's concurrency; older entries belong to calls that ended).
+_DECORRELATED_MEMORY = 4096
+
+#: Buckets the budget window is cut into: the window slides in steps of ``window / this``.
+_BUDGET_BUCKETS = 10
+
+#: 2 ** this already exceeds any sane ``max_delay / base_delay``; larger exponents overflow.
+_MAX_EXPONENT = 62
+
+
+def _parse_retry_on_item(value: Any) -> Union[int, str]:
+    """One ``retry_on`` entry: a retryable status code or ``connect`` / ``read``."""
+    allowed = ", ".join(str(s) for s in RETRYABLE_STATUSES) + ", " + ", ".join(
+        repr(s) for s in ERROR_STAGES)
+    item: Any = value
+    if isinstance(item, str):
+        item = item.strip().lower()
+        if item.isdigit():
+            item = int(item)
+    if isinstance(item, bool) or not isinstance(item, (int, str)):
+        raise ValueError(f"must be one of {allowed}, got {value!r}")
+    if item in NEVER_RETRIED_STATUSES:
+        raise ValueError(
+            f"{item} is never retried: the request itself is wrong and sending it again cannot "
+            f"fix it. Allowed: {allowed}")
+    if item not in RETRYABLE_STATUSES and item not in ERROR_STAGES:
+        raise ValueError(f"must be one of {allowed}, got {value!r}")
+    return item
+
+
+# -------------------------------------------------------------------------------------------
+# Retry budget
+# -------------------------------------------------------------------------------------------
+
+
+class RetryBudget:
+    """How many retries the client may still make: ``ratio`` × recent calls + ``floor``.
+
+    Every call deposits (:meth:`deposit`), every retry withdraws (:meth:`try_withdraw`), both
+    counted over the last ``window_s`` seconds in a ring of buckets, so the check costs a
+    constant amount of memory and time. Within any window, retries never exceed
+    ``ratio * calls + floor``: under a server that refuses everything, N calls make at most
+    ``N * (1 + ratio) + floor`` attempts (plus ``floor`` per further window if the storm
+    lasts longer), not ``N * max_attempts``. Thread-safe; one per client.
+    """
+
+    def __init__(self, ratio: float, floor: int, window_s: float,
+                 clock: Optional[Clock] = None) -> None:
+        if ratio < 0 or floor < 0 or window_s <= 0:
+            raise ValueError("RetryBudget needs ratio >= 0, floor >= 0 and window_s > 0")
+        self.ratio = float(ratio)
+        self.floor = int(floor)
+        self.window_s = float(window_s)
+        self._clock = clock or SystemClock()
+        self._width = self.window_s / _BUDGET_BUCKETS
+        self._ticks = [-1] * _BUDGET_BUCKETS
+        self._calls = [0] * _BUDGET_BUCKETS
+        self._retries = [0] * _BUDGET_BUCKETS
+        self._lock = threading.Lock()
+
+    def _bucket(self, tick: int) -> int:
+        """Index of the bucket for ``tick``, emptied first if it held an older tick."""
+        index = tick % _BUDGET_BUCKETS
+        if self._ticks[index] != tick:
+            self._ticks[index] = tick
+            self._calls[index] = 0
+            self._retries[index] = 0
+        return index
+
+    def _totals(self, tick: int) -> tuple[int, int]:
+        oldest = tick - _BUDGET_BUCKETS
+        calls = retries = 0
+        for index in range(_BUDGET_BUCKETS):
+            if self._ticks[index] > oldest:
+                calls += self._calls[index]
+                retries += self._retries[index]
+        return calls, retries
+
+    def deposit(self) -> None:
+        """A call started: it earns ``ratio`` of a retry."""
+        tick = int(self._clock.monotonic() // self._width)
+        with self._lock:
+            self._calls[self._bucket(tick)] += 1
+
+    def try_withdraw(self) -> bool:
+        """Take one retry if the budget allows it; ``False`` (and nothing taken) if not."""
+        tick = int(self._clock.monotonic() // self._width)
+        with self._lock:
+            index = self._bucket(tick)
+            calls, retries = self._totals(tick)
+            if retries + 1 > self.ratio * calls + self.floor:
+                return False
+            self._retries[index] += 1
+            return True
+
+    def counts(self) -> tuple[int, int]:
+        """``(calls, retries)`` in the current window."""
+        tick = int(self._clock.monotonic() // self._width)
+        with self._lock:
+            return self._totals(tick)
+
+    def __repr__(self) -> str:
+        return (f"RetryBudget(ratio={self.ratio!r}, floor={self.floor!r}, "
+                f"window_s={self.window_s!r})")
+
+
+# -------------------------------------------------------------------------------------------
+# The policy
+# -------------------------------------------------------------------------------------------
+
+
+def _hopeless_code(result: AttemptResult) -> Optional[str]:
+    """The provider code (or ``request too large``) that says waiting cannot fix this 429."""
+    codes = [result.error_code]
+    error = result.error
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            codes += [inner.get("code"), inner.get("type")]
+    for code in codes:
+        if isinstance(code, str) and code.lower() in HOPELESS_ERROR_CODES:
+            return code
+    message = getattr(error, "message", None) or ""
+    if _TOO_LARGE_MESSAGE in str(message).lower():
+        return _TOO_LARGE_MESSAGE
+    return None
+
+
+def _explained(result: AttemptResult, explanation: str,
+               hint_s: Optional[float] = None) -> Optional[BaseException]:
+    """The attempt's error again, of the same class, with why the policy gave up in front.
+
+    A ``RateLimitError`` stays a ``RateLimitError`` (a 503 stays an ``InternalServerError``),
+    so callers catch what they would have caught; the status, request id, body and code are
+    kept. ``None`` for errors this cannot rebuild: the core then raises the original.
+    """
+    error = result.error
+    try:
+        if isinstance(error, APIStatusError):
+            return type(error)(
+                f"{explanation}; last error: {error}", status_code=error.status_code,
+                request_id=error.request_id, body=error.body, code=error.code,
+                response=error.response,
+                retry_after_s=hint_s if hint_s is not None else error.retry_after_s)
+        if isinstance(error, APIConnectionError):
+            return type(error)(f"{explanation}; last error: {error}",
+                               request_id=error.request_id, stage=error.stage)
+        if error is None and result.status_code == 429:
+            return RateLimitError(explanation, status_code=429, retry_after_s=hint_s)
+    except TypeError:  # a subclass with another constructor: keep the original
+        return None
+    return None
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+class BackoffPolicy:
+    """Decides whether a failed attempt is tried again, and after how long.
+
+    Rules, in order: only what ``retry_on`` lists is retried (never 400, 401, 403, 404, 413,
+    422, nor a 429 whose code says the quota is spent or the request is too large); at most
+    ``max_attempts`` attempts; the server's hint (``retry-after-ms``, ``Retry-After``,
+    ``x-ratelimit-reset-*``) plus up to 10 % jitter, else ``base_delay * 2 ** (attempt - 1)``
+    capped at ``max_delay`` with ``jitter``; a hint over ``max_retry_after`` fails at once; a
+    wait that would end past ``deadline`` fails at once; and the client-wide
+    :class:`RetryBudget` must allow the retry.
+
+    One policy serves every thread of a client: the budget and the decorrelated-jitter memory
+    are guarded by locks; everything else is read-only after construction.
+    """
+
+    #: Defaults (also those of :data:`OPTIONS`, hence of the configuration).
+    DEFAULT_RETRY_ON = (429,)
+    DEFAULT_MAX_ATTEMPTS = 5
+    DEFAULT_BASE_DELAY = 1.0
+    DEFAULT_MAX_DELAY = 30.0
+    DEFAULT_JITTER = "additive"
+    DEFAULT_MAX_RETRY_AFTER = 120.0
+    DEFAULT_BUDGET_RATIO = 0.2
+    DEFAULT_BUDGET_FLOOR = 5
+    DEFAULT_BUDGET_WINDOW = 10.0
+
+    def __init__(
+        self,
+        *,
+        retry_on: Iterable[Union[int, str]] = DEFAULT_RETRY_ON,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        base_delay: float = DEFAULT_BASE_DELAY,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        jitter: str = DEFAULT_JITTER,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        deadline: Optional[float] = None,
+        budget_ratio: float = DEFAULT_BUDGET_RATIO,
+        budget_floor: int = DEFAULT_BUDGET_FLOOR,
+        budget_window: float = DEFAULT_BUDGET_WINDOW,
+        clock: Optional[Clock] = None,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        try:
+            self.retry_on = frozenset(_parse_retry_on_item(item) for item in retry_on)
+        except ValueError as exc:
+            raise ConfigError(f"{PLUGIN_NAME}.retry_on: {exc}", key="retry_on") from exc
+        if jitter not in JITTER_MODES:
+            raise ConfigError(f"{PLUGIN_NAME}.jitter: must be one of {JITTER_MODES}, "
+                              f"got {jitter!r}", key="jitter")
+        if max_attempts < 1:
+            raise ConfigError(f"{PLUGIN_NAME}.max_attempts: must be >= 1, got {max_attempts!r}",
+                              key="max_attempts")
+        self.max_attempts = int(max_attempts)
+        self.base_delay = float(base_delay)
+        self.max_delay = float(max_delay)
+        self.jitter = jitter
+        self.max_retry_after = float(max_retry_after)
+        self.deadline = None if deadline is None else float(deadline)
+        self.clock: Clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.budget = RetryBudget(budget_ratio, budget_floor, budget_window, self.clock)
+        # request_id -> the previous delay, for decorrelated jitter (insertion-ordered: oldest
+        # first, so the memory stays bounded by dropping from the front).
+        self._previous_delay: dict[str, float] = {}
+        self._lock = threading.Lock()
+        # Only decides whether to log a warning: an unguarded race costs at most a second line.
+        self._budget_exhausted = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, clock: Optional[Clock] = None,
+                     rng: Optional[random.Random] = None) -> BackoffPolicy:
+        """Build from a validated ``plugins.backoff`` section (absent keys take defaults)."""
+        return cls(**{k: v for k, v in options.items() if k in OPTIONS}, clock=clock, rng=rng)
+
+    def __repr__(self) -> str:
+        retry_on = sorted(self.retry_on, key=str)
+        return (f"BackoffPolicy(retry_on={retry_on!r}, max_attempts={self.max_attempts!r}, "
+                f"base_delay={self.base_delay!r}, max_delay={self.max_delay!r}, "
+                f"jitter={self.jitter!r}, max_retry_after={self.max_retry_after!r}, "
+                f"deadline={self.deadline!r}, budget={self.budget!r})")
+
+    # -- RetryPolicy protocol ---------------------------------------------------------------
+
+    def on_call_start(self, request: RequestInfo) -> None:
+        """Every call earns the budget its share of a retry."""
+        self.budget.deposit()
+
+    def decide(self, result: AttemptResult) -> RetryDecision:
+        """Answer for one failed attempt (see the class docstring for the rules)."""
+        retryable, reason = self._classify(result)
+        if not retryable:
+            return self._final(result, RetryDecision(False, reason=reason))
+        if result.attempt >= self.max_attempts:
+            return self._final(result, RetryDecision(
+                False, reason="max_attempts reached",
+                error=_explained(result, f"gave up after {result.attempt} attempts "
+                                         f"(max_attempts={self.max_attempts})")))
+
+        hint = retry_after_s(result.headers, self.clock.time()) if result.headers else None
+        if hint is not None and hint > self.max_retry_after:
+            return self._final(result, RetryDecision(
+                False, reason="hint over max_retry_after",
+                error=_explained(
+                    result, f"the server asked to wait {_seconds(hint)} s, over "
+                            f"max_retry_after={self.max_retry_after:g} s", hint)))
+        delay = self._delay(result, hint)
+
+        if self.deadline is not None:
+            spent = self.clock.monotonic() - result.request.started_at
+            if spent + delay > self.deadline:
+                return self._final(result, RetryDecision(
+                    False, reason="deadline",
+                    error=_explained(
+                        result, f"waiting {_seconds(delay)} s more would pass the deadline "
+                                f"of {self.deadline:g} s ({_seconds(spent)} s spent in "
+                                f"{result.attempt} attempts)")))
+
+        if not self.budget.try_withdraw():
+            return self._final(result, self._budget_refusal(result))
+        self._budget_exhausted = False
+
+        request = result.request
+        logger.info("retry %d/%d of %s %s model=%s after %s in %s s",
+                    result.attempt + 1, self.max_attempts, request.method, request.route,
+                    request.model or "-", reason, _seconds(delay),
+                    extra={"request_id": request.request_id})
+        return RetryDecision(True, delay, reason)
+
+    # -- the rules ---------------------------------------------------------------------------
+
+    def _classify(self, result: AttemptResult) -> tuple[bool, str]:
+        """Whether ``retry_on`` covers this failure, and its name (``429``, ``read error``)."""
+        stage = result.error_stage
+        if stage is not None:
+            return stage in self.retry_on, f"{stage} error"
+        status = result.status_code
+        if status is None:
+            return False, type(result.error).__name__
+        if status not in self.retry_on:  # never one of NEVER_RETRIED_STATUSES
+            return False, f"{status} is not retried"
+        if status == 429:
+            code = _hopeless_code(result)
+            if code is not None:
+                return False, f"429 with {code!r}: waiting cannot fix it"
+        return True, str(status)
+
+    def _delay(self, result: AttemptResult, hint: Optional[float]) -> float:
+        if hint is not None:
+            delay = hint + self.rng.uniform(0.0, HINT_JITTER_RATIO * hint)
+        elif self.jitter == "decorrelated":
+            with self._lock:
+                previous = self._previous_delay.pop(result.request.request_id, self.base_delay)
+            delay = min(self.max_delay, self.rng.uniform(self.base_delay, previous * 3))
+        else:
+            exponent = min(result.attempt - 1, _MAX_EXPONENT)
+            capped = min(self.max_delay, self.base_delay * 2.0 ** exponent)
+            if self.jitter == "additive":
+                delay = capped + self.rng.uniform(0.0, 1.0)
+            elif self.jitter == "full":
+                delay = self.rng.uniform(0.0, capped)
+            else:
+                delay = capped
+        if self.jitter == "decorrelated":
+            with self._lock:
+                memory = self._previous_delay
+                memory[result.request.request_id] = delay
+                if len(memory) > _DECORRELATED_MEMORY:
+                    del memory[next(iter(memory))]
+        return delay
+
+    def _budget_refusal(self, result: AttemptResult) -> RetryDecision:
+        calls, retries = self.budget.counts()
+        budget = self.budget
+        explanation = (
+            f"retry budget exhausted: {retries} retries for {calls} calls in the last "
+            f"{budget.window_s:g} s (budget_ratio={budget.ratio:g}, "
+            f"budget_floor={budget.floor}); failing fast instead of adding to a retry storm")
+        if not self._budget_exhausted:
+            self._budget_exhausted = True
+            logger.warning("%s", explanation)
+        return RetryDecision(False, reason="retry budget exhausted",
+                             error=_explained(result, explanation))
+
+    def _final(self, result: AttemptResult, decision: RetryDecision) -> RetryDecision:
+        """The call ends here: forget what decorrelated jitter remembered of it."""
+        if self.jitter == "decorrelated":
+            with self._lock:
+                self._previous_delay.pop(result.request.request_id, None)
+        logger.debug("not retrying %s %s (%s) after attempt %d: %s",
+                     result.request.method, result.request.route, result.request.request_id,
+                     result.attempt, decision.reason)
+        return decision
+
+
+# -------------------------------------------------------------------------------------------
+# Options
+# -------------------------------------------------------------------------------------------
+
+
+#: The ``plugins.backoff`` section; the reference in docs/plugins/backoff.md follows it.
+OPTIONS: Mapping[str, Option] = {
+    "retry_on": Option(
+        "list", default=list(BackoffPolicy.DEFAULT_RETRY_ON),
+        item=Option("any", choices=RETRYABLE_STATUSES + ERROR_STAGES, parse=_parse_retry_on_item),
+        help="Failures to retry: status codes, 'connect' (never reached the server) and "
+             "'read' (broke after sending: may be billed twice).",
+        example=[429, 503, "connect"]),
+    "max_attempts": Option(
+        "int", default=BackoffPolicy.DEFAULT_MAX_ATTEMPTS, minimum=1,
+        help="Attempts per call, the first one included (1: never retry)."),
+    "base_delay": Option(
+        "float", default=BackoffPolicy.DEFAULT_BASE_DELAY, minimum=0,
+        help="Seconds before the first retry when the server gives no hint; doubles each time."),
+    "max_delay": Option(
+        "float", default=BackoffPolicy.DEFAULT_MAX_DELAY, minimum=0,
+        help="Largest computed delay in seconds, before jitter."),
+    "jitter": Option(
+        "str", default=BackoffPolicy.DEFAULT_JITTER, choices=JITTER_MODES,
+        help="'additive' adds 0-1 s, 'full' waits uniform 0..delay, 'decorrelated' follows "
+             "AWS's decorrelated jitter, 'none' waits exactly the delay."),
+    "max_retry_after": Option(
+        "float", default=BackoffPolicy.DEFAULT_MAX_RETRY_AFTER, minimum=0,
+        help="A server hint longer than this (seconds) fails the call at once instead of "
+             "sleeping."),
+    "deadline": Option(
+        "float", default=None, minimum=0, nullable=True,
+        help="Seconds one call may take across all attempts and waits; null: no deadline.",
+        example=60),
+    "budget_ratio": Option(
+        "float", default=BackoffPolicy.DEFAULT_BUDGET_RATIO, minimum=0,
+        help="Retries may add at most this share of the client's recent calls."),
+    "budget_floor": Option(
+        "int", default=BackoffPolicy.DEFAULT_BUDGET_FLOOR, minimum=0,
+        help="Retries allowed in any window on top of budget_ratio, so a quiet client can "
+             "still retry."),
+    "budget_window": Option(
+        "float", default=BackoffPolicy.DEFAULT_BUDGET_WINDOW, minimum=0.001,
+        help="Seconds of 'recent' for the retry budget."),
+}
+
+
+
+# -------------------------------------------------------------------------------------------
+# Hooks
+# -------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def cometkit_plugin_spec() -> PluginSpec:
+    return PluginSpec(
+        options=OPTIONS,
+        enabled_by_default=True,
+        summary="Retries 429s (and opted-in temporary failures) with server hints, "
+                "exponential backoff, jitter and a client-wide retry budget.",
+    )
+
+
+@hookimpl(trylast=True)
+def cometkit_make_retry_policy(ctx: ClientContext) -> BackoffPolicy:
+    return BackoffPolicy.from_options(ctx.options(PLUGIN_NAME), clock=ctx.clock, rng=ctx.random)
