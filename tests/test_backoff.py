@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from fakes import EPOCH, FakeClock, FixedRandom
 from requests.structures import CaseInsensitiveDict
 
 from cometkit import (
@@ -26,37 +27,6 @@ from cometkit._docgen import extract_block, reference_markdown
 from cometkit.options import validate_section
 from cometkit_plugins import backoff
 from cometkit_plugins.backoff import OPTIONS, BackoffPolicy, RetryBudget
-
-EPOCH = 1_700_000_000.0
-
-
-class FakeClock:
-    """Time that moves only when told to (or when something sleeps)."""
-
-    def __init__(self, monotonic: float = 1000.0, epoch: float = EPOCH) -> None:
-        self.now = monotonic
-        self.epoch = epoch
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.epoch + self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-    advance = sleep
-
-
-class FixedRandom:
-    """``uniform(a, b)`` always lands at the same fraction of the interval."""
-
-    def __init__(self, fraction: float = 0.5) -> None:
-        self.fraction = fraction
-
-    def uniform(self, a: float, b: float) -> float:
-        return a + (b - a) * self.fraction
 
 
 def make_request(clock: FakeClock, request_id: str = "ck-1", model: str = "gpt-x") -> RequestInfo:
