@@ -130,6 +130,8 @@ DOC_BLOCKS = [
     ("docs/plugins/backoff.md", "backoff-options", _plugin_block("backoff")),
     ("docs/metrics.md", "csv-metrics-options", _plugin_block("csv_metrics")),
     ("docs/metrics.md", "stdout-metrics-options", _plugin_block("stdout_metrics")),
+    ("docs/metrics.md", "prometheus-metrics-options", _plugin_block("prometheus_metrics")),
+    ("docs/metrics.md", "otel-metrics-options", _plugin_block("otel_metrics")),
 ]
 
 
