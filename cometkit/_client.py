@@ -288,7 +288,7 @@ class Client:
             return Stream(sent.response, self._engine.finisher(sent, result, permit),
                           monotonic=self._clock.monotonic, started_at=result.started_at,
                           request_id=sent.provider_request_id)
-        return self._wrap(sent.value)
+        return self._wrap(sent.value, sent.provider_request_id)
 
     @staticmethod
     def _decode(content: bytes, response: requests.Response) -> Any:
@@ -305,9 +305,9 @@ class Client:
             ) from exc
 
     @staticmethod
-    def _wrap(value: Any) -> Any:
+    def _wrap(value: Any, request_id: Optional[str] = None) -> Any:
         if isinstance(value, dict):
-            return ApiObject(value)
+            return ApiObject(value, request_id)
         if isinstance(value, list):
             return [ApiObject(v) if isinstance(v, dict) else v for v in value]
         return value

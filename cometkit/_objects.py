@@ -7,7 +7,7 @@ original back.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 __all__ = ["ApiObject"]
 
@@ -27,10 +27,12 @@ class ApiObject:
     fields do in the ``openai`` SDK), and raises ``KeyError`` through indexing.
     """
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_request_id")
 
-    def __init__(self, data: dict) -> None:
+    def __init__(self, data: dict, request_id: Optional[str] = None) -> None:
         object.__setattr__(self, "_data", data)
+        #: The provider's request id (``x-request-id``) of the answer, as ``openai`` offers it.
+        object.__setattr__(self, "_request_id", request_id)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):

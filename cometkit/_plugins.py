@@ -33,7 +33,16 @@ from .context import ClientContext
 from .options import PluginSpec, validate_section
 from .records import Limiter, MetricsSink, RetryPolicy
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginInfo", "PluginSet", "discover_plugins", "build_plugins"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginInfo",
+    "PluginSet",
+    "build_plugins",
+    "configure_plugins",
+    "discover_plugins",
+    "enabled_names",
+    "inspect_plugins",
+]
 
 logger = logging.getLogger("cometkit.plugins")
 hook_logger = logging.getLogger("cometkit.hooks")
@@ -199,6 +208,39 @@ def enabled_names(infos: Sequence[PluginInfo], section: Mapping[str, Any]) -> li
     return names
 
 
+def configure_plugins(infos: Sequence[PluginInfo], section: Mapping[str, Any],
+                      where: str) -> dict[str, dict[str, Any]]:
+    """Check a ``plugins:`` section against the discovered plugins (specs filled in).
+
+    :returns: the validated options (defaults filled in) of every plugin the section enables.
+    :raises ConfigError: for an unknown plugin name (listing the installed ones) or a bad option.
+    :raises PluginError: when the section enables a plugin that failed to import.
+    """
+    by_name = {info.name: info for info in infos}
+    for name in section:
+        info = by_name.get(name)
+        if info is None:
+            installed = sorted(by_name)
+            close = difflib.get_close_matches(str(name), installed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}: plugins.{name}: unknown plugin {name!r}.{hint} Installed plugins: "
+                f"{', '.join(installed) or 'none'}. Install the package that provides it, or "
+                f"remove the key.", path=where, key=f"plugins.{name}")
+        if info.error is not None and section[name] is not False:
+            package = info.distribution or info.module
+            raise PluginError(f"{where}: plugins.{name}: the plugin from package "
+                              f"{package!r} failed to import: {info.error}")
+    loaded = [info for info in infos if info.error is None]
+    options: dict[str, dict[str, Any]] = {}
+    for name in enabled_names(loaded, section):
+        raw = section.get(name)
+        options[name] = validate_section(by_name[name].spec.options,
+                                         {} if raw is True or raw is None else raw,
+                                         where=where, key_path=f"plugins.{name}")
+    return options
+
+
 @dataclass
 class PluginSet:
     """What a client got from its plugins."""
@@ -261,39 +303,15 @@ def build_plugins(
     """
     section = _check_section(section, where)
     infos = discover_plugins(section)
-    by_name = {info.name: info for info in infos}
-    for name in section:
-        if name not in by_name:
-            installed = sorted(by_name)
-            close = difflib.get_close_matches(str(name), installed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{where}: plugins.{name}: unknown plugin {name!r}.{hint} Installed plugins: "
-                f"{', '.join(installed) or 'none'}. Install the package that provides it, or "
-                f"remove the key.", path=where, key=f"plugins.{name}")
-        info = by_name[name]
-        if info.error is not None and section[name] is not False:
-            package = info.distribution or info.module
-            raise PluginError(f"{where}: plugins.{name}: the plugin from package "
-                              f"{package!r} failed to import: {info.error}")
     pm = _new_manager()
     for info in infos:
         if info.error is None:
             _register(pm, info)
             info.spec = _plugin_spec(pm, info.name)
-    enabled = set(enabled_names([i for i in infos if i.error is None], section))
-    options: dict[str, Mapping[str, Any]] = {}
+    options: dict[str, Mapping[str, Any]] = dict(configure_plugins(infos, section, where))
     for info in infos:
-        if info.error is not None:
-            continue
-        if info.name not in enabled:
+        if info.error is None and info.name not in options:
             pm.unregister(name=info.name)
-            continue
-        raw = section.get(info.name)
-        if raw is True or raw is None:
-            raw = {}
-        options[info.name] = validate_section(info.spec.options, raw, where=where,
-                                              key_path=f"plugins.{info.name}")
     for index, plugin in enumerate(extra_plugins):
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{index}"
         pm.register(plugin, name=name)

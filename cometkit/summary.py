@@ -251,7 +251,8 @@ class _Stats:
         self.latency = LatencySketch()
 
     def as_row(self, model: str) -> dict[str, Any]:
-        span_s = max(0.0, self.last_end - self.first_start) if self.attempts else 0.0
+        # rounded to the microsecond: the CSV round trip must not move the last digit
+        span_s = round(max(0.0, self.last_end - self.first_start), 6) if self.attempts else 0.0
         sketch = self.latency
         return {
             "model": model,
@@ -310,9 +311,10 @@ class Summary:
         (``timestamp``, ``request_id``, ``model``, ``status_code``, ``outcome``,
         ``duration_s``, ``retry_delay_s``, ``input_tokens``, ``output_tokens``)."""
         model = record.model or NO_MODEL
-        duration_s = float(record.duration_s or 0.0)
-        spent_s = duration_s + float(record.retry_delay_s or 0.0)
-        # to the millisecond, as the CSV holds it, so live and CSV summaries agree
+        # rounded as the CSV holds them (ms timestamps, µs durations), so a live summary and
+        # one read back from the CSV agree to the last digit
+        duration_s = round(float(record.duration_s or 0.0), 6)
+        spent_s = duration_s + round(float(record.retry_delay_s or 0.0), 6)
         end = round(float(record.timestamp), 3)
         start = end - duration_s
         outcome = record.outcome

@@ -63,6 +63,12 @@ class TestResources:
                                "temperature": 0.5}
         assert sent.headers["Authorization"] == f"Bearer {KEY}"
 
+    def test_provider_request_id_is_kept_on_the_answer(self, no_plugins):
+        reply = json_reply(200, chat_body(), **{"x-request-id": "prov-123"})
+        with ScriptedServer(lambda s: reply) as srv, make_client(srv) as client:
+            completion = client.chat.completions.create(model="m1", messages=[])
+        assert completion._request_id == "prov-123"
+
     def test_embeddings_models_and_raw_request(self, no_plugins):
         def handler(seen):
             if seen.path == "/v1/embeddings":

@@ -1,0 +1,7 @@
+"""``python -m cometkit``: the same as the ``cometkit`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,617 @@
+"""The batch runner behind ``cometkit batch``: JSONL in, JSONL out, resumable, flat memory.
+
+The runner works in two streamed passes over the input and never holds its lines:
+
+1. :meth:`BatchRunner.prepare` validates every line (JSON, ``custom_id`` present and unique,
+   known URL and method, a model for every request) and collects *all* problems with their
+   line numbers before anything is sent. It then reads the output file of an earlier run to
+   learn which ``custom_id`` values are already answered, cutting off a last line torn by a
+   killed process, and (with ``retry_failed``) rewrites the file without its failed lines.
+2. :meth:`BatchRunner.run` reads the input again and sends each unanswered line through the
+   client's worker pool, at most ``max_in_flight`` at a time. Each worker writes its own
+   result line, whole and flushed, as soon as the call ends (completion order): a crash loses
+   only the calls that were in flight, and a rerun sends exactly those again.
+
+The only per-line state is two :class:`~cometkit._idset.DigestSet` (8 bytes per id): the
+input's ids, for the duplicate check, and the answered ids, for resuming.
+
+Input lines are the OpenAI Batch API format::
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+or the shorthand for chat completions (any other key goes into the request body)::
+
+    {"custom_id": "q1", "prompt": "Say hello.", "model": "gpt-4o-mini", "temperature": 0}
+    {"custom_id": "q2", "messages": [{"role": "user", "content": "Hi"}]}
+
+Output lines are the OpenAI Batch output format::
+
+    {"id": "batch_req_...", "custom_id": "q1",
+     "response": {"status_code": 200, "request_id": "...", "body": {...}}, "error": null}
+
+A failed call keeps its line: ``error`` is ``{"code", "message"}``, and ``response`` holds the
+error answer when there was one (``null`` for a connection failure).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Iterator, Optional
+
+from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, CometError
+from ._idset import DigestSet
+
+__all__ = [
+    "ALLOWED_URLS",
+    "ALLOWED_METHODS",
+    "BatchItem",
+    "BatchPlan",
+    "BatchResult",
+    "BatchRunner",
+    "BatchInputError",
+    "BatchOutputError",
+    "Problem",
+    "parse_line",
+    "is_ok_record",
+]
+
+logger = logging.getLogger("cometkit.batch")
+
+#: Routes a batch line may name (as the OpenAI Batch API spells them, below the API root).
+ALLOWED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+#: The Batch API sends every line as a POST.
+ALLOWED_METHODS = ("POST",)
+#: The prefix of :data:`ALLOWED_URLS` that the client's ``base_url`` already ends in.
+_API_PREFIX = "/v1"
+_BATCH_KEYS = frozenset({"method", "url", "body"})
+#: Problems kept for the report; the rest are only counted.
+MAX_PROBLEMS = 50
+
+
+class BatchInputError(CometError):
+    """The input has invalid lines; nothing was sent. ``problems`` lists the first ones."""
+
+    def __init__(self, path: str, problems: list[Problem], count: int) -> None:
+        self.path = path
+        self.problems = problems
+        self.count = count
+        lines = [f"{path}:{p.line}: {p.message}" for p in problems]
+        if count > len(problems):
+            lines.append(f"... and {count - len(problems)} more problem(s)")
+        super().__init__(f"{count} invalid line(s) in {path}; nothing was sent:\n"
+                         + "\n".join(lines))
+
+
+class BatchOutputError(CometError):
+    """The output file cannot be resumed (it is not an earlier run's output, or is locked)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One invalid input line."""
+
+    line: int
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of the batch, as sent."""
+
+    line: int
+    custom_id: str
+    method: str
+    url: str
+    body: dict
+
+    @property
+    def route(self) -> str:
+        """The path below the client's ``base_url`` (which ends in ``/v1``)."""
+        return self.url[len(_API_PREFIX):]
+
+
+class _LineError(ValueError):
+    pass
+
+
+def _batch_item(obj: dict, line: int, model: Optional[str]) -> BatchItem:
+    missing = [key for key in ("method", "url", "body") if key not in obj]
+    if missing:
+        raise _LineError("OpenAI Batch format needs custom_id, method, url and body; missing "
+                         + ", ".join(missing))
+    method, url, body = obj["method"], obj["url"], obj["body"]
+    if not isinstance(method, str) or method.upper() not in ALLOWED_METHODS:
+        raise _LineError(f"method {method!r} is not allowed: use "
+                         + " or ".join(ALLOWED_METHODS))
+    if url not in ALLOWED_URLS:
+        raise _LineError(f"unknown url {url!r}: allowed are {', '.join(ALLOWED_URLS)}")
+    if not isinstance(body, dict):
+        raise _LineError(f"body must be a JSON object, got {type(body).__name__}")
+    if not body.get("model"):
+        if not model:
+            raise _LineError("body has no model and no --model was given")
+        body = {"model": model, **body}
+    _check_body(body)
+    return BatchItem(line, obj["custom_id"], method.upper(), url, body)
+
+
+def _check_body(body: dict) -> None:
+    if body.get("stream"):
+        raise _LineError("stream: true is not supported in a batch (each answer is written "
+                         "whole); remove it")
+
+
+def _shorthand_item(obj: dict, line: int, model: Optional[str]) -> BatchItem:
+    body = {key: value for key, value in obj.items() if key != "custom_id"}
+    if "prompt" in body:
+        if "messages" in body:
+            raise _LineError("give either prompt or messages, not both")
+        prompt = body.pop("prompt")
+        if not isinstance(prompt, str):
+            raise _LineError(f"prompt must be a string, got {type(prompt).__name__}")
+        body["messages"] = [{"role": "user", "content": prompt}]
+    elif not isinstance(body["messages"], list) or not body["messages"]:
+        raise _LineError("messages must be a non-empty list of {role, content} objects")
+    if not body.get("model"):
+        if not model:
+            raise _LineError("shorthand line has no model and no --model was given")
+        body["model"] = model
+    _check_body(body)
+    return BatchItem(line, obj["custom_id"], "POST", "/v1/chat/completions", body)
+
+
+def parse_line(raw: bytes, line: int, *, model: Optional[str] = None) -> Optional[BatchItem]:
+    """One input line as a :class:`BatchItem`; ``None`` for a blank line.
+
+    :param model: the model for lines that name none (``--model``).
+    :raises ValueError: what is wrong with the line (without its line number).
+    """
+    if not raw.strip():
+        return None
+    if line == 1 and raw.startswith(codecs.BOM_UTF8):  # files saved by some Windows editors
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise _LineError(f"not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:
+        raise _LineError(f"invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _LineError(f"must be a JSON object, got {type(obj).__name__}")
+    custom_id = obj.get("custom_id")
+    if custom_id is None or custom_id == "":
+        raise _LineError("missing custom_id")
+    if not isinstance(custom_id, str):
+        raise _LineError(f"custom_id must be a string, got {json.dumps(custom_id)}")
+    if _BATCH_KEYS & obj.keys():
+        return _batch_item(obj, line, model)
+    if "prompt" in obj or "messages" in obj:
+        return _shorthand_item(obj, line, model)
+    raise _LineError("neither OpenAI Batch format (custom_id, method, url, body) nor shorthand "
+                     "(custom_id with prompt or messages)")
+
+
+def is_ok_record(record: Any) -> bool:
+    """Whether an output line records a successful answer."""
+    if not isinstance(record, dict) or record.get("error") is not None:
+        return False
+    response = record.get("response")
+    if not isinstance(response, dict):
+        return False
+    status = response.get("status_code")
+    return isinstance(status, int) and 200 <= status < 300
+
+
+def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as handle:
+        yield from enumerate(handle, start=1)
+
+
+@dataclass
+class BatchPlan:
+    """What :meth:`BatchRunner.prepare` found."""
+
+    #: Requests in the input.
+    total: int = 0
+    #: Of those, already answered successfully in the output.
+    done_ok: int = 0
+    #: Of those, already answered with an error (and not to be retried).
+    done_failed: int = 0
+    #: Failed lines removed from the output to be sent again (``retry_failed``).
+    retrying: int = 0
+    #: Bytes of a torn last line cut off the output.
+    truncated_bytes: int = 0
+    #: Output lines whose custom_id is not in the input (kept, not counted).
+    foreign_lines: int = 0
+
+    @property
+    def pending(self) -> int:
+        """Requests this run will send."""
+        return self.total - self.done_ok - self.done_failed
+
+
+@dataclass
+class BatchResult:
+    """What a run did, and the state of the output afterwards."""
+
+    plan: BatchPlan
+    ok: int = 0
+    failed: int = 0
+    #: The run was stopped (:meth:`BatchRunner.stop`) before every request was sent.
+    interrupted: bool = False
+
+    @property
+    def total_ok(self) -> int:
+        return self.plan.done_ok + self.ok
+
+    @property
+    def total_failed(self) -> int:
+        return self.plan.done_failed + self.failed
+
+    @property
+    def complete(self) -> bool:
+        """Every input request has a line in the output."""
+        return self.total_ok + self.total_failed == self.plan.total
+
+
+_SKIPPED = object()
+
+
+class BatchRunner:
+    """Runs one batch file through a :class:`cometkit.Client`.
+
+    Use it as a context manager (or call :meth:`close`): from :meth:`prepare` on it holds the
+    output file open with an exclusive lock, so two runs never write into one file.
+
+    :param input_path: the JSONL input.
+    :param output_path: the JSONL output; appended to, so a rerun resumes.
+    :param model: the model for lines that name none.
+    :param retry_failed: send again the lines an earlier run answered with an error.
+    """
+
+    def __init__(self, input_path: str, output_path: str, *, model: Optional[str] = None,
+                 retry_failed: bool = False) -> None:
+        self.input_path = os.fspath(input_path)
+        self.output_path = os.fspath(output_path)
+        self.model = model
+        self.retry_failed = retry_failed
+        self._answered = DigestSet()
+        self._plan: Optional[BatchPlan] = None
+        self._stop = threading.Event()
+        self._write_lock = threading.Lock()
+        #: The output, open for appending; ``None`` before :meth:`prepare` and once abandoned.
+        self._out: Optional[IO[bytes]] = None
+        self._created = False
+
+    def __enter__(self) -> BatchRunner:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the output (removing it if this run created it and wrote nothing)."""
+        with self._write_lock:
+            out, self._out = self._out, None
+            if out is None:
+                return
+            out.flush()
+            empty = out.tell() == 0
+            if not empty:
+                os.fsync(out.fileno())
+            out.close()
+        if empty and self._created:
+            try:
+                os.unlink(self.output_path)
+            except OSError:  # pragma: no cover - best effort
+                pass
+
+    # -- pass 1: validate, and find what an earlier run answered -----------------------------
+
+    def prepare(self) -> BatchPlan:
+        """Validate the input, then open and lock the output and read what an earlier run
+        wrote there. Nothing is written when the input is invalid.
+
+        :raises BatchInputError: invalid lines (all of them counted, the first ones listed).
+        :raises BatchOutputError: the output is the input, is not a batch output, or another
+            run is writing it.
+        :raises OSError: a file cannot be read or written.
+        """
+        if os.path.exists(self.output_path) and os.path.samefile(self.input_path,
+                                                                 self.output_path):
+            raise BatchOutputError("the output file is the input file: choose another -o")
+        input_ids = DigestSet()
+        problems: list[Problem] = []
+        count = 0
+        total = 0
+        for line, raw in _read_lines(self.input_path):
+            try:
+                item = parse_line(raw, line, model=self.model)
+            except ValueError as exc:
+                message: Optional[str] = str(exc)
+            else:
+                if item is None:
+                    continue
+                message = None
+                if not input_ids.add(item.custom_id):
+                    message = f"duplicate custom_id {item.custom_id!r} (seen on an earlier line)"
+            if message is not None:
+                count += 1
+                if len(problems) < MAX_PROBLEMS:
+                    problems.append(Problem(line, message))
+                continue
+            total += 1
+        if count:
+            raise BatchInputError(self.input_path, problems, count)
+        plan = BatchPlan(total=total)
+        self._created = not os.path.exists(self.output_path)
+        self._open_output()
+        try:
+            if not self._created:
+                self._scan_output(plan, input_ids)
+        except BaseException:
+            self.close()
+            raise
+        self._plan = plan
+        return plan
+
+    def _open_output(self) -> None:
+        out = open(self.output_path, "ab")  # held until close()
+        try:
+            _lock_exclusively(out, self.output_path)
+        except BaseException:
+            out.close()
+            raise
+        self._out = out
+
+    def _scan_output(self, plan: BatchPlan, input_ids: DigestSet) -> None:
+        """Count answered ids, repair a torn last line, drop failed lines when retrying them."""
+        answered = DigestSet()
+        offset = 0
+        keep_until = 0  # end of the last whole record
+        needs_newline = False
+        failed_lines = 0
+        with open(self.output_path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                offset += len(raw)
+                complete = raw.endswith(b"\n")
+                record = self._output_record(raw, number, last_and_torn=not complete)
+                if record is None:  # a line cut short by a killed run: cut off below
+                    break
+                keep_until, needs_newline = offset, not complete
+                custom_id = record["custom_id"]
+                if custom_id not in input_ids:
+                    plan.foreign_lines += 1
+                    continue
+                ok = is_ok_record(record)
+                if not ok and self.retry_failed:
+                    failed_lines += 1
+                elif answered.add(custom_id):
+                    if ok:
+                        plan.done_ok += 1
+                    else:
+                        plan.done_failed += 1
+        if offset > keep_until:
+            logger.info("%s: cutting a torn last line (%d bytes) left by an interrupted run",
+                        self.output_path, offset - keep_until)
+            with open(self.output_path, "r+b") as handle:
+                handle.truncate(keep_until)
+            plan.truncated_bytes = offset - keep_until
+        elif needs_newline:  # a whole last record without its newline: keep it
+            with open(self.output_path, "ab") as handle:
+                handle.write(b"\n")
+        if failed_lines:
+            self._drop_failed_lines(input_ids)
+            plan.retrying = failed_lines
+            # the file at this path is a new one now: hold and lock it instead
+            old, self._out = self._out, None
+            if old is not None:
+                old.close()
+            self._open_output()
+        self._answered = answered
+
+    def _output_record(self, raw: bytes, number: int, *, last_and_torn: bool) -> Optional[dict]:
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
+            return record
+        if last_and_torn:
+            return None
+        raise BatchOutputError(
+            f"{self.output_path}:{number}: not a batch output line, so this file cannot be "
+            "resumed. Choose another -o, or move the file away.")
+
+    def _drop_failed_lines(self, input_ids: DigestSet) -> None:
+        """Rewrite the output without the failed lines of this input (temp file + atomic
+        rename), so that each ``custom_id`` ends up in the file exactly once."""
+        directory = os.path.dirname(os.path.abspath(self.output_path))
+        fd, temp = tempfile.mkstemp(prefix=".cometkit-batch-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for _, raw in _read_lines(self.output_path):
+                    record = json.loads(raw)
+                    if is_ok_record(record) or record["custom_id"] not in input_ids:
+                        out.write(raw)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.chmod(temp, os.stat(self.output_path).st_mode & 0o777)
+            except OSError:  # pragma: no cover - best effort
+                pass
+            os.replace(temp, self.output_path)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+
+    # -- pass 2: send ------------------------------------------------------------------------
+
+    def pending_items(self) -> Iterator[BatchItem]:
+        """The input's requests not answered yet, read again line by line; stops early once
+        :meth:`stop` was called."""
+        for line, raw in _read_lines(self.input_path):
+            if self._stop.is_set():
+                return
+            item = parse_line(raw, line, model=self.model)
+            if item is not None and item.custom_id not in self._answered:
+                yield item
+
+    def run(
+        self,
+        client: Any,
+        *,
+        max_in_flight: Optional[int] = None,
+        on_result: Optional[Callable[[bool], None]] = None,
+    ) -> BatchResult:
+        """Send every pending request through ``client`` and write each result line.
+
+        Results are written in completion order by the workers themselves. Up to
+        ``max_in_flight`` requests (default: twice the client's concurrency) are submitted at
+        once; unlike ``client.map``, a slow request (say, one waiting out a long
+        ``Retry-After``) does not hold back those behind it.
+
+        :param on_result: called with ``True`` (ok) or ``False`` (failed) after each line is
+            written, under the output lock, from a worker thread.
+        """
+        plan = self._plan if self._plan is not None else self.prepare()
+        result = BatchResult(plan)
+        counts = [0, 0]  # ok, failed; changed under the write lock
+        window = max_in_flight or 2 * int(getattr(client, "concurrency", 4))
+        slots = threading.BoundedSemaphore(window)
+
+        def work(item: BatchItem) -> Any:
+            if self._stop.is_set():  # queued when the run was stopped: not started, not written
+                return _SKIPPED
+            ok, record = self._call(client, item)
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+            with self._write_lock:
+                out = self._out
+                if out is None:  # abandoned: the process is exiting
+                    return _SKIPPED
+                out.write(line + b"\n")
+                out.flush()
+                counts[0 if ok else 1] += 1
+                if on_result is not None:
+                    on_result(ok)
+            return ok
+
+        def release(_: Any) -> None:
+            slots.release()
+
+        if self._out is None:
+            raise RuntimeError("BatchRunner.run() after close()")
+        try:
+            for item in self.pending_items():
+                while not slots.acquire(timeout=0.5):
+                    pass
+                if self._stop.is_set():
+                    slots.release()
+                    break
+                client.submit(work, item).add_done_callback(release)
+            # wait for the last ones: every slot back
+            for _ in range(window):
+                while not slots.acquire(timeout=0.5):
+                    pass
+        except BaseException:
+            self._stop.set()  # e.g. KeyboardInterrupt without the CLI's handler: admit no more
+            raise
+        finally:
+            with self._write_lock:
+                if self._out is not None:
+                    self._out.flush()
+        result.ok, result.failed = counts
+        result.interrupted = self._stop.is_set() and not result.complete
+        return result
+
+    def _call(self, client: Any, item: BatchItem) -> tuple[bool, dict]:
+        """Send one request; the output record, never an exception."""
+        record: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}",
+                                  "custom_id": item.custom_id, "response": None, "error": None}
+        try:
+            value = client.request(item.method, item.route, json=item.body)
+        except APIStatusError as exc:
+            record["response"] = {"status_code": exc.status_code, "request_id": exc.request_id,
+                                  "body": exc.body}
+            record["error"] = {"code": exc.code or _status_code_name(exc.status_code),
+                               "message": str(exc)}
+            return False, record
+        except APITimeoutError as exc:
+            record["error"] = {"code": "timeout", "message": str(exc)}
+            return False, record
+        except APIConnectionError as exc:
+            record["error"] = {"code": "connection_error", "message": str(exc)}
+            return False, record
+        except APIError as exc:
+            record["error"] = {"code": exc.code or "api_error", "message": str(exc)}
+            return False, record
+        except Exception as exc:  # a line is never dropped, whatever went wrong
+            logger.exception("custom_id %r failed unexpectedly", item.custom_id)
+            record["error"] = {"code": "internal_error",
+                               "message": f"{type(exc).__name__}: {exc}"}
+            return False, record
+        body = value.to_dict() if hasattr(value, "to_dict") else value
+        request_id = getattr(value, "_request_id", None)
+        record["response"] = {"status_code": 200, "request_id": request_id, "body": body}
+        return True, record
+
+    # -- interruption --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Admit no more requests: queued ones are skipped (not written), in-flight ones
+        finish and are written. Safe to call from a signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def abandon(self, timeout_s: float = 5.0) -> None:
+        """Flush what is written and write nothing more (in-flight calls are abandoned).
+
+        The caller is expected to exit the process right after.
+        """
+        self._stop.set()
+        got = self._write_lock.acquire(timeout=timeout_s)
+        try:
+            out = self._out
+            self._out = None
+            if out is not None:
+                out.flush()
+        finally:
+            if got:
+                self._write_lock.release()
+
+
+_STATUS_NAMES = {400: "bad_request", 401: "authentication_error", 403: "permission_denied",
+                 404: "not_found", 409: "conflict", 422: "unprocessable_entity",
+                 429: "rate_limit_exceeded"}
+
+
+def _status_code_name(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return _STATUS_NAMES.get(status, f"http_{status}")
+
+
+def _lock_exclusively(handle: IO[bytes], path: str) -> None:
+    """Refuse to run two batches into one output file at once (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise BatchOutputError(f"{path} is being written by another cometkit batch; wait for "
+                               "it to finish, or choose another -o") from None
