@@ -242,8 +242,11 @@ class Sandbox:
 
     def describe(self) -> str:
         """The settings that differ from a plain echo server, for a log line."""
-        parts = [f"{key}={value}" for key, value in self._config.items()
-                 if value not in (None, False, 0, 0.0, "seconds")]
+        defaults = {"latency_s": 0.0, "fault_rate": 0.0, "retry_after": "seconds",
+                    "always_429": False}
+        parts = [f"{key}={int(value) if isinstance(value, float) and value.is_integer() else value}"
+                 for key, value in self._config.items()
+                 if value is not None and (key not in defaults or value != defaults[key])]
         return ", ".join(parts) or "no limits, no faults"
 
     def __repr__(self) -> str:
