@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import requests
 
 from ._engine import CallEngine, Sent, new_request_id, usage_tokens
-from ._exceptions import APIError, make_status_error
+from ._exceptions import APIError, ConfigError, make_status_error
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
@@ -38,6 +38,22 @@ R = TypeVar("R")
 
 _OPERATIONS = {"/chat/completions": "chat", "/embeddings": "embeddings", "/models": "models",
                "/completions": "text_completion"}
+def _clean_api_key(api_key: Optional[str], where: str) -> Optional[str]:
+    """The key without surrounding whitespace (a key read from a file ends in a newline);
+    refuse one with a control character inside, without ever showing it."""
+    if api_key is None:
+        return None
+    if not isinstance(api_key, str):
+        raise ConfigError(f"{where}: api_key: must be a string, got {type(api_key).__name__}",
+                          key="api_key")
+    api_key = api_key.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in api_key):
+        raise ConfigError(f"{where}: api_key: contains a line break or another control "
+                          "character, so it cannot be sent in a header. Check how the key was "
+                          "copied (the value is not shown).", key="api_key")
+    return api_key or None
+
+
 class Client:
     """A thread-safe CometAPI client with a worker pool.
 
@@ -69,7 +85,8 @@ class Client:
         data = loaded.data
         where = loaded.where
         self.config_path = loaded.path
-        api_key = api_key or data.get("api_key") or os.environ.get("COMETAPI_KEY") or None
+        api_key = _clean_api_key(
+            api_key or data.get("api_key") or os.environ.get("COMETAPI_KEY") or None, where)
         base_url = (base_url or data.get("base_url") or os.environ.get("COMETAPI_BASE_URL")
                     or DEFAULT_BASE_URL)
         self.base_url = check_base_url(base_url, allow_insecure_http=bool(
@@ -249,6 +266,7 @@ class Client:
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         timeout_s = (timeout, timeout) if isinstance(timeout, (int, float)) else timeout
         send = self._transport.send
+        api_key = self._transport.api_key
 
         def attempt(result: AttemptResult) -> Sent:
             sent = Sent()
@@ -265,7 +283,8 @@ class Client:
                 content = response.content  # reads (and may fail on) the body
                 if response.status_code >= 300:
                     error = make_status_error(response.status_code, content, response.headers,
-                                              response=response, method=method, route=route)
+                                              response=response, method=method, route=route,
+                                              secret=api_key)
                     result.error, result.error_code = error, error.code
                     return sent
                 value = sent.value = self._decode(content, response)

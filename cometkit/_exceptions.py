@@ -216,13 +216,19 @@ def make_status_error(
     retry_after_s: Optional[float] = None,
     method: str = "",
     route: str = "",
+    secret: Optional[str] = None,
 ) -> APIStatusError:
     """Build the typed exception for an error answer, with message and request id found.
 
     Handles JSON error bodies (OpenAI style ``{"error": {...}}``), HTML pages that a wrong path
-    or a gateway returns, and request ids embedded in the message text.
+    or a gateway returns, and request ids embedded in the message text. ``secret`` (the API
+    key) is blanked out of the body before anything is taken from it.
     """
     content_type = headers.get("content-type", "") if headers is not None else ""
+    if secret and secret.encode() in content:
+        # a server or gateway that echoes the Authorization value must not leak the key
+        # into the exception, the logs or a batch output file
+        content = content.replace(secret.encode(), b"***")
     body, message, code = _describe_body(content, content_type)
     if 300 <= status_code < 400:
         location = headers.get("location", "?") if headers is not None else "?"

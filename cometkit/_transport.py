@@ -97,6 +97,8 @@ class Transport:
     ) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
+        #: Kept only to blank it out of error bodies that echo it back (never shown).
+        self.api_key = api_key
         self.session = requests.Session()
         self.adapter = HTTPAdapter(
             pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=_NO_RETRIES
@@ -114,7 +116,11 @@ class Transport:
         self._headers = headers
         self._json_headers = {**headers, "Content-Type": "application/json"}
         # Enterprise proxies and CA bundles, resolved once (Session.request does it per call).
-        self.proxies: dict[str, str] = requests.utils.get_environ_proxies(base_url) or {}
+        # ... except for this machine: a loopback server is reached directly, so a plain-HTTP
+        # sandbox never sends the key through a proxy in clear text.
+        host = urlsplit(base_url).hostname or ""
+        self.proxies: dict[str, str] = (
+            {} if _is_loopback(host) else requests.utils.get_environ_proxies(base_url) or {})
         if verify is False:
             logger.warning(
                 "TLS certificate verification is OFF (verify: false): anyone on the network "
@@ -163,3 +169,6 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self.base_url!r})"
+
+    def __getstate__(self) -> None:
+        raise TypeError("a cometkit transport holds the API key and is not picklable")

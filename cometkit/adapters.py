@@ -87,6 +87,8 @@ class CometAdapter(HTTPAdapter):
                            route or "/", body.get("model") if body else None, stream, body,
                            engine.clock.monotonic())
         send = super().send
+        authorization = request.headers.get("Authorization") or ""
+        secret = authorization.split(" ", 1)[-1] or self.client._transport.api_key
         broken: list[BaseException] = []
 
         def attempt(result: AttemptResult) -> Sent:
@@ -102,7 +104,8 @@ class CometAdapter(HTTPAdapter):
                 content = response.content
                 if response.status_code >= 400:
                     error = make_status_error(response.status_code, content, response.headers,
-                                              response=response, method=info.method, route=route)
+                                              response=response, method=info.method, route=route,
+                                              secret=secret)
                     result.error, result.error_code = error, error.code
                 elif "json" in response.headers.get("Content-Type", ""):
                     try:

@@ -236,7 +236,41 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        size = _expanded_size(node, {})
+        if size > MAX_CONFIG_VALUES:
+            raise _TooLarge(None, None, f"the document expands to {size} values, over the "
+                            f"limit of {MAX_CONFIG_VALUES} (YAML aliases repeating aliases?)",
+                            node.start_mark)
+        return super().construct_document(node)
+
+
 _ConfigLoader.add_constructor(None, _ConfigLoader.construct_undefined)
+
+#: A configuration is small; a document that expands past this many values is refused before
+#: it is built, so an alias bomb ("billion laughs") costs nothing.
+MAX_CONFIG_VALUES = 100_000
+
+
+class _TooLarge(yaml.MarkedYAMLError):
+    pass
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` becomes once aliases are expanded (counted on the node graph,
+    where an alias is a shared node, so the count itself is cheap)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -250,6 +284,8 @@ def _parse_yaml(text: str, where: str) -> Any:
                 f"{where}: {at}: {exc.problem}. Configuration is read with YAML safe loading "
                 "only: use plain mappings, lists, strings, numbers, booleans and null.",
                 path=where) from None
+        if isinstance(exc, _TooLarge):
+            raise ConfigError(f"{where}: {at}: {exc.problem}.", path=where) from None
         if isinstance(exc, _DuplicateKey):
             raise ConfigError(f"{where}: {at}: {exc.problem}. Keep one of them.",
                               path=where) from None
