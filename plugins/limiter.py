@@ -1,0 +1,589 @@
+"""``limiter``: the first-party admission control, on by default.
+
+Every attempt waits here for a slot before it is sent and gives the slot back when it ends
+(the core sleeps between retries *without* a slot). A call needs a slot of the client
+(``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``) and one of its model's
+lane (the ``models:`` overrides, and what adaptive mode learned for that model), so a model
+that is refused slows down alone. Rates are token buckets holding ``burst`` seconds' worth,
+not a minute's: a minute's burst at start-up is exactly what earns 429s.
+
+Waiters are admitted first come, first served (per model: a call whose model is at its limit
+does not block calls for other models, but nothing overtakes an older call of its own model
+or an older call waiting for the client's own limits). Nobody polls: waiters sleep on a
+condition, and the oldest one sleeps with a timeout computed for the next instant anything
+may change (a bucket refilling, a hold ending). With an injected clock other than the system
+clock, that timed wait is ``clock.sleep()``, so a fake clock jumps straight there.
+
+Options and the adaptive algorithm are documented in ``docs/plugins/limiter.md``; the
+algorithm itself lives in :mod:`cometkit_plugins._limiter_adaptive`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Mapping, Optional
+
+from cometkit import (
+    AttemptResult,
+    ClientContext,
+    Clock,
+    ConfigError,
+    Option,
+    PluginSpec,
+    RateLimitError,
+    RequestInfo,
+    SystemClock,
+    hookimpl,
+)
+from cometkit.options import validate_section
+
+from ._limiter_adaptive import AdaptiveControl
+from ._limiter_buckets import TokenBucket
+
+__all__ = [
+    "AdmissionLimiter",
+    "OPTIONS",
+    "estimate_tokens",
+    "cometkit_plugin_spec",
+    "cometkit_make_limiter",
+]
+
+logger = logging.getLogger("cometkit.limiter")
+
+PLUGIN_NAME = "limiter"
+
+#: Characters per token in the pre-call estimate (OpenAI's rule of thumb for English).
+CHARS_PER_TOKEN = 4
+
+#: Longest single wait on a condition. Waiters are always notified when their turn may have
+#: come; this only bounds the damage should a wake-up ever be lost.
+_MAX_WAIT_S = 30.0
+_EPSILON = 1e-9
+
+_MODEL_OPTIONS = {
+    "max_concurrency": Option(
+        "int", minimum=1, nullable=True,
+        help="Attempts of this model in flight at once (within the client's max_concurrency)."),
+    "requests_per_minute": Option(
+        "float", minimum=1, nullable=True,
+        help="Requests per minute for this model, on top of the client-wide limit."),
+    "tokens_per_minute": Option(
+        "float", minimum=1, nullable=True,
+        help="Tokens per minute for this model (estimated before the call, corrected after)."),
+}
+
+#: The ``plugins.limiter`` section.
+OPTIONS = {
+    "max_concurrency": Option(
+        "int", None, minimum=1, nullable=True,
+        help="Attempts in flight at once; null means the client's concurrency."),
+    "requests_per_minute": Option(
+        "float", None, minimum=1, nullable=True,
+        help="Requests per minute for the whole client, spread evenly; null means no limit.",
+        example=1200),
+    "tokens_per_minute": Option(
+        "float", None, minimum=1, nullable=True,
+        help="Tokens per minute (prompt characters / 4 + max_tokens before the call, "
+             "corrected from usage after); null means no limit.", example=200000),
+    "burst": Option(
+        "float", 1.0, minimum=0, maximum=60,
+        help="Seconds' worth of requests_per_minute / tokens_per_minute that may go out at "
+             "once after a quiet spell."),
+    "adaptive": Option(
+        "bool", True,
+        help="Learn the server's limits from 429s and rate-limit headers: cut concurrency "
+             "and send rate, hold for Retry-After, grow back slowly."),
+    "safety_margin": Option(
+        "float", 0.02, minimum=0, maximum=0.5,
+        help="Share of requests_per_minute / tokens_per_minute kept unused, so timing "
+             "jitter against the server's bucket does not earn 429s."),
+    "acquire_timeout": Option(
+        "float", None, minimum=0, nullable=True,
+        help="Seconds an attempt may wait for admission before failing with "
+             "RateLimitError; null waits as long as it takes.", example=60),
+    "models": Option(
+        "mapping", {}, children=_MODEL_OPTIONS,
+        help="Per-model limits, by model name; a call must fit both its model's and the "
+             "client's.", example={"gpt-4o": {"requests_per_minute": 500}}),
+}
+
+
+# -------------------------------------------------------------------------------------------
+# Token estimate
+# -------------------------------------------------------------------------------------------
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of prompt text in a message ``content``, ``input`` or ``prompt`` value."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):  # a token id (embeddings input may be token arrays)
+        return CHARS_PER_TOKEN
+    if isinstance(value, list):
+        return sum(_text_chars(item) for item in value)
+    if isinstance(value, Mapping):  # a content part: {"type": "text", "text": ...}
+        return _text_chars(value.get("text"))
+    return 0
+
+
+def estimate_tokens(body: Optional[Mapping[str, Any]]) -> int:
+    """Tokens a request may cost, before it is sent: prompt characters / 4 + ``max_tokens``.
+
+    Prompt text is the ``content`` of every message (strings or text parts), ``input``
+    (embeddings, responses) and ``prompt`` (completions). ``max_tokens`` (or
+    ``max_completion_tokens``) reserves the answer; without it the answer is not reserved and
+    the correction from ``usage`` after the call takes it out of the bucket instead.
+    """
+    if not isinstance(body, Mapping):
+        return 0
+    chars = _text_chars(body.get("input")) + _text_chars(body.get("prompt"))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, Mapping):
+                chars += _text_chars(message.get("content"))
+    answer = body.get("max_tokens", body.get("max_completion_tokens"))
+    if isinstance(answer, bool) or not isinstance(answer, int) or answer < 0:
+        answer = 0
+    return math.ceil(chars / CHARS_PER_TOKEN) + answer
+
+
+# -------------------------------------------------------------------------------------------
+# The limiter
+# -------------------------------------------------------------------------------------------
+
+
+class _Lane:
+    """The calls of one model: its slots, its buckets and what adaptive mode learned."""
+
+    __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
+                 "control")
+
+    def __init__(self, model: Optional[str], max_concurrency: int,
+                 requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
+                 control: Optional[AdaptiveControl]) -> None:
+        self.model = model
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0
+        self.waiting = 0
+        self.requests = requests
+        self.tokens = tokens
+        self.control = control
+
+    def allowed(self) -> int:
+        if self.control is None:
+            return self.max_concurrency
+        return min(self.max_concurrency, self.control.allowed())
+
+    def demand_changed(self, now: float) -> None:
+        if self.control is not None:
+            self.control.note_demand(now, self.in_flight + self.waiting > 0)
+
+
+class _Permit:
+    """Handed out by :meth:`AdmissionLimiter.acquire`; given back once to ``release``."""
+
+    __slots__ = ("lane", "cost", "released")
+
+    def __init__(self, lane: _Lane, cost: int) -> None:
+        self.lane = lane
+        self.cost = cost
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<limiter permit model={self.lane.model or '-'} tokens={self.cost} {state}>"
+
+
+class _Waiter:
+    __slots__ = ("lane", "cost", "cond", "permit")
+
+    def __init__(self, lane: _Lane, cost: int, cond: threading.Condition) -> None:
+        self.lane = lane
+        self.cost = cost
+        self.cond = cond
+        self.permit: Optional[_Permit] = None
+
+
+# What blocks a waiter: the client's own limits (nobody behind it may pass) or its lane's
+# (later calls of other models may).
+_CLIENT = "client"
+_LANE = "lane"
+
+
+def _rate_bucket(per_minute: Optional[float], burst: float, margin: float,
+                 now: float) -> Optional[TokenBucket]:
+    if per_minute is None:
+        return None
+    rate = per_minute / 60.0 * (1.0 - margin)
+    # At least one whole request (or token) must fit, or nothing could ever be admitted.
+    return TokenBucket(rate, max(1.0, burst * rate), now)
+
+
+class AdmissionLimiter:
+    """Admits attempts under the configured limits and what adaptive mode learns.
+
+    Implements :class:`cometkit.Limiter`. Thread-safe; one per client.
+
+    :param max_concurrency: attempts in flight at once, all models together.
+    :param requests_per_minute: client-wide request rate, or ``None``.
+    :param tokens_per_minute: client-wide token rate, or ``None``.
+    :param burst: seconds' worth of each rate the buckets hold.
+    :param adaptive: learn from 429s and rate-limit headers (see
+        :mod:`cometkit_plugins._limiter_adaptive`).
+    :param safety_margin: share of the configured rates left unused.
+    :param acquire_timeout: default seconds :meth:`acquire` waits before raising
+        ``RateLimitError`` (``None``: no limit).
+    :param models: per-model ``max_concurrency`` / ``requests_per_minute`` /
+        ``tokens_per_minute``.
+    :param clock: the clock to read and wait on.
+    :raises ConfigError: a value out of range.
+    """
+
+    DEFAULT_BURST = 1.0
+    DEFAULT_SAFETY_MARGIN = 0.02
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: Optional[int],
+        requests_per_minute: Optional[float] = None,
+        tokens_per_minute: Optional[float] = None,
+        burst: float = DEFAULT_BURST,
+        adaptive: bool = True,
+        safety_margin: float = DEFAULT_SAFETY_MARGIN,
+        acquire_timeout: Optional[float] = None,
+        models: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        clock: Optional[Clock] = None,
+    ) -> None:
+        # The schema the configuration is checked against checks direct construction too.
+        validate_section(OPTIONS, {
+            "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute, "burst": burst, "adaptive": adaptive,
+            "safety_margin": safety_margin, "acquire_timeout": acquire_timeout,
+            "models": dict(models or {}),
+        }, where="<AdmissionLimiter>", key_path=PLUGIN_NAME)
+        if max_concurrency is None:
+            raise ConfigError(f"{PLUGIN_NAME}.max_concurrency: AdmissionLimiter needs a number "
+                              "(from_options() turns null into the client's concurrency)",
+                              key="max_concurrency")
+        self.max_concurrency = int(max_concurrency)
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.burst = float(burst)
+        self.adaptive = bool(adaptive)
+        self.safety_margin = float(safety_margin)
+        self.acquire_timeout = acquire_timeout
+        self.models = {name: dict(section) for name, section in (models or {}).items()}
+        self.clock: Clock = clock or SystemClock()
+        # Condition waits measure real time; any other clock is waited on with its own sleep.
+        self._real_time = self.clock.monotonic is time.monotonic
+        now = self.clock.monotonic()
+        self._requests = _rate_bucket(requests_per_minute, self.burst, self.safety_margin, now)
+        self._tokens = _rate_bucket(tokens_per_minute, self.burst, self.safety_margin, now)
+        self._count_tokens = tokens_per_minute is not None or any(
+            section.get("tokens_per_minute") is not None for section in self.models.values())
+        # Reentrant, because a stream abandoned to the garbage collector is released by a
+        # finalizer, which may run inside this limiter's own critical section on the same
+        # thread (any allocation can start a collection): a plain lock would deadlock there.
+        # Such a release is deferred (``_deferred``) while the state is being changed
+        # (``_mutating``) and applied before the section ends.
+        self._lock = threading.RLock()
+        self._mutating = False
+        self._deferred: deque[tuple[_Permit, AttemptResult]] = deque()
+        self._queue: deque[_Waiter] = deque()
+        self._lanes: dict[Optional[str], _Lane] = {}
+        self._in_flight = 0
+        self._closed = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, concurrency: int,
+                     clock: Optional[Clock] = None) -> AdmissionLimiter:
+        """Build from a validated ``plugins.limiter`` section; a null ``max_concurrency``
+        means ``concurrency`` (the client's pool size)."""
+        kwargs = {k: v for k, v in options.items() if k in OPTIONS}
+        if kwargs.get("max_concurrency") is None:
+            kwargs["max_concurrency"] = concurrency
+        return cls(**kwargs, clock=clock)
+
+    def __repr__(self) -> str:
+        return (f"AdmissionLimiter(max_concurrency={self.max_concurrency!r}, "
+                f"requests_per_minute={self.requests_per_minute!r}, "
+                f"tokens_per_minute={self.tokens_per_minute!r}, burst={self.burst!r}, "
+                f"adaptive={self.adaptive!r}, models={sorted(self.models)!r})")
+
+    # -- Limiter protocol ----------------------------------------------------------------------
+
+    def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> _Permit:
+        """Wait, first come first served, until the attempt may go out; return its permit.
+
+        :param timeout_s: longest wait; ``None`` means ``acquire_timeout``.
+        :raises RateLimitError: the wait would exceed the timeout.
+        :raises RuntimeError: the limiter is (or gets) closed.
+        """
+        cost = estimate_tokens(request.json) if self._count_tokens else 0
+        timeout = self.acquire_timeout if timeout_s is None else timeout_s
+        with self._lock:
+            self._mutating = True
+            waiter: Optional[_Waiter] = None
+            try:
+                if self._closed:
+                    raise RuntimeError("this limiter is closed")
+                now = self.clock.monotonic()
+                lane = self._lanes.get(request.model) or self._new_lane(request.model, now)
+                if not self._queue and self._blocked(lane, cost, now)[0] is None:
+                    return self._grant(lane, cost, now)
+                waiter = _Waiter(lane, cost, threading.Condition(self._lock))
+                self._queue.append(waiter)
+                lane.waiting += 1
+                lane.demand_changed(now)
+                deadline = None if timeout is None else now + timeout
+                return self._wait(waiter, request, deadline, timeout)
+            finally:
+                if waiter is not None and waiter.permit is None:  # timed out, closed, interrupted
+                    now = self.clock.monotonic()
+                    self._queue.remove(waiter)
+                    waiter.lane.waiting -= 1
+                    waiter.lane.demand_changed(now)
+                    self._dispatch(now)
+                self._settle()
+
+    def release(self, permit: Any, result: AttemptResult) -> None:
+        """The attempt ended: free its slot, settle its tokens, learn from ``result``."""
+        if not isinstance(permit, _Permit):
+            logger.debug("release() of something that is not a permit of this limiter: %r",
+                         permit)
+            return
+        with self._lock:
+            if self._mutating:  # a finalizer inside our own critical section: apply it later
+                self._deferred.append((permit, result))
+                return
+            self._mutating = True
+            try:
+                self._release(permit, result)
+            finally:
+                self._settle()
+
+    def close(self) -> None:
+        """Refuse new attempts and wake every waiter (each raises ``RuntimeError``)."""
+        with self._lock:
+            self._mutating = True
+            try:
+                self._closed = True
+                for waiter in list(self._queue):
+                    waiter.cond.notify()
+            finally:
+                self._settle()
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Current state: slots in use, waiters, and per model what adaptive mode learned
+        (``limit``, ``rate_per_s``, ``hold_remaining_s``, ``latency_s``, ``throttled``,
+        ``signals``). Keys of ``models`` are model names (``None`` for calls without one)."""
+        with self._lock:
+            now = self.clock.monotonic()
+            models = {}
+            for model, lane in self._lanes.items():
+                entry: dict[str, Any] = {"in_flight": lane.in_flight, "waiting": lane.waiting,
+                                         "max_concurrency": lane.max_concurrency}
+                if lane.control is not None:
+                    entry.update(lane.control.snapshot(now))
+                else:
+                    entry["limit"] = lane.max_concurrency
+                models[model] = entry
+            return {"in_flight": self._in_flight, "waiting": len(self._queue),
+                    "max_concurrency": self.max_concurrency, "closed": self._closed,
+                    "models": models}
+
+    # -- internals (called with the lock held) -------------------------------------------------
+
+    def _new_lane(self, model: Optional[str], now: float) -> _Lane:
+        section = self.models.get(model, {}) if model is not None else {}
+        cap = min(self.max_concurrency, section.get("max_concurrency") or self.max_concurrency)
+        lane = _Lane(
+            model, cap,
+            _rate_bucket(section.get("requests_per_minute"), self.burst, self.safety_margin,
+                         now),
+            _rate_bucket(section.get("tokens_per_minute"), self.burst, self.safety_margin, now),
+            AdaptiveControl(cap, now) if self.adaptive else None,
+        )
+        self._lanes[model] = lane
+        return lane
+
+    def _blocked(self, lane: _Lane, cost: int, now: float) -> tuple[Optional[str],
+                                                                     Optional[float]]:
+        """``(None, None)`` if an attempt of ``lane`` costing ``cost`` may go now, else who
+        blocks it (:data:`_CLIENT` or :data:`_LANE`) and when that may change (``None``: only
+        a release can change it)."""
+        if self._in_flight >= self.max_concurrency:
+            return _CLIENT, None
+        ready = now
+        if self._requests is not None:
+            ready = self._requests.ready_at(1, now)
+        if cost and self._tokens is not None:
+            ready = max(ready, self._tokens.ready_at(cost, now))
+        if ready - now > _EPSILON:
+            return _CLIENT, ready
+        if lane.in_flight >= lane.allowed():
+            return _LANE, None
+        if lane.control is not None:
+            ready = max(ready, lane.control.ready_at())
+        if lane.requests is not None:
+            ready = max(ready, lane.requests.ready_at(1, now))
+        if cost and lane.tokens is not None:
+            ready = max(ready, lane.tokens.ready_at(cost, now))
+        if ready - now > _EPSILON:
+            return _LANE, ready
+        return None, None
+
+    def _grant(self, lane: _Lane, cost: int, now: float) -> _Permit:
+        self._in_flight += 1
+        lane.in_flight += 1
+        for bucket in (self._requests, lane.requests):
+            if bucket is not None:
+                bucket.take(1, now)
+        if cost:
+            for bucket in (self._tokens, lane.tokens):
+                if bucket is not None:
+                    bucket.take(cost, now)
+        if lane.control is not None:
+            lane.control.on_admit(now)
+            lane.demand_changed(now)
+        return _Permit(lane, cost)
+
+    def _dispatch(self, now: float) -> Optional[float]:
+        """Admit every waiter that may go now, oldest first; return when to look again
+        (``None``: not before a release). Wakes the oldest remaining waiter, which keeps time
+        for everyone."""
+        if self._closed:
+            return None
+        next_check: Optional[float] = None
+        blocked_lanes: set[int] = set()
+        for waiter in list(self._queue):
+            lane = waiter.lane
+            if id(lane) in blocked_lanes:
+                continue  # an older call of this model is still waiting
+            scope, ready = self._blocked(lane, waiter.cost, now)
+            if ready is not None:
+                next_check = ready if next_check is None else min(next_check, ready)
+            if scope is None:
+                self._queue.remove(waiter)
+                lane.waiting -= 1
+                waiter.permit = self._grant(lane, waiter.cost, now)
+                waiter.cond.notify()
+            elif scope is _CLIENT:
+                break
+            else:
+                blocked_lanes.add(id(lane))
+        if self._queue:
+            self._queue[0].cond.notify()
+        return next_check
+
+    def _wait(self, waiter: _Waiter, request: RequestInfo, deadline: Optional[float],
+              timeout: Optional[float]) -> _Permit:
+        while True:
+            now = self.clock.monotonic()
+            next_check = self._dispatch(now)
+            if waiter.permit is not None:  # admitted by this dispatch or an earlier one
+                return waiter.permit
+            if self._closed:
+                raise RuntimeError("the limiter was closed while this attempt waited")
+            if deadline is not None and now >= deadline:
+                raise self._timeout_error(request, timeout)
+            wake = deadline
+            if next_check is not None and self._queue[0] is waiter:  # the timekeeper
+                wake = next_check if wake is None else min(wake, next_check)
+            if self._settle():  # deferred releases changed the picture: look again first
+                self._mutating = True
+                continue
+            try:
+                if wake is None:
+                    waiter.cond.wait(_MAX_WAIT_S)
+                elif self._real_time:
+                    waiter.cond.wait(min(_MAX_WAIT_S, max(0.0, wake - now)))
+                else:
+                    self._lock.release()
+                    try:
+                        self.clock.sleep(max(0.0, wake - now))
+                    finally:
+                        self._lock.acquire()
+            finally:
+                self._mutating = True
+
+    def _timeout_error(self, request: RequestInfo, timeout: Optional[float]) -> RateLimitError:
+        lane = self._lanes.get(request.model)
+        learned = ""
+        if lane is not None and lane.control is not None:
+            learned = f", allowed concurrency {lane.allowed()}"
+            if lane.control.rate_per_s is not None:
+                learned += f", send rate {lane.control.rate_per_s:.2f}/s"
+        return RateLimitError(
+            f"the limiter did not admit {request.method} {request.route} "
+            f"model={request.model or '-'} within acquire_timeout={timeout:g} s "
+            f"({self._in_flight} in flight, {len(self._queue)} waiting{learned})",
+            status_code=429)
+
+    def _release(self, permit: _Permit, result: AttemptResult) -> None:
+        if permit.released:
+            logger.debug("permit released twice: %r", permit)
+            return
+        permit.released = True
+        now = self.clock.monotonic()
+        lane = permit.lane
+        self._in_flight -= 1
+        lane.in_flight -= 1
+        if self._count_tokens:
+            self._settle_tokens(permit, result, now)
+        if lane.control is not None:
+            lane.control.on_result(result, now, self.clock.time)
+            lane.demand_changed(now)
+        if self._queue:
+            self._dispatch(now)
+
+    def _settle(self) -> bool:
+        """End a change of state: apply the releases deferred meanwhile, then mark the state
+        consistent (a finalizer may now release directly). Whether any was applied."""
+        applied = bool(self._deferred)
+        while self._deferred:
+            self._release(*self._deferred.popleft())
+        self._mutating = False
+        return applied
+
+    def _settle_tokens(self, permit: _Permit, result: AttemptResult, now: float) -> None:
+        """Replace the estimate with the usage the server reported; refund a refused call."""
+        if result.input_tokens is not None or result.output_tokens is not None:
+            refund = permit.cost - (result.input_tokens or 0) - (result.output_tokens or 0)
+        elif result.status_code is not None and result.status_code >= 400:
+            refund = permit.cost
+        else:
+            return
+        for bucket in (self._tokens, permit.lane.tokens):
+            if bucket is not None:
+                bucket.give(refund, now)
+
+
+# -------------------------------------------------------------------------------------------
+# Hooks
+# -------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def cometkit_plugin_spec() -> PluginSpec:
+    """The ``limiter`` section; on by default."""
+    return PluginSpec(options=OPTIONS, enabled_by_default=True,
+                      summary="in-process admission control: concurrency, requests/tokens per "
+                              "minute, adaptive")
+
+
+@hookimpl(trylast=True)
+def cometkit_make_limiter(ctx: ClientContext) -> AdmissionLimiter:
+    """The client's limiter, from ``plugins.limiter`` and the client's concurrency."""
+    return AdmissionLimiter.from_options(ctx.options(PLUGIN_NAME), concurrency=ctx.concurrency,
+                                         clock=ctx.clock)
