@@ -128,6 +128,7 @@ def _plugin_block(name: str) -> Callable[[], str]:
 DOC_BLOCKS = [
     ("docs/configuration.md", "core-options", _core_block),
     ("docs/plugins/backoff.md", "backoff-options", _plugin_block("backoff")),
+    ("docs/plugins/limiter.md", "limiter-options", _plugin_block("limiter")),
     ("docs/metrics.md", "csv-metrics-options", _plugin_block("csv_metrics")),
     ("docs/metrics.md", "stdout-metrics-options", _plugin_block("stdout_metrics")),
     ("docs/metrics.md", "prometheus-metrics-options", _plugin_block("prometheus_metrics")),
