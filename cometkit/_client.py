@@ -14,7 +14,7 @@ import os
 import random
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 from urllib.parse import urlsplit
 
@@ -188,30 +188,42 @@ class Client:
     ) -> Iterator[Union[R, BaseException]]:
         """Run ``fn(item)`` on the worker pool; yield results in input order.
 
-        At most ``max_in_flight`` items (default twice the concurrency) are submitted ahead of
-        the consumer, so a huge iterator never fills memory. With ``return_exceptions`` an
-        item's exception is yielded in its place instead of raised.
+        At most ``max_in_flight`` items (default twice the concurrency) run or wait in the pool
+        at a time, and at most eight times that many finished results wait for the consumer,
+        so a huge iterator never fills memory. One slow item (a call sleeping before a retry)
+        does not stall the pool: later items keep being submitted while it runs. With
+        ``return_exceptions`` an item's exception is yielded in its place instead of raised.
         """
         window = max_in_flight or 2 * self.concurrency
+        buffered_max = 8 * window
         items = iter(iterable)
         pending: deque[Future[R]] = deque()
+        exhausted = False
 
         def refill() -> None:
-            while len(pending) < window:
+            nonlocal exhausted
+            running = sum(1 for future in pending if not future.done())
+            while not exhausted and running < window and len(pending) < buffered_max:
                 try:
                     item = next(items)
                 except StopIteration:
+                    exhausted = True
                     return
                 pending.append(self._executor.submit(fn, item))
+                running += 1
 
         refill()
 
         def results() -> Iterator[Union[R, BaseException]]:
             try:
                 while pending:
-                    future = pending.popleft()
+                    head = pending[0]
+                    while not head.done():
+                        refill()
+                        wait([f for f in pending if not f.done()], return_when=FIRST_COMPLETED)
+                    pending.popleft()
                     try:
-                        value: Union[R, BaseException] = future.result()
+                        value: Union[R, BaseException] = head.result()
                     except Exception as exc:
                         if not return_exceptions:
                             raise

@@ -316,7 +316,7 @@ class TestPool:
             results = client.map(lambda i: i * 2, items())
             first = next(results)
             assert first == 0
-            assert len(consumed) <= 2 * 4 + 1
+            assert len(consumed) <= 8 * (2 * 4) + 1  # finished results wait, boundedly
             rest = list(results)
         assert [first, *rest] == [i * 2 for i in range(200)]
 
@@ -361,3 +361,28 @@ class TestPool:
         assert srv.count == 320
         assert limiter.released == 320 and limiter.held == 0
         assert client.stats["calls"] == 320 and client.stats["attempts"] == 320
+
+
+class TestMapDoesNotStall:
+    def test_a_slow_item_does_not_stop_later_items(self, server, no_plugins):
+        release = threading.Event()
+        finished = []
+
+        def fn(i):
+            if i == 0:
+                assert release.wait(10)
+            finished.append(i)
+            return i
+
+        with make_client(server, concurrency=2) as client:
+            out = []
+            consumer = threading.Thread(
+                target=lambda: out.extend(client.map(fn, range(30), max_in_flight=2)))
+            consumer.start()
+            # the consumer waits for item 0; later items still run (well past the window of
+            # 2), up to the bound on finished results waiting for it (8 x window)
+            assert wait_until(lambda: len(finished) >= 15)
+            assert len(finished) <= 16
+            release.set()
+            consumer.join(timeout=10)
+            assert out == list(range(30))

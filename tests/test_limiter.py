@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import random
 import threading
 import time
 from pathlib import Path
@@ -201,6 +202,53 @@ def test_concurrency_cap_holds_under_many_threads(adaptive):
     assert errors == []
     assert seen_max[0] == 3
     assert lim.stats()["in_flight"] == 0 and lim.stats()["waiting"] == 0
+
+
+def test_mixed_models_timeouts_and_429s_under_threads_keep_every_count_right():
+    lim = AdmissionLimiter(max_concurrency=4, requests_per_minute=60000, tokens_per_minute=6e6,
+                           models={"a": {"max_concurrency": 2}})
+    lock = threading.Lock()
+    in_flight = {"all": 0, "a": 0}
+    peak = {"all": 0, "a": 0}
+    admitted = [0]
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(20):
+            model = rng.choice(["a", "b", None])
+            req = RequestInfo("ck", "chat", "POST", "/chat/completions", model,
+                              json={"messages": [{"content": "x" * rng.randint(0, 400)}]})
+            try:
+                permit = lim.acquire(req, rng.choice([JOIN_S, 0.0]))
+            except RateLimitError:
+                continue
+            with lock:
+                admitted[0] += 1
+                for key in ("all", model):
+                    if key in in_flight:
+                        in_flight[key] += 1
+                        peak[key] = max(peak[key], in_flight[key])
+            time.sleep(rng.random() * 0.001)
+            with lock:
+                for key in ("all", model):
+                    if key in in_flight:
+                        in_flight[key] -= 1
+            status = rng.choice([200] * 12 + [429, 503, None])
+            lim.release(permit, result(req, status, started_at=time.monotonic(),
+                                       duration_s=0.001, input_tokens=rng.choice([None, 9]),
+                                       headers={"retry-after-ms": "1"} if status == 429
+                                       else None))
+
+    threads = [start(worker, i) for i in range(12)]
+    for thread in threads:
+        thread.join(JOIN_S * 3)
+    assert not any(thread.is_alive() for thread in threads)
+    assert admitted[0] > 0
+    assert peak["all"] <= 4 and peak["a"] <= 2
+    stats = lim.stats()
+    assert stats["in_flight"] == 0 and stats["waiting"] == 0
+    assert all(entry["in_flight"] == 0 and entry["waiting"] == 0
+               for entry in stats["models"].values())
 
 
 def test_waiters_are_admitted_in_arrival_order():
