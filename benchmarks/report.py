@@ -1,0 +1,156 @@
+"""The results table, the targets met or missed, and the machine they were measured on."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from importlib import metadata
+from typing import Any, Iterable, Optional, Sequence
+
+from .runner import Check, Row
+
+__all__ = ["machine", "table", "checks", "results_markdown"]
+
+#: Libraries whose versions are part of a result (absent ones are skipped).
+LIBRARIES = ("cometkit", "requests", "urllib3", "pluggy", "openai", "httpx", "httpx2",
+             "httpcore", "httpcore2", "pydantic")
+
+COLUMNS = ("Benchmark", "Client", "Calls", "Threads", "Failed", "Wall s", "Calls/s",
+           "x ideal", "CPU ms/call", "CPU x requests", "Attempts", "429s", "Conns",
+           "Peak RSS MB")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gb() -> Optional[float]:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024 / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def machine() -> dict:
+    """Where the numbers come from: CPU, cores, memory, Python, OS and library versions."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = f"{os.cpu_count()}" + (f" ({usable} usable)" if usable != os.cpu_count() else "")
+    memory = _memory_gb()
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "Date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "CPU": _cpu_model(),
+        "Cores": cores,
+        "Memory": f"{memory:.1f} GB" if memory else "unknown",
+        "Python": f"{platform.python_implementation()} {platform.python_version()}",
+        "OS": platform.platform(),
+        "Libraries": ", ".join(versions),
+    }
+
+
+def _number(value: Optional[float], digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _failed(row: Row) -> str:
+    if not row.errors:
+        return str(row.failed)
+    kinds = ", ".join(f"{name} {count}" for name, count in sorted(row.errors.items()))
+    return f"{row.failed} ({kinds})"
+
+
+def _baseline(row: Row, rows: Sequence[Row]) -> Optional[Row]:
+    """The raw ``requests`` row of the same benchmark and thread count."""
+    for other in rows:
+        if other.baseline and other.bench == row.bench and other.threads == row.threads:
+            return other
+    return None
+
+
+def _cells(row: Row, rows: Sequence[Row]) -> list:
+    base = _baseline(row, rows)
+    ratio = None
+    if base is not None and row.cpu_ms_per_call is not None and base.cpu_ms_per_call:
+        ratio = row.cpu_ms_per_call / base.cpu_ms_per_call
+    return [row.bench, row.client, str(row.calls), str(row.threads), _failed(row),
+            _number(row.wall_s, 2), _number(row.calls_per_s, 1), _number(row.vs_ideal, 2),
+            _number(row.cpu_ms_per_call, 3), _number(ratio, 2),
+            "" if row.attempts is None else str(row.attempts),
+            "" if row.rate_limited is None else str(row.rate_limited),
+            "" if row.connections is None else str(row.connections),
+            _number(row.rss_mb, 1)]
+
+
+def _markdown(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+    """A Markdown table padded to line up in a terminal too."""
+    lines = [list(header), *[list(cells) for cells in body]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    numeric = [i >= 2 and i != 4 for i in range(len(header))]
+
+    def render(cells: Sequence[str]) -> str:
+        padded = (cell.rjust(w) if num else cell.ljust(w)
+                  for cell, w, num in zip(cells, widths, numeric))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                          for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([render(lines[0]), rule, *(render(line) for line in lines[1:])])
+
+
+def table(rows: Sequence[Row]) -> str:
+    """One table for every benchmark; ratios are against raw ``requests`` in the same run."""
+    return _markdown(COLUMNS, (_cells(row, rows) for row in rows))
+
+
+def checks(results: Sequence[Check]) -> str:
+    """The issue's targets, one line each: met, missed, or for information."""
+    marks = {True: "met", False: "MISSED", None: "info"}
+    return "\n".join(f"- {marks[c.passed]} [{c.bench}] {c.target}: {c.measured}"
+                     for c in results)
+
+
+def results_markdown(rows: Sequence[Row], results: Sequence[Check], *, command: str,
+                     host: dict, elapsed_s: float) -> str:
+    """The whole of ``benchmarks/RESULTS.md``."""
+    facts = "\n".join(f"| {key} | {value} |" for key, value in host.items())
+    missed = sum(1 for c in results if c.passed is False)
+    verdict = (f"**{missed} target(s) missed.**" if missed else "All targets met.")
+    parts: list[Any] = [
+        "# Benchmark results",
+        "",
+        f"Latest run of `{command}` ({elapsed_s / 60:.1f} min). How to run it and how to read "
+        "the columns: [README.md](README.md).",
+        "",
+        "| Machine | |",
+        "|---|---|",
+        facts,
+        "",
+        "## Results",
+        "",
+        table(rows),
+        "",
+        "## Targets",
+        "",
+        verdict,
+        "",
+        checks(results),
+        "",
+    ]
+    return "\n".join(parts)
