@@ -21,12 +21,12 @@ from urllib.parse import urlsplit
 import requests
 
 from ._engine import CallEngine, Sent, new_request_id, usage_tokens
-from ._exceptions import APIError, ConfigError, make_status_error
+from ._exceptions import APIConnectionError, APIError, ConfigError, make_status_error
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
 from ._streaming import Stream
-from ._transport import DEFAULT_BASE_URL, Transport, check_base_url, connection_error
+from ._transport import DEFAULT_BASE_URL, Transport, check_base_url, connection_error, read_body
 from .config import load_config
 from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
@@ -292,7 +292,7 @@ class Client:
                 if response.status_code < 300 and stream:
                     sent.held = True
                     return sent
-                content = response.content  # reads (and may fail on) the body
+                content = read_body(response)
                 if response.status_code >= 300:
                     error = make_status_error(response.status_code, content, response.headers,
                                               response=response, method=method, route=route,
@@ -308,6 +308,9 @@ class Client:
                 result.error, result.error_stage = mapped, mapped.stage
                 if sent.response is not None:
                     sent.response.close()
+            except APIConnectionError as exc:  # a body cut short
+                result.error, result.error_stage = exc, exc.stage
+                sent.response.close()
             except APIError as exc:  # a success status with an undecodable body
                 result.error = exc
             return sent

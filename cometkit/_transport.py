@@ -24,7 +24,7 @@ from urllib3.util.retry import Retry
 from ._exceptions import APIConnectionError, APITimeoutError, ConfigError
 from ._version import __version__
 
-__all__ = ["Transport", "connection_error", "DEFAULT_BASE_URL"]
+__all__ = ["Transport", "connection_error", "read_body", "DEFAULT_BASE_URL"]
 
 logger = logging.getLogger("cometkit.transport")
 
@@ -81,6 +81,22 @@ def connection_error(exc: BaseException) -> APIConnectionError:
     if isinstance(reason, NewConnectionError) or isinstance(exc, requests.exceptions.SSLError):
         return APIConnectionError(f"Could not connect: {exc}", stage="connect")
     return APIConnectionError(f"Connection broken: {exc}", stage="read")
+
+
+def read_body(response: requests.Response) -> bytes:
+    """The whole body, or ``APIConnectionError(stage="read")`` when it arrived cut short.
+
+    urllib3 2 refuses a body shorter than its Content-Length by itself; urllib3 1.26 does not
+    by default, so the length is checked here for both.
+    """
+    content = response.content
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and "Content-Encoding" not in response.headers \
+            and len(content) < int(declared):
+        raise APIConnectionError(
+            f"Connection broken: the body ended after {len(content)} of {declared} bytes",
+            stage="read")
+    return content
 
 
 class Transport:
