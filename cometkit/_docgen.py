@@ -133,6 +133,7 @@ DOC_BLOCKS = [
     ("docs/metrics.md", "stdout-metrics-options", _plugin_block("stdout_metrics")),
     ("docs/metrics.md", "prometheus-metrics-options", _plugin_block("prometheus_metrics")),
     ("docs/metrics.md", "otel-metrics-options", _plugin_block("otel_metrics")),
+    ("docs/deployment.md", "redis-limiter-options", _plugin_block("redis_limiter")),
 ]
 
 

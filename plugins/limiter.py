@@ -41,11 +41,21 @@ from cometkit import (
 )
 from cometkit.options import validate_section
 
-from ._limiter_adaptive import AdaptiveControl
+from ._limiter_adaptive import (
+    CONCURRENCY_BACKOFF,
+    DEFAULT_HOLD_S,
+    INITIAL_LIMIT,
+    MAX_HOLD_S,
+    AdaptiveControl,
+)
 from ._limiter_buckets import TokenBucket
 
 __all__ = [
     "AdmissionLimiter",
+    "CONCURRENCY_BACKOFF",
+    "DEFAULT_HOLD_S",
+    "INITIAL_LIMIT",
+    "MAX_HOLD_S",
     "OPTIONS",
     "estimate_tokens",
     "cometkit_plugin_spec",

@@ -6,6 +6,8 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
+
 from cometkit import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,3 +58,15 @@ def test_generated_reference_tables_are_up_to_date():
         assert block is not None, f"{relative}: markers for {name} missing"
         assert block == render().strip() + "\n", (
             f"{relative}: {name} is stale; run python -m cometkit._docgen")
+
+
+def test_mkdocs_strict_build_passes(tmp_path):
+    pytest.importorskip("mkdocs")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q",
+                           "-f", str(ROOT / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "site" / "index.html").exists()

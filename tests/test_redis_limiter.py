@@ -1,0 +1,422 @@
+"""The ``redis_limiter`` against a real ``redis-server``: fleets of worker processes sharing one
+limit through it, a killed process's slots coming back, a 429 pausing the others, and what
+happens when Redis is not there. Counts come from the sandbox, which saw every attempt, and
+from Redis itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from redis_server import REDIS_SERVER, RedisServer, free_port
+from scripted_server import wait_until
+
+import cometkit
+from cometkit import AttemptResult, RateLimitError, RequestInfo
+from cometkit.sandbox import Sandbox, SandboxProcess
+from cometkit_plugins.redis_limiter import (
+    CONCURRENCY_BACKOFF,
+    DEFAULT_URL,
+    INITIAL_LIMIT,
+    RedisLimiter,
+)
+
+redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install "
+                                            "'cometkit[redis]'")
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(REDIS_SERVER is None,
+                       reason="redis-server is not on PATH (.ci/run installs Debian's "
+                              "redis-server; apt-get install redis-server)"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "redis_worker.py"
+KEY = "sk-test-redis-limiter-7f3a9c"
+MESSAGES = [{"role": "user", "content": "hi"}]
+REQUEST = RequestInfo("ck-test", "chat", "POST", "/chat/completions", model="m1")
+
+
+def fingerprint(key: str = KEY) -> str:
+    with cometkit.Client(key, "http://127.0.0.1:9/v1", config={"plugins": {}}) as client:
+        return client.context.api_key_fingerprint
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[Any]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def live_leases(rdb: Any, key: str) -> int:
+    """Members of a lease set that have not expired, in Redis' time."""
+    seconds, micros = rdb.time()
+    return rdb.zcount(key, seconds * 1000 + micros / 1000, "+inf")
+
+
+def result(status: int, **kwargs: Any) -> AttemptResult:
+    return AttemptResult(REQUEST, 1, status_code=status, **kwargs)
+
+
+# -- worker processes ----------------------------------------------------------------------
+
+
+def spawn(spec: dict, **popen: Any) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], text=True,
+                            **popen)
+
+
+def report_of(process: subprocess.Popen, timeout_s: float = 45.0) -> dict:
+    out, err = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_fleet(spec: dict, processes: int) -> list[dict]:
+    """Start ``processes`` workers, wait until every one is ready, start them together."""
+    fleet = [spawn({**spec, "wait_for_go": True}, stdin=subprocess.PIPE,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(processes)]
+    try:
+        for process in fleet:
+            line = process.stdout.readline()
+            assert line.strip() == "ready", process.stderr.read()
+        for process in fleet:
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        return [report_of(process) for process in fleet]
+    finally:
+        for process in fleet:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+def run_worker(spec: dict) -> dict:
+    return report_of(spawn(spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+
+
+# -- a fleet sharing one limit ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_four_processes_never_exceed_the_fleets_max_concurrency_and_use_all_of_it(redis_url):
+    latency_s, slots, calls = 0.1, 6, 30
+    with SandboxProcess(latency_s=latency_s) as sandbox:
+        reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 8,
+                             "calls": calls,
+                             "plugins": {"redis_limiter": {"url": redis_url,
+                                                           "max_concurrency": slots}}}, 4)
+        stats = sandbox.stats()
+    assert [r["errors"] for r in reports] == [[]] * 4
+    assert stats["attempts"] == 4 * calls
+    # 32 threads, but never more than 6 requests in flight across the 4 processes ...
+    assert stats["max_in_flight_seen"] <= slots
+    # ... and the 6 slots are used: at least half of what 6 slots allow (6 / latency per s).
+    span_s = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    assert 4 * calls / span_s >= 0.5 * slots / latency_s, span_s
+
+
+@pytest.mark.slow
+def test_the_slots_of_a_killed_process_come_back_within_lease_ttl(redis_url, rdb):
+    lease_ttl, slots = 2.0, 6
+    options = {"url": redis_url, "max_concurrency": slots, "lease_ttl": lease_ttl,
+               "adaptive": False}
+    slots_key = f"cometkit:{fingerprint()}:all:slots"
+    with SandboxProcess(latency_s=30) as slow, Sandbox(latency_s=0.1) as fast:
+        holder = spawn({"key": KEY, "base_url": slow.base_url, "threads": slots, "calls": slots,
+                        "plugins": {"redis_limiter": options, "backoff": False}},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert wait_until(lambda: live_leases(rdb, slots_key) == slots, 20)
+            # A running attempt keeps its slot past lease_ttl: the holder renews its leases.
+            time.sleep(1.5 * lease_ttl)
+            assert live_leases(rdb, slots_key) == slots
+            other = RedisLimiter(url=redis_url, namespace=fingerprint(), **{
+                k: v for k, v in options.items() if k != "url"})
+            with pytest.raises(RateLimitError, match="shared concurrency slot"):
+                other.acquire(REQUEST, 0.3)
+            other.close()
+
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+            killed_at = time.monotonic()
+            with cometkit.Client(KEY, fast.base_url, concurrency=slots,
+                                 config={"plugins": {"redis_limiter": options}}) as client:
+                results = list(client.map(
+                    lambda _: client.chat.completions.create(model="m1", messages=MESSAGES),
+                    range(4 * slots), return_exceptions=True))
+            regained_after_s = time.monotonic() - killed_at
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(10)
+        stats = fast.stats()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert stats["max_in_flight_seen"] == slots  # every slot of the dead process came back
+    # Waiting out the leases (at most lease_ttl) plus 4 rounds of 0.1 s calls, with slack.
+    assert regained_after_s < lease_ttl + 3.0
+
+
+@pytest.mark.slow
+def test_a_shared_requests_per_minute_keeps_the_fleets_429s_near_zero(redis_url):
+    """The sandbox allows 40 requests/s per model; 32 threads could send 1600/s."""
+    rpm, calls = 2400, 40
+    with SandboxProcess(rpm=rpm, latency_s=0.02) as sandbox:
+        reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 8,
+                             "calls": calls,
+                             "plugins": {"redis_limiter": {"url": redis_url,
+                                                           "requests_per_minute": rpm}}}, 4)
+        stats = sandbox.stats()
+    assert [r["errors"] for r in reports] == [[]] * 4
+    assert stats["attempts_by_status"].get(200) == 4 * calls
+    assert stats["attempts_by_status"].get(429, 0) <= 0.02 * 4 * calls, stats
+
+
+@pytest.mark.slow
+def test_a_429_in_one_process_holds_admissions_in_the_others(redis_url, rdb):
+    hold_s = 5
+    hold_key = f"cometkit:{fingerprint()}:model:m1:hold"
+    control_key = f"cometkit:{fingerprint()}:model:m1:control"
+    options = {"url": redis_url}
+    with Sandbox(always_429=True, retry_after_value_s=hold_s) as refusing, Sandbox() as fine:
+        with cometkit.Client(KEY, refusing.base_url, config={
+                "plugins": {"redis_limiter": options, "backoff": False}}) as client:
+            assert "redis_limiter" in client.plugins
+            with pytest.raises(RateLimitError):
+                client.chat.completions.create(model="m1", messages=MESSAGES)
+        assert rdb.pttl(hold_key) > 1000 * (hold_s - 1)
+        assert float(rdb.hget(control_key, "limit")) == pytest.approx(
+            INITIAL_LIMIT * CONCURRENCY_BACKOFF)
+
+        # Another process, another server, the same key and model: held back.
+        held = run_worker({"key": KEY, "base_url": fine.base_url, "threads": 1, "calls": 1,
+                           "plugins": {"redis_limiter": {**options, "acquire_timeout": 0.5},
+                                       "backoff": False}})
+        assert rdb.pttl(hold_key) > 0, "the hold ended before the worker asked: inconclusive"
+        assert held["ok"] == 0
+        assert "shared hold" in held["errors"][0], held
+        assert fine.stats()["attempts"] == 0
+
+        # Once the hold is over it goes out.
+        later = run_worker({"key": KEY, "base_url": fine.base_url, "threads": 1, "calls": 1,
+                            "plugins": {"redis_limiter": options}})
+        assert later["ok"] == 1, later
+        assert fine.stats()["attempts"] == 1
+
+
+# -- the shared state, process by process ---------------------------------------------------
+
+
+def test_one_burst_of_429s_cuts_the_shared_limit_once_and_successes_grow_it(redis_url):
+    one, two = (RedisLimiter(url=redis_url, namespace="ns", max_concurrency=8)
+                for _ in range(2))
+    quick = {"retry-after-ms": "20"}
+    try:
+        permits = [(one, one.acquire(REQUEST, 1)) for _ in range(2)]
+        permits += [(two, two.acquire(REQUEST, 1)) for _ in range(2)]
+        with pytest.raises(RateLimitError):  # the initial shared limit is 4 (slow start)
+            two.acquire(REQUEST, 0.1)
+        for limiter, permit in permits:  # one burst: four 429s, one cut
+            limiter.release(permit, result(429, headers=quick))
+        assert one.stats()["models"]["m1"]["limit"] == 2  # 4 * 0.7
+        assert two.stats()["models"]["m1"]["limit"] == 2
+
+        permit = two.acquire(REQUEST, 1)  # admitted after the cut: its 429 is news
+        two.release(permit, result(429, headers=quick))
+        assert one.stats()["models"]["m1"]["limit"] == 1  # 2.8 * 0.7
+
+        for _ in range(2):  # a window of successes (as many as the limit) adds one
+            permit = one.acquire(REQUEST, 1)
+            one.release(permit, result(200))
+        assert two.stats()["models"]["m1"]["limit"] == 2
+        assert one.stats()["in_flight"] == 0
+    finally:
+        one.close()
+        two.close()
+
+
+def test_tokens_are_charged_once_with_a_weight_and_corrected_from_usage(redis_url, rdb):
+    limiter = RedisLimiter(url=redis_url, namespace="ns", max_concurrency=4,
+                           tokens_per_minute=600, adaptive=False)  # 9.8 tokens/s, bucket 9.8
+    big = RequestInfo("ck-big", "chat", "POST", "/chat/completions", model="m1",
+                      json={"messages": MESSAGES, "max_tokens": 100})
+    small = RequestInfo("ck-small", "chat", "POST", "/chat/completions", model="m1",
+                        json={"messages": MESSAGES, "max_tokens": 1})
+    try:
+        permit = limiter.acquire(big, 1)  # more than the bucket: admitted, leaves a debt
+        with pytest.raises(RateLimitError, match="shared rate limit"):
+            limiter.acquire(small, 0.2)
+        # One key per limit, whatever the weight: not one entry per token.
+        assert sorted(rdb.keys("*")) == ["cometkit:ns:all:slots", "cometkit:ns:all:tpm"]
+        # The answer used 2 tokens, not 101: the debt is given back.
+        limiter.release(permit, AttemptResult(big, 1, status_code=200, input_tokens=1,
+                                              output_tokens=1))
+        limiter.release(limiter.acquire(small, 0.2), result(200))
+    finally:
+        limiter.close()
+
+
+def test_keys_are_namespaced_by_a_hash_of_the_api_key_and_never_contain_it(redis_url, rdb):
+    config = {"plugins": {"redis_limiter": {
+        "url": redis_url, "key_prefix": "ck-test", "requests_per_minute": 6000,
+        "tokens_per_minute": 600000, "models": {"m2": {"requests_per_minute": 3000,
+                                                       "tokens_per_minute": 300000}}}}}
+    with Sandbox() as sandbox, cometkit.Client(KEY, sandbox.base_url, concurrency=4,
+                                               config=config) as client:
+        list(client.map(lambda i: client.chat.completions.create(
+            model=("m1", "m2")[i % 2], messages=MESSAGES), range(8)))
+        namespace = client.context.api_key_fingerprint
+    keys = rdb.keys("*")
+    assert len(namespace) == 16 and namespace not in KEY
+    assert keys and all(k.startswith(f"ck-test:{namespace}:") for k in keys), keys
+    assert {k for k in keys if k.endswith("rpm")} == {
+        f"ck-test:{namespace}:all:rpm", f"ck-test:{namespace}:model:m2:rpm"}
+    stored = []
+    for key in keys:
+        kind = rdb.type(key)
+        if kind == "string":
+            stored.append(rdb.get(key))
+        elif kind == "zset":
+            stored.extend(rdb.zrange(key, 0, -1))
+        elif kind == "hash":
+            stored.extend(f"{k}={v}" for k, v in rdb.hgetall(key).items())
+    assert not any(KEY in text or "sk-" in text for text in keys + stored)
+
+
+# -- when Redis is not there -----------------------------------------------------------------
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"redis://:hunter2@127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+@contextmanager
+def refusing_server() -> Iterator[str]:
+    yield f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+
+
+def run_calls(base_url: str, options: dict, calls: int, threads: int) -> list[Any]:
+    with cometkit.Client(KEY, base_url, concurrency=threads,
+                         config={"plugins": {"redis_limiter": options}}) as client:
+        return list(client.map(
+            lambda _: client.chat.completions.create(model="m1", messages=MESSAGES),
+            range(calls), return_exceptions=True))
+
+
+@pytest.mark.parametrize("dead_redis", [refusing_server, silent_server])
+def test_without_redis_the_local_limiter_takes_over_with_one_warning(dead_redis, caplog):
+    caplog.set_level(logging.WARNING, logger="cometkit.redis_limiter")
+    with dead_redis() as url, Sandbox(latency_s=0.05) as sandbox:
+        started = time.monotonic()
+        results = run_calls(sandbox.base_url, {"url": url, "max_concurrency": 2,
+                                               "socket_timeout": 0.2}, calls=12, threads=6)
+        elapsed_s = time.monotonic() - started
+        stats = sandbox.stats()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert stats["max_in_flight_seen"] <= 2  # the in-process limiter applies the options
+    warnings = [r for r in caplog.records if r.name == "cometkit.redis_limiter"]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+    assert "hunter2" not in caplog.text
+    # Never hung on the dead Redis: a few socket timeouts at most, then local admission.
+    assert elapsed_s < 10
+
+
+def test_fail_open_admits_without_limits_when_redis_is_unreachable():
+    with refusing_server() as url, Sandbox(latency_s=0.1) as sandbox:
+        results = run_calls(sandbox.base_url, {"url": url, "max_concurrency": 1,
+                                               "on_redis_error": "fail_open"},
+                            calls=8, threads=4)
+        stats = sandbox.stats()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert stats["max_in_flight_seen"] > 1
+
+
+def test_fail_closed_refuses_when_redis_is_unreachable():
+    with refusing_server() as url, Sandbox() as sandbox:
+        results = run_calls(sandbox.base_url, {"url": url, "on_redis_error": "fail_closed"},
+                            calls=3, threads=1)
+        attempts = sandbox.stats()["attempts"]
+    assert all(isinstance(r, RateLimitError) and "fail_closed" in str(r) for r in results)
+    assert "hunter2" not in str(results[0])
+    assert attempts == 0
+
+
+def test_it_goes_back_to_redis_once_redis_answers_again():
+    port = free_port()
+    limiter = RedisLimiter(url=f"redis://127.0.0.1:{port}/0", namespace="ns",
+                           max_concurrency=2, reconnect_interval_s=0.1)
+    try:
+        permit = limiter.acquire(REQUEST, 1)
+        assert limiter.stats()["backend"] == "local"
+        limiter.release(permit, result(200))
+        with RedisServer(port=port) as server:
+            backend = "local"
+            for _ in range(50):  # bounded: a few reconnect intervals are enough
+                time.sleep(0.1)
+                permit = limiter.acquire(REQUEST, 1)
+                backend = limiter.stats()["backend"]
+                if backend == "redis":
+                    break
+                limiter.release(permit, result(200))
+            assert backend == "redis"
+            client = redis.Redis.from_url(server.url)
+            assert client.zcard("cometkit:ns:all:slots") == 1
+            limiter.release(permit, result(200))
+            assert client.zcard("cometkit:ns:all:slots") == 0
+            client.close()
+    finally:
+        limiter.close()
+
+
+def test_a_null_url_means_redis_url_from_the_environment(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://redis.example.invalid:6380/2")
+    assert RedisLimiter(max_concurrency=1).url == "redis://redis.example.invalid:6380/2"
+    monkeypatch.setenv("REDIS_URL", "")
+    assert RedisLimiter(max_concurrency=1).url == DEFAULT_URL
+    assert RedisLimiter(max_concurrency=1, url="redis://other:1/0").url == "redis://other:1/0"
+
+
+# -- the example -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_shared_limit_example_runs_a_fleet_under_one_limit(redis_url):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "shared_limit.py"), "--redis-url", redis_url,
+         "--workers", "3", "--threads", "4", "--calls", "12", "--max-concurrency", "4",
+         "--latency", "0.05", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["ok"] == 36 and summary["failed"] == 0, summary
+    assert 1 <= summary["max_in_flight_seen"] <= 4
