@@ -316,14 +316,12 @@ def test_a_stream_broken_midway_ends_in_the_typed_error_and_frees_its_slot(kind,
 # -------------------------------------------------------------------------------------------
 
 THREADS = 64
-# The issue asks for 64 threads x 1000 calls. Measured on the 2-core development machine that
-# takes ~42 s even with the sandbox in its own process (~50 s in-process), so this runs 300
-# calls per thread (19,200 calls): the same contention, a third of the time.
-CALLS_PER_THREAD = 300
+# 64 threads x 1000 calls, as the issue asks: ~45-50 s on a 2-core machine, the longest test.
+CALLS_PER_THREAD = 1000
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_64_threads_on_one_client_write_one_whole_row_and_line_per_attempt(tmp_path, capsys):
     csv_path = tmp_path / "attempts.csv"
     config = {
