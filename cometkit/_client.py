@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from ._engine import CallEngine, Sent, new_request_id, usage_tokens
 from ._exceptions import APIConnectionError, APIError, ConfigError, make_status_error
@@ -26,7 +27,14 @@ from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
 from ._streaming import Stream
-from ._transport import DEFAULT_BASE_URL, Transport, check_base_url, connection_error, read_body
+from ._transport import (
+    DEFAULT_BASE_URL,
+    Answer,
+    Transport,
+    check_base_url,
+    connection_error,
+    read_body,
+)
 from .config import load_config
 from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
@@ -294,8 +302,9 @@ class Client:
                     return sent
                 content = read_body(response)
                 if response.status_code >= 300:
+                    full = response.as_response() if isinstance(response, Answer) else response
                     error = make_status_error(response.status_code, content, response.headers,
-                                              response=response, method=method, route=route,
+                                              response=full, method=method, route=route,
                                               secret=api_key)
                     result.error, result.error_code = error, error.code
                     return sent
@@ -303,7 +312,7 @@ class Client:
                 if isinstance(value, dict):
                     sent.response_model = value.get("model")
                     result.input_tokens, result.output_tokens = usage_tokens(value.get("usage"))
-            except requests.exceptions.RequestException as exc:
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
                 mapped = connection_error(exc)
                 result.error, result.error_stage = mapped, mapped.stage
                 if sent.response is not None:

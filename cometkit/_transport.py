@@ -18,8 +18,15 @@ from urllib.parse import urlencode, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+    SSLError,
+)
 from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout
 
 from ._exceptions import APIConnectionError, APITimeoutError, ConfigError
 from ._version import __version__
@@ -69,16 +76,23 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool, where: str = "")
 
 
 def connection_error(exc: BaseException) -> APIConnectionError:
-    """Map a ``requests`` exception to ours, telling *connect* (never sent) from *read*."""
+    """Map a ``requests`` or ``urllib3`` exception to ours, telling *connect* (never sent)
+    from *read*."""
+    if isinstance(exc, ReadTimeoutError):
+        return APITimeoutError(f"Read timeout: {exc}", stage="read")
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
     if isinstance(exc, requests.exceptions.ReadTimeout):
         return APITimeoutError(f"Read timeout: {exc}", stage="read")
-    reason: Any = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)
+    if isinstance(exc, MaxRetryError):
+        reason: Any = exc.reason
+    else:  # requests wraps urllib3's MaxRetryError in its own exception
+        reason = exc.args[0] if exc.args else None
+        reason = getattr(reason, "reason", reason)
     if isinstance(reason, ConnectTimeoutError):
         return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
-    if isinstance(reason, NewConnectionError) or isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(reason, (NewConnectionError, SSLError)) or isinstance(
+            exc, requests.exceptions.SSLError):
         return APIConnectionError(f"Could not connect: {exc}", stage="connect")
     return APIConnectionError(f"Connection broken: {exc}", stage="read")
 
@@ -97,6 +111,33 @@ def read_body(response: requests.Response) -> bytes:
             f"Connection broken: the body ended after {len(content)} of {declared} bytes",
             stage="read")
     return content
+
+
+class Answer:
+    """A complete (non-streamed) answer read straight from urllib3's pool.
+
+    The hot path needs only status, headers and body; building a full ``requests.Response``
+    (cookie jar, URL, history) is left to :meth:`as_response`, which error paths call.
+    """
+
+    __slots__ = ("status_code", "headers", "content", "_raw", "_adapter", "_prepared")
+
+    def __init__(self, raw: Any, adapter: HTTPAdapter, prepared: requests.PreparedRequest
+                 ) -> None:
+        self.status_code: int = raw.status
+        self.headers = raw.headers  # case-insensitive, like requests' headers
+        self.content: bytes = raw.data
+        self._raw = raw
+        self._adapter = adapter
+        self._prepared = prepared
+
+    def as_response(self) -> requests.Response:
+        response = self._adapter.build_response(self._prepared, self._raw)
+        response._content = self.content  # already read
+        return response
+
+    def close(self) -> None:
+        self._raw.release_conn()
 
 
 class Transport:
@@ -157,8 +198,10 @@ class Transport:
         headers: Optional[Mapping[str, str]] = None,
         stream: bool = False,
         timeout_s: Optional[tuple[float, float]] = None,
-    ) -> requests.Response:
-        """Send one attempt; raises ``requests`` exceptions (the caller maps them)."""
+    ) -> Union[requests.Response, Answer]:
+        """Send one attempt; raises ``requests`` or ``urllib3`` exceptions (the caller maps
+        them with :func:`connection_error`). A streamed answer, or any answer through a proxy,
+        is a ``requests.Response``; a complete answer otherwise an :class:`Answer`."""
         prepared = requests.PreparedRequest()
         prepared.method = method
         url = self.base_url + route
@@ -172,6 +215,8 @@ class Transport:
         if body is not None:
             prepared.headers["Content-Length"] = str(len(body))
         prepared.body = body
+        if not stream and not self.proxies:
+            return self._send_direct(prepared, timeout_s or self.timeout_s)
         return self.adapter.send(
             prepared,
             stream=stream,
@@ -179,6 +224,33 @@ class Transport:
             verify=self.verify,
             proxies=self.proxies,
         )
+
+    def _pool(self, prepared: requests.PreparedRequest) -> Any:
+        """The connection pool for ``base_url``, with TLS settings applied (cached by the
+        pool manager, so this is a dictionary lookup after the first call)."""
+        get = getattr(self.adapter, "get_connection_with_tls_context", None)
+        if get is not None:
+            pool = get(prepared, self.verify, proxies=None)
+        else:  # requests < 2.32.2
+            pool = self.adapter.get_connection(prepared.url, None)
+        self.adapter.cert_verify(pool, prepared.url, self.verify, None)
+        return pool
+
+    def _send_direct(self, prepared: requests.PreparedRequest,
+                     timeout_s: tuple[float, float]) -> Answer:
+        """Send through the adapter's urllib3 pool without requests' per-call extras.
+
+        Used when no proxy applies and the body is read at once: the same pool, TLS settings
+        and headers as ``adapter.send``, minus the cookie jar and Response building.
+        """
+        parts = urlsplit(prepared.url)
+        path = parts.path + ("?" + parts.query if parts.query else "")
+        raw = self._pool(prepared).urlopen(
+            method=prepared.method, url=path, body=prepared.body, headers=prepared.headers,
+            redirect=False, assert_same_host=False, preload_content=True, decode_content=True,
+            retries=_NO_RETRIES, timeout=Timeout(connect=timeout_s[0], read=timeout_s[1]),
+        )
+        return Answer(raw, self.adapter, prepared)
 
     def close(self) -> None:
         self.session.close()
