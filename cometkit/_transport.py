@@ -2,9 +2,11 @@
 
 Everything that does not change between calls (proxies and CA bundle from the environment,
 default headers, the adapter) is resolved once when the client is built. A call then builds a
-``PreparedRequest`` by hand and hands it straight to the adapter: ``Session.request`` would
-re-merge environment settings and re-prepare the URL on every call, which is a large share of
-its CPU cost. The adapter's own retries stay off: retrying is a plugin's job.
+``PreparedRequest`` by hand: ``Session.request`` would re-merge environment settings and
+re-prepare the URL on every call, which is a large share of its CPU cost. A complete answer
+with no proxy involved is read straight from the adapter's urllib3 pool (same pool, TLS
+settings and headers); streams and proxied calls go through ``HTTPAdapter.send``. The HTTP
+library's own retries stay off: retrying is a plugin's job.
 """
 
 from __future__ import annotations
