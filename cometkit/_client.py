@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from ._engine import CallEngine, Sent, new_request_id, usage_tokens
+from ._engine import CallEngine, Sent, new_request_id, operation_for, usage_tokens
 from ._exceptions import APIConnectionError, APIError, ConfigError, make_status_error
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
@@ -44,8 +44,7 @@ logger = logging.getLogger("cometkit")
 T = TypeVar("T")
 R = TypeVar("R")
 
-_OPERATIONS = {"/chat/completions": "chat", "/embeddings": "embeddings", "/models": "models",
-               "/completions": "text_completion"}
+
 def _clean_api_key(api_key: Optional[str], where: str) -> Optional[str]:
     """The key without surrounding whitespace (a key read from a file ends in a newline);
     refuse one with a control character inside, without ever showing it."""
@@ -179,7 +178,7 @@ class Client:
         method = method.upper()
         model = json.get("model") if isinstance(json, dict) else None
         return self._call(method, path, json, params=params, headers=headers, stream=stream,
-                          timeout=timeout, operation=operation or _OPERATIONS.get(path, "request"),
+                          timeout=timeout, operation=operation or operation_for(path),
                           model=model)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:

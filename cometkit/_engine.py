@@ -26,12 +26,26 @@ from .records import (
     RetryPolicy,
 )
 
-__all__ = ["CallEngine", "Sent", "new_request_id", "usage_tokens"]
+__all__ = ["CallEngine", "Sent", "new_request_id", "operation_for", "usage_tokens"]
 
 logger = logging.getLogger("cometkit")
 
 _call_counter = itertools.count(1)
 _ID_PREFIX = f"ck-{os.getpid():x}-{random.getrandbits(24):06x}-"
+
+
+#: OpenTelemetry GenAI operation names by route; ``/chat/completions`` before ``/completions``.
+_OPERATIONS = (("/chat/completions", "chat"), ("/embeddings", "embeddings"),
+               ("/models", "models"), ("/completions", "text_completion"))
+
+
+def operation_for(path: str) -> str:
+    """The operation name of a route (or a full URL path ending in one); ``request`` else."""
+    path = path.split("?", 1)[0].rstrip("/")
+    for suffix, name in _OPERATIONS:
+        if path.endswith(suffix):
+            return name
+    return "request"
 
 
 def new_request_id() -> str:

@@ -23,23 +23,12 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ._client import Client
-from ._engine import Sent, new_request_id, usage_tokens
+from ._engine import Sent, new_request_id, operation_for, usage_tokens
 from ._exceptions import make_status_error
 from ._transport import connection_error
 from .records import AttemptResult, RequestInfo
 
 __all__ = ["CometAdapter"]
-
-_OPERATIONS = {"chat/completions": "chat", "embeddings": "embeddings", "models": "models",
-               "completions": "text_completion"}
-
-
-def _operation(path: str) -> str:
-    for suffix, name in _OPERATIONS.items():
-        if path.rstrip("/").endswith("/" + suffix):
-            return name
-    return "request"
-
 
 def _json_body(request: requests.PreparedRequest) -> Optional[Mapping[str, Any]]:
     body = request.body
@@ -83,7 +72,7 @@ class CometAdapter(HTTPAdapter):
         base_path = urlsplit(self.client.base_url).path
         route = path[len(base_path):] if base_path and path.startswith(base_path) else path
         body = _json_body(request)
-        info = RequestInfo(new_request_id(), _operation(path), (request.method or "GET").upper(),
+        info = RequestInfo(new_request_id(), operation_for(path), (request.method or "GET").upper(),
                            route or "/", body.get("model") if body else None, stream, body,
                            engine.clock.monotonic())
         send = super().send

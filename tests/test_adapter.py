@@ -63,6 +63,7 @@ def test_legacy_session_gets_retries_limits_and_metrics(tmp_path):
     assert len(rows) == srv.count
     assert {r["model"] for r in rows} == {"m0", "m1"}
     assert {r["route"] for r in rows} == {"/chat/completions"}
+    assert {r["operation"] for r in rows} == {"chat"}
     assert {r["outcome"] for r in rows} == {"ok", "retry"}
 
 

@@ -386,3 +386,13 @@ class TestMapDoesNotStall:
             release.set()
             consumer.join(timeout=10)
             assert out == list(range(30))
+
+
+@pytest.mark.parametrize("path,operation", [
+    ("/chat/completions", "chat"), ("/v1/chat/completions/", "chat"), ("/embeddings", "embeddings"),
+    ("/models", "models"), ("/completions", "text_completion"), ("/files?x=1", "request"),
+])
+def test_operation_names_follow_opentelemetry_genai(path, operation):
+    from cometkit._engine import operation_for
+
+    assert operation_for(path) == operation
