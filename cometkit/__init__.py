@@ -41,6 +41,7 @@ from .records import (
     RetryDecision,
     RetryPolicy,
     SystemClock,
+    Throttle,
 )
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "RetryDecision",
     "RetryPolicy",
     "SystemClock",
+    "Throttle",
     "CometError",
     "ConfigError",
     "PluginError",

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .hints import parse_hints
 from .records import (
     AttemptRecord,
     AttemptResult,
@@ -23,7 +24,9 @@ from .records import (
     Limiter,
     MetricsSink,
     RequestInfo,
+    RetryDecision,
     RetryPolicy,
+    Throttle,
 )
 
 __all__ = ["CallEngine", "Sent", "new_request_id", "operation_for", "usage_tokens"]
@@ -77,6 +80,18 @@ class Sent:
 
 #: Sends one attempt: fills ``result`` (status, headers, error, usage) and returns what it got.
 AttemptFn = Callable[[AttemptResult], Sent]
+
+
+def _refusal_text(error: Optional[BaseException]) -> str:
+    """The words of an error answer that say which limit refused: the body's ``error``
+    message, type and code (or the raw body text)."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return " ".join(str(inner.get(key) or "") for key in ("message", "type", "code"))
+        return str(inner)
+    return body if isinstance(body, str) else ""
 
 
 class CallEngine:
@@ -154,10 +169,12 @@ class CallEngine:
             policy.on_call_start(request)
         self.count(calls=1)
         attempt = 0
+        history: tuple[RetryDecision, ...] = ()
         while True:
             attempt += 1
             permit = limiter.acquire(request, None) if limiter is not None else None
-            result = AttemptResult(request, attempt, started_at=clock.monotonic())
+            result = AttemptResult(request, attempt, started_at=clock.monotonic(),
+                                   history=history)
             try:
                 sent = attempt_fn(result)
             except BaseException as exc:  # never leak a permit, even on KeyboardInterrupt
@@ -167,10 +184,14 @@ class CallEngine:
                     limiter.release(permit, result)
                 raise
             result.duration_s = clock.monotonic() - result.started_at
+            if result.headers is not None:
+                self._read_hints(result)
             if result.error is None and sent.held:
                 return sent, result, None, permit
             if limiter is not None:
-                limiter.release(permit, result)
+                verdict = limiter.release(permit, result)
+                if isinstance(verdict, Throttle):
+                    result.throttle = verdict
             self.count(attempts=1)
             if result.error is None:
                 if self.sinks:
@@ -181,9 +202,10 @@ class CallEngine:
             decision = policy.decide(result) if policy is not None else None
             if decision is not None and decision.retry:
                 self.count(retries=1)
+                history += (decision,)
                 if self.sinks:
                     self._emit_attempt(result, sent, "retry", decision.delay_s)
-                if decision.delay_s > 0:
+                if decision.delay_s > 0 and not (decision.requeue and limiter is not None):
                     clock.sleep(decision.delay_s)
                 continue
             self.count(failures=1)
@@ -196,6 +218,16 @@ class CallEngine:
                 if final.__cause__ is None:
                     final.__cause__ = result.error
             return sent, result, final, None
+
+    def _read_hints(self, result: AttemptResult) -> None:
+        """Parse the answer's rate-limit hints once, for the limiter, the policy and the
+        exception (whose ``retry_after_s`` is filled here, whoever raises it)."""
+        error = result.error
+        refused = result.status_code == 429
+        hints = result.hints = parse_hints(result.headers, self.clock.time(),
+                                           _refusal_text(error) if refused else None)
+        if error is not None and getattr(error, "retry_after_s", 0) is None:
+            error.retry_after_s = hints.wait_s  # type: ignore[attr-defined]
 
     def finisher(self, sent: Sent, result: AttemptResult, permit: Any
                  ) -> Callable[[Optional[BaseException], Optional[dict], Optional[str],

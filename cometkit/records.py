@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import time as _time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hints import RateLimitHints
 
 __all__ = [
     "Clock",
     "SystemClock",
     "RequestInfo",
     "AttemptResult",
+    "Throttle",
     "RetryDecision",
     "AttemptRecord",
     "CallRecord",
@@ -100,10 +104,41 @@ class AttemptResult:
     #: Token usage reported by the server, when known.
     input_tokens: Optional[int] = None
     output_tokens: Optional[int] = None
+    #: What the answer's headers (and a 429's wording) say about the server's limits, parsed
+    #: once by the core (``None`` when there was no answer).
+    hints: Optional[RateLimitHints] = None
+    #: The limiter's reading of this attempt, when it gave one (see :class:`Throttle`): set by
+    #: the core from ``limiter.release()``'s return value, before the retry policy decides.
+    throttle: Optional[Throttle] = None
+    #: The retry policy's decisions for the earlier attempts of this call, oldest first: the
+    #: call's retry history, as urllib3's ``Retry.history`` (per call, never shared).
+    history: tuple = ()
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.status_code is not None and self.status_code < 400
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """A limiter's reading of a refused attempt, returned by ``Limiter.release()``.
+
+    A 429 from a server that keeps accepting calls at its limit means "not now", not "no": the
+    call should wait its turn in the limiter (which holds admissions until the limit opens and
+    sends only a probe or two meanwhile) instead of spending its attempts. The retry policy
+    reads this to tell that case from a storm.
+
+    :ivar accepting: the server accepted calls recently (within the limiter's storm horizon):
+        the refused call can wait in the limiter's queue.
+    :ivar kind: the limit that refused, as the limiter understood it: ``rate``, ``window``,
+        ``tokens`` or ``concurrency``.
+    :ivar wait_s: when the limiter expects to admit this model again, in seconds from now
+        (``None``: it cannot tell, e.g. it waits for a probe or for calls to finish).
+    """
+
+    accepting: bool
+    kind: str = "rate"
+    wait_s: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -116,12 +151,16 @@ class RetryDecision:
     :ivar reason: short text for logs, e.g. ``"429"`` or ``"connect error"``.
     :ivar error: when not retrying, an exception to raise instead of the attempt's own (for
         example a ``RateLimitError`` explaining that the retry budget ran out).
+    :ivar requeue: retry by waiting in the limiter's queue (no sleep: the limiter holds the
+        call until its limit opens). Such a retry is the limit's doing, not the call's: it is
+        not counted against the call's attempts.
     """
 
     retry: bool
     delay_s: float = 0.0
     reason: str = ""
     error: Optional[BaseException] = None
+    requeue: bool = False
 
 
 #: CSV column order of an attempt record; documented in docs/metrics.md.
@@ -251,7 +290,10 @@ class Limiter(Protocol):
         """Wait for admission; raise ``RateLimitError`` when ``timeout_s`` passes first."""
         ...
 
-    def release(self, permit: Any, result: AttemptResult) -> None: ...
+    def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
+        """The attempt ended. For a 429 a limiter may answer with a :class:`Throttle` (the
+        server still accepts: the call may wait its turn here); ``None`` says nothing."""
+        ...
 
     def close(self) -> None: ...
 

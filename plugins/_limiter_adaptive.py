@@ -2,7 +2,7 @@
 
 One :class:`AdaptiveControl` per model lane of the ``limiter`` plugin. It never blocks and
 never reads a clock: the limiter hands it ``now`` and asks it when the next admission may go
-out. A server can refuse for two reasons, so it learns two limits:
+out. A server can refuse for several reasons, and each is met differently:
 
 - **Concurrency** (AIMD, as Netflix's concurrency-limits does on clients). It starts at
   :data:`INITIAL_LIMIT` and grows by one per success until the first signal (slow start:
@@ -11,26 +11,40 @@ out. A server can refuse for two reasons, so it learns two limits:
   it then grows back by one per *window* of successes, a window being as many successes as the
   current limit (about one round trip of calls). Growing per success would climb straight
   back into the wall.
+- **A cap on calls in flight** (a 429 worded "parallel" or "concurrent", as LiteLLM's
+  ``max_parallel_requests``): not a rate at all, and its ``Retry-After`` is typically a window
+  length that has nothing to do with the wait. The allowed concurrency drops to one below the
+  level that was refused and stays there (the *ceiling*, raised by one only after
+  :data:`CEILING_PROBE_OKS` successes); there is no hold.
 - **Send rate**: a server that answers in 10 ms still receives 100 calls/s at concurrency 1, so
   when the server's limit is a rate, concurrency alone cannot meet it. After a 429 the control
   measures what the server *accepted* since it last learned (successes per second of busy
-  time, holds included, over at least :data:`MIN_MEASURE_S`) and sends at that rate. Against a
-  token bucket that refills during the hold this is the bucket's rate. Then the rate rises
-  while successes continue -- slowly at first (:data:`RATE_GROWTH_PER_S`), faster the longer
-  no signal comes (:data:`RATE_ACCELERATION_PER_S`) -- so the bucket refilled during the hold
-  is spent and a measurement that undershot is corrected. The idea is botocore's adaptive
+  time, holds included, over at least :data:`MIN_MEASURE_S`) and sends at that rate. Then the
+  rate rises while successes continue -- slowly at first (:data:`RATE_GROWTH_PER_S`), faster the
+  longer no signal comes (:data:`RATE_ACCELERATION_PER_S`). The idea is botocore's adaptive
   (CUBIC) token bucket, with the measured rate standing in for CUBIC's guess of where the wall
   is. When nothing can be measured yet, or the server accepted more than we sent (a burst it
-  had saved), the rate is cut multiplicatively (:data:`RATE_BACKOFF`), and never below
-  :data:`RATE_FLOOR` of the refused rate at once. A server refusing *everything* (a spent
-  quota, an outage) teaches no rate: only a 429 after some success moves it.
+  had saved), the rate is cut multiplicatively (:data:`RATE_BACKOFF`), never below
+  :data:`RATE_FLOOR` of the refused rate at once, and never below ``rate_floor_per_s`` (a rate
+  the user configured) until the server keeps refusing at that rate.
+- **Windows**: fixed windows (a quota per W seconds, from the first request of the window, as
+  LiteLLM's proxy counts) and calendar minutes (as LiteLLM's router counts rpm per UTC minute).
+  A window is recognised from what it does: the same ``Retry-After`` repeated on refusals
+  seconds apart is a *period*, not a fresh wait (LiteLLM says the window's length, not the time
+  left); acceptance that comes back exactly when a wall-clock minute turns is a calendar minute.
+  Once a window is known, its quota (what it accepted last time) goes out together when it
+  opens, and nothing is sent into a closed window: no pacing that wastes half of it, no probes.
 
-A 429 also **holds** new admissions for the server's ``Retry-After`` (or
-:data:`DEFAULT_HOLD_S`), and the first admissions after the hold go out **paced**, one every
-``latency / allowed concurrency``, instead of as a herd; at other times admissions are spaced
-by ``latency / (2 * allowed concurrency)``, which never limits throughput but spreads threads
-released together. A success whose ``x-ratelimit-remaining-requests`` is low (at most
-:data:`LOW_REMAINING_FRACTION` of the limit) is a *soft* signal: the rate drops by
+Every refusal of a rate **holds** the lane: for the server's hint (measured from the start of
+the current window when the hint is a period), or, with no hint, for :data:`DEFAULT_HOLD_S`,
+doubled after each refused probe and never past the next wall-clock minute (where calendar
+minutes reopen). When the hold ends the lane is *half-open*: one probe goes out, and the
+others wait for its answer, so a closed limit sees one attempt per hold, not one per waiting
+call. A refused probe holds again; an accepted one reopens the lane, and the first admissions
+after it go out **paced** (one every ``latency / allowed concurrency``) unless a window is known.
+
+A success whose remaining requests (any header family the core reads) are at most
+:data:`LOW_REMAINING_FRACTION` of the limit is a *soft* signal: the rate drops by
 :data:`SOFT_BACKOFF` before the 429 arrives, without a hold.
 
 Only one signal per round trip counts: a 429 for an attempt sent before the last signal is an
@@ -44,7 +58,7 @@ import math
 from typing import Any, Callable, Optional
 
 from cometkit import AttemptResult
-from cometkit.hints import ratelimit_remaining, retry_after_s
+from cometkit.hints import RateLimitHints, parse_hints
 
 __all__ = [
     "AdaptiveControl",
@@ -60,6 +74,7 @@ __all__ = [
     "MIN_RATE_PER_S",
     "MIN_MEASURE_S",
     "LOW_REMAINING_FRACTION",
+    "STORM_HORIZON_S",
 ]
 
 logger = logging.getLogger("cometkit.limiter")
@@ -73,8 +88,7 @@ RATE_BACKOFF = 0.7
 #: learned rate (growth is counted per success, so an idle client does not grow) ...
 RATE_GROWTH_PER_S = 0.1
 #: ... plus this share of what it has grown since: slow just above the rate that was measured,
-#: faster the longer no signal comes, in case the measurement undershot (a hold longer than
-#: the server needed makes it undershoot).
+#: faster the longer no signal comes, in case the measurement undershot.
 RATE_ACCELERATION_PER_S = 0.4
 #: Multiplier of the send rate on a soft signal (few requests remaining, no 429 yet).
 SOFT_BACKOFF = 0.9
@@ -85,62 +99,109 @@ INITIAL_LIMIT = 4
 #: limit on throughput (concurrency binds first), but a crowd of threads re-admitted at the
 #: same instant is spread out, so the first 429 is seen before all of them went out.
 PACING_HEADROOM = 2.0
-#: Never cut a learned rate below this share of the rate that was refused: a measurement
-#: spanning a ramp from far below the limit, or a hold longer than the server needed,
-#: undershoots.
+#: Never cut a learned rate below this share of the rate that was refused in one step.
 RATE_FLOOR = 0.5
-#: Hold after a 429 that carries no usable hint, in seconds.
-DEFAULT_HOLD_S = 1.0
+#: First hold after a 429 that carries no usable hint, in seconds; doubled after each refused
+#: probe (a limit that stays closed is probed ever more rarely).
+DEFAULT_HOLD_S = 0.25
 #: Longest hold, whatever the server says: the retry policy decides whether a call waits
 #: longer; other calls should not queue for minutes behind one hint.
 MAX_HOLD_S = 60.0
+#: A hint-less hold never runs past the next wall-clock minute by more than this: calendar
+#: minutes reopen there.
+MINUTE_SLACK_S = 0.05
+#: Added to a window's computed end: the server opened it when our first request *arrived*.
+WINDOW_SLACK_S = 0.05
+#: A hint repeated on refusals at least this far apart is a period (the time left would have
+#: shrunk).
+PERIOD_EVIDENCE_S = 1.0
 #: The learned rate never falls below this (calls per second).
 MIN_RATE_PER_S = 0.5
-#: A measurement over less busy time than this is a burst, not a rate (servers' buckets
-#: commonly hold one second's worth).
+#: A measurement over less busy time than this is a burst, not a rate.
 MIN_MEASURE_S = 1.0
 #: Shortest span a send rate is computed over (a first 429 within a few round trips).
 MIN_SENT_SPAN_S = 0.1
 #: A success reporting fewer remaining requests than this share of the limit is a soft signal.
 LOW_REMAINING_FRACTION = 0.1
-#: At most one soft signal per this many seconds: while the server's bucket stays low, every
-#: answer says so, and re-learning on each would spiral the rate down.
+#: At most one soft signal per this many seconds.
 SOFT_SIGNAL_INTERVAL_S = 1.0
 #: Weight of the newest attempt in the smoothed attempt duration.
 LATENCY_SMOOTHING = 0.2
+#: A probe that has not answered after this long (or 4 latencies, if longer) lets another go.
+PROBE_TIMEOUT_S = 2.0
+#: The server counts as still *accepting* while its last acceptance is at most this old (or two
+#: windows, if longer): long enough to span a calendar minute and its probe.
+STORM_HORIZON_S = 65.0
+#: Successes without a concurrency refusal after which a remembered ceiling rises by one.
+CEILING_PROBE_OKS = 100
+#: Refusals at a configured rate, with the burst already at its smallest, before adaptive mode
+#: may send below that rate.
+FLOOR_REFUSALS = 2
 
 
 class AdaptiveControl:
-    """Allowed concurrency, send rate, hold and pacing of one lane, learned from outcomes.
+    """Allowed concurrency, send rate, holds, probes and windows of one lane.
 
     :param max_limit: the configured concurrency of the lane: the limit never grows past it.
     :param now: the clock's ``monotonic()`` at creation.
+    :param rate_floor_per_s: a configured send rate the learned rate may not undercut (until
+        the server keeps refusing at it); ``None``: no floor.
+    :param window_s: a configured window: its quota goes out together when it opens.
+    :param window_aligned: the configured window is aligned to the wall clock (calendar).
+    :param window_quota: calls per configured window.
     """
 
-    def __init__(self, max_limit: int, now: float) -> None:
+    def __init__(self, max_limit: int, now: float, *, rate_floor_per_s: Optional[float] = None,
+                 window_s: Optional[float] = None, window_aligned: bool = False,
+                 window_quota: Optional[int] = None) -> None:
         self.max_limit = int(max_limit)
         #: Allowed concurrency (a float so that repeated cuts and growth stay exact).
         self.limit = float(min(self.max_limit, INITIAL_LIMIT))
+        #: The concurrency a cap on calls in flight refused, less one; ``None`` until one did.
+        self.ceiling: Optional[int] = None
         #: Learned send rate in calls per second; ``None`` until a signal taught one.
         self.rate_per_s: Optional[float] = None
-        #: No admission before this ``monotonic()`` time (the server's Retry-After).
+        self.rate_floor_per_s = rate_floor_per_s
+        #: No admission before this ``monotonic()`` time (the server's hint, or a probe hold).
         self.hold_until = -math.inf
         #: Smoothed duration of answered attempts, in seconds.
         self.latency_s: Optional[float] = None
         #: 429 answers seen, and congestion signals acted on (429 bursts and soft signals).
         self.throttled = 0
         self.signals = 0
+        #: ``monotonic()`` of the last accepted attempt's answer (``None``: none yet).
+        self.last_ok_at: Optional[float] = None
+        #: A known window: its length, whether it follows the wall clock, and its quota.
+        self.window_s = window_s
+        self.window_aligned = window_aligned
+        self.window_quota = window_quota
+        self._window_configured = window_s is not None
+        self._window_end = -math.inf
+        self._window_admitted = 0
+        #: ``time() - monotonic()``, for wall-clock minutes (known after the first answer).
+        self._wall_offset: Optional[float] = None
         self._slow_start = True
         self._next_send_at = -math.inf
         self._last_signal_at = -math.inf
         self._ok_in_window = 0
         self._ok_since_signal = 0
+        self._ok_since_ceiling = 0
         self._paced_left = 0
         self._learn_pending = False
         self._rate_at_signal: Optional[float] = None
         self._anchor_rate = 0.0
-        # What the server accepted since the rate was last learned, over busy time only: time
-        # with nothing to send says nothing about the server.
+        self._floor_refusals = 0
+        # Half-open state after a hold: a probe goes out alone.
+        self._half_open = False
+        self._probe_deadline: Optional[float] = None
+        self._failed_probes = 0
+        self._minute_probe = False
+        # The current run of acceptances: when it started and how many of its calls were ok.
+        self._run_started_at: Optional[float] = None
+        self._run_ok = 0
+        self._last_hint: Optional[float] = None
+        self._last_hint_at = -math.inf
+        # What the server accepted since the rate was last learned, over busy time only.
         self._epoch_ok = 0
         self._epoch_sent = 0
         self._epoch_busy_start = 0.0
@@ -152,17 +213,40 @@ class AdaptiveControl:
 
     def allowed(self) -> int:
         """How many attempts of this lane may be in flight now."""
-        return max(1, int(self.limit))
+        allowed = max(1, int(self.limit))
+        return allowed if self.ceiling is None else min(allowed, self.ceiling)
 
-    def ready_at(self) -> float:
-        """Earliest ``monotonic()`` time of the next admission (hold and pacing)."""
+    def ready_at(self, now: Optional[float] = None) -> float:
+        """Earliest ``monotonic()`` time of the next admission (hold, probe, window, pacing);
+        ``math.inf`` when only an answer can open the lane (a probe is out)."""
+        if now is None:
+            now = self._busy_mark
+        if self._probe_deadline is not None:
+            if now < self._probe_deadline:
+                return max(self.hold_until, self._probe_deadline)
+            self._probe_deadline = None  # the probe is lost: let another go
+        if self.window_quota is not None and self.window_s is not None:
+            if now < self._window_end and self._window_admitted >= self.window_quota:
+                return self._window_end
+            return self.hold_until  # a window's quota goes out together, not paced
         return max(self.hold_until, self._next_send_at)
 
-    def on_admit(self, now: float) -> None:
-        """An attempt of this lane was admitted at ``now``: space out the next one."""
+    def on_admit(self, now: float) -> bool:
+        """An attempt of this lane was admitted at ``now``; ``True`` if it is the probe of a
+        half-open lane (its answer decides whether the lane reopens)."""
         self._epoch_sent += 1
         if self._learn_pending and now >= self.hold_until:
             self._learn_rate(now)
+        if self.window_s is not None:
+            if now >= self._window_end:
+                self._open_window(now)
+            self._window_admitted += 1
+        elif self._run_started_at is None:
+            self._run_started_at = now
+        probe = False
+        if self._half_open:
+            probe = True
+            self._probe_deadline = now + max(PROBE_TIMEOUT_S, 4.0 * (self.latency_s or 0.0))
         gap = 1.0 / self.rate_per_s if self.rate_per_s else 0.0
         if self.latency_s:
             headroom = PACING_HEADROOM
@@ -172,6 +256,18 @@ class AdaptiveControl:
             gap = max(gap, self.latency_s / (headroom * self.allowed()))
         if gap > 0.0:
             self._next_send_at = max(self._next_send_at, now) + gap
+        return probe
+
+    def _open_window(self, now: float) -> None:
+        """A new window starts with this admission (or at the wall-clock boundary)."""
+        assert self.window_s is not None
+        self._window_admitted = 0
+        self._run_started_at = now
+        self._run_ok = 0
+        self._window_end = now + self.window_s + WINDOW_SLACK_S
+        if self.window_aligned and self._wall_offset is not None:
+            wall = now + self._wall_offset
+            self._window_end = (now + self.window_s - wall % self.window_s) + WINDOW_SLACK_S
 
     def note_demand(self, now: float, busy: bool) -> None:
         """Whether the lane has attempts in flight or waiting, from ``now`` on."""
@@ -180,57 +276,143 @@ class AdaptiveControl:
         self._busy_mark = now
         self._busy = busy
 
+    def accepting(self, now: float) -> bool:
+        """Whether the server accepted an attempt recently enough that a refused call should
+        wait its turn rather than spend its attempts (see :data:`STORM_HORIZON_S`)."""
+        if self.last_ok_at is None:
+            return False
+        horizon = max(STORM_HORIZON_S, 2.0 * (self.window_s or 0.0))
+        return now - self.last_ok_at <= horizon
+
     # -- outcomes ------------------------------------------------------------------------------
 
     def on_result(self, result: AttemptResult, now: float,
-                  wall_time: Callable[[], float]) -> None:
+                  wall_time: Callable[[], float], *, probe: bool = False,
+                  in_flight: Optional[int] = None) -> Optional[str]:
         """Learn from an attempt that ended at ``now``.
 
-        :param wall_time: the clock's ``time()``, read only for an HTTP-date ``Retry-After``.
+        :param wall_time: the clock's ``time()`` (HTTP dates, wall-clock minutes).
+        :param probe: the attempt was the probe of a half-open lane.
+        :param in_flight: attempts of the lane in flight when it ended, itself included.
+        :returns: for a 429, the kind of limit it was read as (``rate``, ``window``,
+            ``tokens`` or ``concurrency``); else ``None``.
         """
         status = result.status_code
+        if probe:
+            self._probe_deadline = None
         if status is None:  # no answer: says nothing about the server's limits
-            return
+            return None
+        self._wall_offset = wall_time() - now
         duration = max(0.0, result.duration_s)
         if self.latency_s is None:
             self.latency_s = duration
         else:
             self.latency_s += LATENCY_SMOOTHING * (duration - self.latency_s)
+        hints = result.hints
+        if hints is None:
+            hints = parse_hints(result.headers, wall_time())
         if status == 429:
-            self._throttled(result, now, wall_time)
-        elif status < 400:
-            self._succeeded(result, now)
+            return self._throttled(result, hints, now, probe, in_flight)
+        if status < 400:
+            self._succeeded(result, hints, now, probe)
+        elif probe:  # an error of another kind: the next admission probes again
+            pass
+        return None
 
-    def _throttled(self, result: AttemptResult, now: float,
-                   wall_time: Callable[[], float]) -> None:
+    def _throttled(self, result: AttemptResult, hints: RateLimitHints, now: float,
+                   probe: bool, in_flight: Optional[int]) -> str:
         self.throttled += 1
-        hint = retry_after_s(result.headers, wall_time()) if result.headers else None
-        hold = min(MAX_HOLD_S, DEFAULT_HOLD_S if hint is None else hint)
-        self.hold_until = max(self.hold_until, now + hold)
-        if result.started_at < self._last_signal_at:
-            return  # an echo of the burst already acted on
+        if hints.refusal == "concurrency":
+            return self._capped(result, in_flight)
+        kind = "tokens" if hints.refusal == "tokens" else "rate"
+        echo = result.started_at < self._last_signal_at and not probe
+        if echo:
+            return "window" if self.window_s is not None else kind
+        hold_s, kind = self._hold_for(hints.wait_s, now, probe, kind)
+        self.hold_until = max(self.hold_until, now + hold_s)
+        if self.window_s is not None and self._run_ok:
+            self.window_quota = self._run_ok  # what this window really accepted (so far)
+        # A known window reopens with its whole quota at once; anything else is probed first.
+        self._half_open = kind != "window" or self.window_quota is None
         before = self.allowed()
         # Only a refusal after some acceptance says where the server's rate is: a server that
         # refuses everything (a quota, an outage) must not drive the rate to a crawl.
-        self._learn_pending = self._ok_since_signal > 0
+        self._learn_pending = self._ok_since_signal > 0 and kind != "window"
         self._signal(now)
-        self.limit = max(1.0, self.limit * CONCURRENCY_BACKOFF)
+        if kind != "window":
+            self.limit = max(1.0, self.limit * CONCURRENCY_BACKOFF)
         self._ok_in_window = 0
         self._paced_left = self.allowed()
-        logger.info("429 for model=%s: concurrency %d -> %d, holding admissions %.2f s",
-                    result.request.model or "-", before, self.allowed(), hold)
+        logger.info("429 for model=%s (%s): concurrency %d -> %d, holding admissions %.2f s",
+                    result.request.model or "-", kind, before, self.allowed(), hold_s)
+        return kind
 
-    def _succeeded(self, result: AttemptResult, now: float) -> None:
+    def _hold_for(self, hint: Optional[float], now: float, probe: bool,
+                  kind: str) -> tuple[float, str]:
+        """How long to hold after this refusal, and whether it showed a window."""
+        wall = now + (self._wall_offset or 0.0)
+        if probe:
+            self._failed_probes += 1
+        if hint is None:
+            self._last_hint = None
+            hold = min(MAX_HOLD_S, DEFAULT_HOLD_S * 2.0 ** min(self._failed_probes, 16))
+            to_minute = 60.0 - wall % 60.0 + MINUTE_SLACK_S
+            self._minute_probe = to_minute <= hold
+            return min(hold, to_minute), ("window" if self.window_s is not None else kind)
+        repeated = (self._last_hint is not None and abs(hint - self._last_hint) < 1e-3
+                    and now - self._last_hint_at >= PERIOD_EVIDENCE_S and hint >= 1.0)
+        self._last_hint, self._last_hint_at = hint, now
+        if repeated and not self._window_configured:
+            if self.window_s != hint:
+                logger.info("the same Retry-After (%g s) on every refusal: a window of that "
+                            "length, counted from its first request", hint)
+            self.window_s, self.window_aligned = hint, False
+        if self.window_s is not None and self._run_started_at is not None:
+            end = self._run_started_at + self.window_s + WINDOW_SLACK_S
+            if end > now:
+                self._window_end = end
+                return min(MAX_HOLD_S, end - now), "window"
+        return min(MAX_HOLD_S, hint), kind
+
+    def _capped(self, result: AttemptResult, in_flight: Optional[int]) -> str:
+        """A cap on calls in flight refused: stay one below the refused level, no hold."""
+        level = in_flight if in_flight is not None else self.allowed()
+        ceiling = max(1, min(level - 1, self.allowed()))
+        if self.ceiling is None or ceiling < self.ceiling:
+            logger.info("429 for model=%s: the server caps calls in flight; keeping at most %d",
+                        result.request.model or "-", ceiling)
+            self.ceiling = ceiling
+        self.limit = min(self.limit, float(self.ceiling))
+        self._ok_since_ceiling = 0
+        self._slow_start = False
+        return "concurrency"
+
+    def _succeeded(self, result: AttemptResult, hints: RateLimitHints, now: float,
+                   probe: bool) -> None:
+        self.last_ok_at = now
         self._epoch_ok += 1
         self._ok_since_signal += 1
         self._ok_in_window += 1
+        if self._run_started_at is not None and result.started_at >= self._run_started_at - 1e-9:
+            self._run_ok += 1
+            if (self.window_quota is not None and not self._window_configured
+                    and self._run_ok > self.window_quota):
+                self.window_quota = self._run_ok  # late answers of the window's own calls
+        if self._half_open and (probe or result.started_at >= self._last_signal_at):
+            self._reopen(now, result.started_at)
+        if self.ceiling is not None:
+            self._ok_since_ceiling += 1
+            if self._ok_since_ceiling >= CEILING_PROBE_OKS and self.ceiling < self.max_limit:
+                self.ceiling += 1
+                self._ok_since_ceiling = 0
         if self._slow_start or self._ok_in_window >= self.limit:
             self._ok_in_window = 0
             self.limit = min(float(self.max_limit), self.limit + 1.0)
-        remaining = ratelimit_remaining(result.headers)
-        if (remaining is not None and remaining[0] <= LOW_REMAINING_FRACTION * remaining[1]
+        remaining, limit = hints.remaining_requests, hints.limit_requests
+        if (remaining is not None and limit and remaining <= LOW_REMAINING_FRACTION * limit
                 and result.started_at >= self._last_signal_at
-                and now - self._last_signal_at >= SOFT_SIGNAL_INTERVAL_S):
+                and now - self._last_signal_at >= SOFT_SIGNAL_INTERVAL_S
+                and self.window_s is None):
             self._signal(now)
             if self.rate_per_s is not None:
                 self._set_rate(self.rate_per_s * SOFT_BACKOFF)
@@ -239,12 +421,35 @@ class AdaptiveControl:
                 if measured is not None:
                     self._set_rate(measured)
             logger.debug("model=%s: %d of %d requests remain; send rate now %s/s",
-                         result.request.model or "-", remaining[0], remaining[1],
+                         result.request.model or "-", remaining, limit,
                          "-" if self.rate_per_s is None else f"{self.rate_per_s:.2f}")
         elif self.rate_per_s is not None:
             growth_per_s = (RATE_GROWTH_PER_S * self._anchor_rate
                             + RATE_ACCELERATION_PER_S * (self.rate_per_s - self._anchor_rate))
             self.rate_per_s += growth_per_s / self.rate_per_s
+
+    def _reopen(self, now: float, sent_at: float) -> None:
+        """The probe (or a later attempt) was accepted: the limit is open again."""
+        self._half_open = False
+        if (self._minute_probe and self.window_s is None and not self._window_configured
+                and self._failed_probes > 0):
+            logger.info("acceptance came back when the wall-clock minute turned: a limit per "
+                        "calendar minute")
+            self.window_s, self.window_aligned = 60.0, True
+            self.window_quota = self._run_ok or None
+        self._failed_probes = 0
+        self._minute_probe = False
+        if self.window_s is not None:
+            previous_ok = self._run_ok
+            if now >= self._window_end or self._window_end == -math.inf:
+                self._open_window(sent_at)
+                self._window_admitted = 1
+                self._run_ok = 1
+            if self.window_quota is None and previous_ok > 1:
+                self.window_quota = previous_ok
+        else:
+            self._run_started_at = sent_at
+            self._run_ok = 1
 
     def _signal(self, now: float) -> None:
         self.signals += 1
@@ -286,10 +491,30 @@ class AdaptiveControl:
             return None
         return self._epoch_ok / busy_s
 
+    def refused_at_floor(self) -> None:
+        """The limiter saw a refusal at the configured rate with its burst already smallest:
+        after :data:`FLOOR_REFUSALS` of them the server evidently allows less, so the floor
+        goes."""
+        self._floor_refusals += 1
+        if self._floor_refusals >= FLOOR_REFUSALS and self.rate_floor_per_s is not None:
+            logger.info("the server keeps refusing at the configured rate (%.2f/s): learning a "
+                        "lower one", self.rate_floor_per_s)
+            self.rate_floor_per_s = None
+
     def _set_rate(self, rate: float) -> None:
-        self.rate_per_s = self._anchor_rate = max(MIN_RATE_PER_S, rate)
+        rate = max(MIN_RATE_PER_S, rate)
+        if self.rate_floor_per_s is not None:
+            rate = max(rate, self.rate_floor_per_s)
+        self.rate_per_s = self._anchor_rate = rate
 
     # -- reporting -----------------------------------------------------------------------------
+
+    def hold_remaining_s(self, now: float) -> Optional[float]:
+        """Seconds until the lane may admit again, if a hold or a closed window says so."""
+        until = self.ready_at(now)
+        if math.isinf(until) or until <= now:
+            return None
+        return until - now
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """What the control has learned, for :meth:`AdmissionLimiter.stats` and logs."""
@@ -300,4 +525,7 @@ class AdaptiveControl:
             "latency_s": self.latency_s,
             "throttled": self.throttled,
             "signals": self.signals,
+            "ceiling": self.ceiling,
+            "window_s": self.window_s,
+            "window_quota": self.window_quota,
         }

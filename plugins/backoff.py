@@ -55,7 +55,7 @@ NEVER_RETRIED_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 
 #: Provider error codes (``error.code`` or ``error.type`` of the body) on which waiting cannot
 #: help: the quota or balance is spent, or the request is larger than any limit allows.
-#: A 429 carrying one of these fails at once.
+#: A 429 carrying one of these fails at once (the default of ``give_up_codes``).
 HOPELESS_ERROR_CODES = frozenset({
     "insufficient_quota",
     "insufficient_user_quota",
@@ -65,6 +65,10 @@ HOPELESS_ERROR_CODES = frozenset({
     "context_length_exceeded",
     "request_too_large",
 })
+#: Words of a 429 message that mean "try later" even under a quota code: gateways built on
+#: new-api answer an upstream overload as ``insufficient_quota`` with "saturated, please try
+#: again later" (the default of ``wait_despite``; matched case-insensitively).
+WAIT_DESPITE_CODE = ("saturated", "饱和", "try again later", "retry later")
 #: OpenAI answers a single request above the tokens-per-minute limit with a 429 whose code is
 #: the ordinary ``rate_limit_exceeded``; only the message tells it apart.
 _TOO_LARGE_MESSAGE = "request too large"
@@ -75,10 +79,6 @@ HINT_JITTER_RATIO = 0.1
 
 #: ``jitter`` values (see the AWS Architecture Blog, "Exponential Backoff and Jitter").
 JITTER_MODES = ("additive", "full", "decorrelated", "none")
-
-#: Calls whose previous delay ``decorrelated`` jitter remembers (the calls retrying right
-#: now are at most the client's concurrency; older entries belong to calls that ended).
-_DECORRELATED_MEMORY = 4096
 
 #: Buckets the budget window is cut into: the window slides in steps of ``window / this``.
 _BUDGET_BUCKETS = 10
@@ -188,21 +188,28 @@ class RetryBudget:
 # -------------------------------------------------------------------------------------------
 
 
-def _hopeless_code(result: AttemptResult) -> Optional[str]:
-    """The provider code (or ``request too large``) that says waiting cannot fix this 429."""
+def _hopeless_code(result: AttemptResult, give_up_codes: frozenset,
+                   wait_despite: tuple) -> Optional[str]:
+    """The provider code (or ``request too large``) that says waiting cannot fix this 429,
+    unless the message says to try later (``wait_despite``)."""
     codes = [result.error_code]
     error = result.error
     body = getattr(error, "body", None)
+    inner_message = ""
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict):
             codes += [inner.get("code"), inner.get("type")]
-    for code in codes:
-        if isinstance(code, str) and code.lower() in HOPELESS_ERROR_CODES:
-            return code
-    message = getattr(error, "message", None) or ""
-    if _TOO_LARGE_MESSAGE in str(message).lower():
+            inner_message = str(inner.get("message") or "")
+    message = str(getattr(error, "message", None) or "").lower()
+    if _TOO_LARGE_MESSAGE in message:
         return _TOO_LARGE_MESSAGE
+    for code in codes:
+        if isinstance(code, str) and code.lower() in give_up_codes:
+            said = (inner_message or message).lower()
+            if any(words in said for words in wait_despite):
+                return None
+            return code
     return None
 
 
@@ -247,8 +254,15 @@ class BackoffPolicy:
     wait that would end past ``deadline`` fails at once; and the client-wide
     :class:`RetryBudget` must allow the retry.
 
-    One policy serves every thread of a client: the budget and the decorrelated-jitter memory
-    are guarded by locks; everything else is read-only after construction.
+    A 429 that the limiter reads as "the server still accepts calls at its limit" (its
+    :class:`cometkit.Throttle` says ``accepting``) is different: the call waits its turn in the
+    limiter's queue (a *requeue*), which counts neither against ``max_attempts`` nor against the
+    budget, because the attempts are spent per limit (the limiter sends few probes while the
+    limit is closed), not per call. Only ``max_retry_after`` and ``deadline`` end such a call.
+
+    One policy serves every thread of a client: the budget is guarded by a lock; per-call state
+    (attempts spent, the previous delay for decorrelated jitter) is read from the call's own
+    history (:attr:`cometkit.AttemptResult.history`), never kept here.
     """
 
     #: Defaults (also those of :data:`OPTIONS`, hence of the configuration).
@@ -275,6 +289,8 @@ class BackoffPolicy:
         budget_ratio: float = DEFAULT_BUDGET_RATIO,
         budget_floor: int = DEFAULT_BUDGET_FLOOR,
         budget_window: float = DEFAULT_BUDGET_WINDOW,
+        give_up_codes: Iterable[str] = tuple(sorted(HOPELESS_ERROR_CODES)),
+        wait_despite: Iterable[str] = WAIT_DESPITE_CODE,
         clock: Optional[Clock] = None,
         rng: Optional[random.Random] = None,
     ) -> None:
@@ -297,10 +313,8 @@ class BackoffPolicy:
         self.clock: Clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self.budget = RetryBudget(budget_ratio, budget_floor, budget_window, self.clock)
-        # request_id -> the previous delay, for decorrelated jitter (insertion-ordered: oldest
-        # first, so the memory stays bounded by dropping from the front).
-        self._previous_delay: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self.give_up_codes = frozenset(str(code).lower() for code in give_up_codes)
+        self.wait_despite = tuple(str(words).lower() for words in wait_despite if words)
         # Only decides whether to log a warning: an unguarded race costs at most a second line.
         self._budget_exhausted = False
 
@@ -328,13 +342,21 @@ class BackoffPolicy:
         retryable, reason = self._classify(result)
         if not retryable:
             return self._final(result, RetryDecision(False, reason=reason))
-        if result.attempt >= self.max_attempts:
+        if result.hints is not None:
+            hint = result.hints.wait_s
+        else:
+            hint = retry_after_s(result.headers, self.clock.time()) if result.headers else None
+        throttle = result.throttle
+        if throttle is not None and throttle.accepting and result.status_code == 429:
+            return self._requeue(result, hint, throttle.wait_s)
+        # Attempts this call spent itself; those a limit made it repeat (requeues) are free.
+        spent = result.attempt - sum(1 for decision in result.history if decision.requeue)
+        if spent >= self.max_attempts:
             return self._final(result, RetryDecision(
                 False, reason="max_attempts reached",
                 error=_explained(result, f"gave up after {result.attempt} attempts "
                                          f"(max_attempts={self.max_attempts})")))
 
-        hint = retry_after_s(result.headers, self.clock.time()) if result.headers else None
         if hint is not None and hint > self.max_retry_after:
             return self._final(result, RetryDecision(
                 False, reason="hint over max_retry_after",
@@ -342,16 +364,9 @@ class BackoffPolicy:
                     result, f"the server asked to wait {_seconds(hint)} s, over "
                             f"max_retry_after={self.max_retry_after:g} s", hint)))
         delay = self._delay(result, hint)
-
-        if self.deadline is not None:
-            spent = self.clock.monotonic() - result.request.started_at
-            if spent + delay > self.deadline:
-                return self._final(result, RetryDecision(
-                    False, reason="deadline",
-                    error=_explained(
-                        result, f"waiting {_seconds(delay)} s more would pass the deadline "
-                                f"of {self.deadline:g} s ({_seconds(spent)} s spent in "
-                                f"{result.attempt} attempts)")))
+        past = self._past_deadline(result, delay)
+        if past is not None:
+            return past
 
         if not self.budget.try_withdraw():
             return self._final(result, self._budget_refusal(result))
@@ -359,10 +374,44 @@ class BackoffPolicy:
 
         request = result.request
         logger.info("retry %d/%d of %s %s model=%s after %s in %s s",
-                    result.attempt + 1, self.max_attempts, request.method, request.route,
+                    spent + 1, self.max_attempts, request.method, request.route,
                     request.model or "-", reason, _seconds(delay),
                     extra={"request_id": request.request_id})
         return RetryDecision(True, delay, reason)
+
+    def _requeue(self, result: AttemptResult, hint: Optional[float],
+                 expected_wait_s: Optional[float]) -> RetryDecision:
+        """A 429 while the server keeps accepting: wait in the limiter, spend no attempt."""
+        if hint is not None and hint > self.max_retry_after:
+            return self._final(result, RetryDecision(
+                False, reason="hint over max_retry_after",
+                error=_explained(
+                    result, f"the server asked to wait {_seconds(hint)} s, over "
+                            f"max_retry_after={self.max_retry_after:g} s", hint)))
+        wait_s = expected_wait_s or 0.0
+        past = self._past_deadline(result, wait_s)
+        if past is not None:
+            return past
+        request = result.request
+        logger.debug("429 for %s %s model=%s while the server accepts others: waits its turn "
+                     "in the limiter (attempt %d)", request.method, request.route,
+                     request.model or "-", result.attempt,
+                     extra={"request_id": request.request_id})
+        return RetryDecision(True, wait_s, "429: waits its turn in the limiter", requeue=True)
+
+    def _past_deadline(self, result: AttemptResult, delay: float) -> Optional[RetryDecision]:
+        """The final decision when waiting ``delay`` more would pass ``deadline``."""
+        if self.deadline is None:
+            return None
+        spent = self.clock.monotonic() - result.request.started_at
+        if spent + delay <= self.deadline:
+            return None
+        return self._final(result, RetryDecision(
+            False, reason="deadline",
+            error=_explained(
+                result, f"waiting {_seconds(delay)} s more would pass the deadline "
+                        f"of {self.deadline:g} s ({_seconds(spent)} s spent in "
+                        f"{result.attempt} attempts)")))
 
     # -- the rules ---------------------------------------------------------------------------
 
@@ -377,7 +426,7 @@ class BackoffPolicy:
         if status not in self.retry_on:  # never one of NEVER_RETRIED_STATUSES
             return False, f"{status} is not retried"
         if status == 429:
-            code = _hopeless_code(result)
+            code = _hopeless_code(result, self.give_up_codes, self.wait_despite)
             if code is not None:
                 return False, f"429 with {code!r}: waiting cannot fix it"
         return True, str(status)
@@ -386,8 +435,8 @@ class BackoffPolicy:
         if hint is not None:
             delay = hint + self.rng.uniform(0.0, HINT_JITTER_RATIO * hint)
         elif self.jitter == "decorrelated":
-            with self._lock:
-                previous = self._previous_delay.pop(result.request.request_id, self.base_delay)
+            previous = next((d.delay_s for d in reversed(result.history) if not d.requeue),
+                            self.base_delay)
             delay = min(self.max_delay, self.rng.uniform(self.base_delay, previous * 3))
         else:
             exponent = min(result.attempt - 1, _MAX_EXPONENT)
@@ -398,12 +447,6 @@ class BackoffPolicy:
                 delay = self.rng.uniform(0.0, capped)
             else:
                 delay = capped
-        if self.jitter == "decorrelated":
-            with self._lock:
-                memory = self._previous_delay
-                memory[result.request.request_id] = delay
-                if len(memory) > _DECORRELATED_MEMORY:
-                    del memory[next(iter(memory))]
         return delay
 
     def _budget_refusal(self, result: AttemptResult) -> RetryDecision:
@@ -420,10 +463,7 @@ class BackoffPolicy:
                              error=_explained(result, explanation))
 
     def _final(self, result: AttemptResult, decision: RetryDecision) -> RetryDecision:
-        """The call ends here: forget what decorrelated jitter remembered of it."""
-        if self.jitter == "decorrelated":
-            with self._lock:
-                self._previous_delay.pop(result.request.request_id, None)
+        """The call ends here (logged at debug level)."""
         logger.debug("not retrying %s %s (%s) after attempt %d: %s",
                      result.request.method, result.request.route, result.request.request_id,
                      result.attempt, decision.reason)
@@ -474,6 +514,15 @@ OPTIONS: Mapping[str, Option] = {
     "budget_window": Option(
         "float", default=BackoffPolicy.DEFAULT_BUDGET_WINDOW, minimum=0.001,
         help="Seconds of 'recent' for the retry budget."),
+    "give_up_codes": Option(
+        "list", default=sorted(HOPELESS_ERROR_CODES), item=Option("str"),
+        help="Error codes or types of a 429 body that mean waiting cannot help (quota or "
+             "balance spent): the call fails at once.", example=["insufficient_quota"]),
+    "wait_despite": Option(
+        "list", default=list(WAIT_DESPITE_CODE), item=Option("str"),
+        help="Words of a 429 message that mean 'try later' even under one of give_up_codes "
+             "(gateways that word an upstream overload as a quota error); case-insensitive.",
+        example=["saturated", "try again later"]),
 }
 
 

@@ -37,6 +37,7 @@ from cometkit import (
     RateLimitError,
     RequestInfo,
     SystemClock,
+    Throttle,
     hookimpl,
 )
 from cometkit.options import validate_section
@@ -57,6 +58,7 @@ __all__ = [
     "INITIAL_LIMIT",
     "MAX_HOLD_S",
     "OPTIONS",
+    "estimate_parts",
     "estimate_tokens",
     "cometkit_plugin_spec",
     "cometkit_make_limiter",
@@ -111,6 +113,16 @@ OPTIONS = {
         "float", 0.02, minimum=0, maximum=0.5,
         help="Share of requests_per_minute / tokens_per_minute kept unused, so timing "
              "jitter against the server's bucket does not earn 429s."),
+    "window": Option(
+        "float", None, minimum=0.001, maximum=86400, nullable=True,
+        help="Seconds of a fixed window the server counts requests_per_minute in (its quota, "
+             "requests_per_minute * window / 60, goes out together when a window opens); null "
+             "means a smooth rate. Adaptive mode recognises windows by itself.", example=60),
+    "window_align": Option(
+        "str", "first_request", choices=("first_request", "clock"),
+        help="'first_request': a window opens with the first request after the last one "
+             "ended (LiteLLM's proxy); 'clock': windows follow the wall clock (a calendar "
+             "minute for window: 60)."),
     "acquire_timeout": Option(
         "float", None, minimum=0, nullable=True,
         help="Seconds an attempt may wait for admission before failing with "
@@ -142,26 +154,34 @@ def _text_chars(value: Any) -> int:
     return 0
 
 
-def estimate_tokens(body: Optional[Mapping[str, Any]]) -> int:
-    """Tokens a request may cost, before it is sent: prompt characters / 4 + ``max_tokens``.
+def estimate_parts(body: Optional[Mapping[str, Any]]) -> tuple[int, int]:
+    """``(prompt tokens, reserved answer tokens)`` a request may cost, before it is sent.
 
     Prompt text is the ``content`` of every message (strings or text parts), ``input``
-    (embeddings, responses) and ``prompt`` (completions). ``max_tokens`` (or
-    ``max_completion_tokens``) reserves the answer; without it the answer is not reserved and
-    the correction from ``usage`` after the call takes it out of the bucket instead.
+    (embeddings, responses) and ``prompt`` (completions), at :data:`CHARS_PER_TOKEN`
+    characters per token. ``max_tokens`` (or ``max_completion_tokens``, ``max_output_tokens``)
+    is reserved for the answer, as providers reserve it; without it the answer is not reserved
+    and the correction from ``usage`` after the call takes it out of the bucket instead.
     """
     if not isinstance(body, Mapping):
-        return 0
+        return 0, 0
     chars = _text_chars(body.get("input")) + _text_chars(body.get("prompt"))
     messages = body.get("messages")
     if isinstance(messages, list):
         for message in messages:
             if isinstance(message, Mapping):
                 chars += _text_chars(message.get("content"))
-    answer = body.get("max_tokens", body.get("max_completion_tokens"))
+    answer = body.get("max_tokens", body.get("max_completion_tokens",
+                                             body.get("max_output_tokens")))
     if isinstance(answer, bool) or not isinstance(answer, int) or answer < 0:
         answer = 0
-    return math.ceil(chars / CHARS_PER_TOKEN) + answer
+    return math.ceil(chars / CHARS_PER_TOKEN), answer
+
+
+def estimate_tokens(body: Optional[Mapping[str, Any]]) -> int:
+    """Tokens a request may cost before it is sent: :func:`estimate_parts`, summed."""
+    prompt, answer = estimate_parts(body)
+    return prompt + answer
 
 
 # -------------------------------------------------------------------------------------------
@@ -169,15 +189,30 @@ def estimate_tokens(body: Optional[Mapping[str, Any]]) -> int:
 # -------------------------------------------------------------------------------------------
 
 
+#: Weight of the newest observation in a lane's learned server-tokens / estimate ratio.
+TOKEN_RATIO_SMOOTHING = 0.3
+#: A prompt estimated below this many tokens says too little about the server's tokenizer.
+MIN_RATIO_SAMPLE_TOKENS = 16
+#: The learned tokenizer ratio stays within these bounds.
+TOKEN_RATIO_BOUNDS = (0.2, 5.0)
+
+
 class _Lane:
-    """The calls of one model: its slots, its buckets and what adaptive mode learned."""
+    """The calls of one model: its slots, its buckets and what adaptive mode learned.
+
+    Besides the configured buckets, adaptive mode gives a lane the limits the server *states*
+    (``x-ratelimit-limit-*`` with a reset, in any header family): ``stated_requests`` and
+    ``stated_tokens`` pace at the stated per-minute rate, so the bucket is never run empty.
+    ``token_ratio`` is the server's token count over the client's estimate, learned from
+    ``usage``.
+    """
 
     __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
-                 "control")
+                 "control", "stated_requests", "stated_tokens", "token_ratio", "count_tokens")
 
     def __init__(self, model: Optional[str], max_concurrency: int,
                  requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
-                 control: Optional[AdaptiveControl]) -> None:
+                 control: Optional[AdaptiveControl], count_tokens: bool) -> None:
         self.model = model
         self.max_concurrency = max_concurrency
         self.in_flight = 0
@@ -185,6 +220,19 @@ class _Lane:
         self.requests = requests
         self.tokens = tokens
         self.control = control
+        self.stated_requests: Optional[TokenBucket] = None
+        self.stated_tokens: Optional[TokenBucket] = None
+        self.token_ratio: Optional[float] = None
+        self.count_tokens = count_tokens
+
+    def cost(self, request: RequestInfo) -> tuple[int, int, int]:
+        """``(cost, prompt estimate, reserved answer)`` in tokens of an attempt of this lane,
+        the prompt estimate scaled by what the server's tokenizer was seen to count."""
+        if not self.count_tokens:
+            return 0, 0, 0
+        prompt, answer = estimate_parts(request.json)
+        scaled = math.ceil(prompt * self.token_ratio) if self.token_ratio else prompt
+        return scaled + answer, prompt, answer
 
     def allowed(self) -> int:
         if self.control is None:
@@ -199,11 +247,16 @@ class _Lane:
 class _Permit:
     """Handed out by :meth:`AdmissionLimiter.acquire`; given back once to ``release``."""
 
-    __slots__ = ("lane", "cost", "released")
+    __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "released")
 
-    def __init__(self, lane: _Lane, cost: int) -> None:
+    def __init__(self, lane: _Lane, cost: int, prompt_estimate: int = 0,
+                 answer_reserved: int = 0, probe: bool = False) -> None:
         self.lane = lane
         self.cost = cost
+        self.prompt_estimate = prompt_estimate
+        self.answer_reserved = answer_reserved
+        #: The probe of a half-open lane: its answer decides whether the lane reopens.
+        self.probe = probe
         self.released = False
 
     def __repr__(self) -> str:
@@ -212,13 +265,17 @@ class _Permit:
 
 
 class _Waiter:
-    __slots__ = ("lane", "cost", "cond", "permit")
+    __slots__ = ("lane", "cost", "parts", "cond", "permit", "since")
 
-    def __init__(self, lane: _Lane, cost: int, cond: threading.Condition) -> None:
+    def __init__(self, lane: _Lane, cost: tuple[int, int, int], cond: threading.Condition,
+                 since: float) -> None:
         self.lane = lane
-        self.cost = cost
+        self.cost = cost[0]
+        self.parts = cost
         self.cond = cond
         self.permit: Optional[_Permit] = None
+        #: When the call began: a call back from a 429 keeps its place among the oldest.
+        self.since = since
 
 
 # What blocks a waiter: the client's own limits (nobody behind it may pass) or its lane's
@@ -270,6 +327,8 @@ class AdmissionLimiter:
         safety_margin: float = DEFAULT_SAFETY_MARGIN,
         acquire_timeout: Optional[float] = None,
         models: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        window: Optional[float] = None,
+        window_align: str = "first_request",
         clock: Optional[Clock] = None,
     ) -> None:
         # The schema the configuration is checked against checks direct construction too.
@@ -277,8 +336,11 @@ class AdmissionLimiter:
             "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
             "tokens_per_minute": tokens_per_minute, "burst": burst, "adaptive": adaptive,
             "safety_margin": safety_margin, "acquire_timeout": acquire_timeout,
-            "models": dict(models or {}),
+            "models": dict(models or {}), "window": window, "window_align": window_align,
         }, where="<AdmissionLimiter>", key_path=PLUGIN_NAME)
+        if window is not None and requests_per_minute is None:
+            raise ConfigError(f"{PLUGIN_NAME}.window: needs requests_per_minute (the window's "
+                              "quota is requests_per_minute * window / 60)", key="window")
         if max_concurrency is None:
             raise ConfigError(f"{PLUGIN_NAME}.max_concurrency: AdmissionLimiter needs a number "
                               "(from_options() turns null into the client's concurrency)",
@@ -291,11 +353,15 @@ class AdmissionLimiter:
         self.safety_margin = float(safety_margin)
         self.acquire_timeout = acquire_timeout
         self.models = {name: dict(section) for name, section in (models or {}).items()}
+        self.window = window
+        self.window_align = window_align
         self.clock: Clock = clock or SystemClock()
         # Condition waits measure real time; any other clock is waited on with its own sleep.
         self._real_time = self.clock.monotonic is time.monotonic
         now = self.clock.monotonic()
-        self._requests = _rate_bucket(requests_per_minute, self.burst, self.safety_margin, now)
+        # With a configured window the quota goes out together: the rate is the window's.
+        self._requests = (None if window is not None else
+                          _rate_bucket(requests_per_minute, self.burst, self.safety_margin, now))
         self._tokens = _rate_bucket(tokens_per_minute, self.burst, self.safety_margin, now)
         self._count_tokens = tokens_per_minute is not None or any(
             section.get("tokens_per_minute") is not None for section in self.models.values())
@@ -337,7 +403,6 @@ class AdmissionLimiter:
         :raises RateLimitError: the wait would exceed the timeout.
         :raises RuntimeError: the limiter is (or gets) closed.
         """
-        cost = estimate_tokens(request.json) if self._count_tokens else 0
         timeout = self.acquire_timeout if timeout_s is None else timeout_s
         with self._lock:
             self._mutating = True
@@ -347,10 +412,12 @@ class AdmissionLimiter:
                     raise RuntimeError("this limiter is closed")
                 now = self.clock.monotonic()
                 lane = self._lanes.get(request.model) or self._new_lane(request.model, now)
-                if not self._queue and self._blocked(lane, cost, now)[0] is None:
+                cost = lane.cost(request)
+                if not self._queue and self._blocked(lane, cost[0], now)[0] is None:
                     return self._grant(lane, cost, now)
-                waiter = _Waiter(lane, cost, threading.Condition(self._lock))
-                self._queue.append(waiter)
+                waiter = _Waiter(lane, cost, threading.Condition(self._lock),
+                                 request.started_at)
+                self._enqueue(waiter)
                 lane.waiting += 1
                 lane.demand_changed(now)
                 deadline = None if timeout is None else now + timeout
@@ -364,19 +431,23 @@ class AdmissionLimiter:
                     self._dispatch(now)
                 self._settle()
 
-    def release(self, permit: Any, result: AttemptResult) -> None:
-        """The attempt ended: free its slot, settle its tokens, learn from ``result``."""
+    def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
+        """The attempt ended: free its slot, settle its tokens, learn from ``result``.
+
+        :returns: for a 429 with adaptive mode on, the :class:`cometkit.Throttle` the retry
+            policy reads (``accepting`` while the server keeps accepting other calls).
+        """
         if not isinstance(permit, _Permit):
             logger.debug("release() of something that is not a permit of this limiter: %r",
                          permit)
-            return
+            return None
         with self._lock:
             if self._mutating:  # a finalizer inside our own critical section: apply it later
                 self._deferred.append((permit, result))
-                return
+                return None
             self._mutating = True
             try:
-                self._release(permit, result)
+                return self._release(permit, result)
             finally:
                 self._settle()
 
@@ -403,6 +474,8 @@ class AdmissionLimiter:
             for model, lane in self._lanes.items():
                 entry: dict[str, Any] = {"in_flight": lane.in_flight, "waiting": lane.waiting,
                                          "max_concurrency": lane.max_concurrency}
+                if lane.token_ratio is not None:
+                    entry["token_ratio"] = lane.token_ratio
                 if lane.control is not None:
                     entry.update(lane.control.snapshot(now))
                 else:
@@ -417,15 +490,39 @@ class AdmissionLimiter:
     def _new_lane(self, model: Optional[str], now: float) -> _Lane:
         section = self.models.get(model, {}) if model is not None else {}
         cap = min(self.max_concurrency, section.get("max_concurrency") or self.max_concurrency)
+        requests = _rate_bucket(section.get("requests_per_minute"), self.burst,
+                                self.safety_margin, now)
+        control = None
+        if self.adaptive:
+            # A configured rate is a floor adaptive learning does not undercut (until the
+            # server keeps refusing at it); a configured window is known from the start.
+            rates = [b.rate_per_s for b in (self._requests, requests) if b is not None]
+            quota = None
+            if self.window is not None and self.requests_per_minute is not None:
+                quota = max(1, int(self.requests_per_minute * self.window / 60.0))
+            control = AdaptiveControl(
+                cap, now, rate_floor_per_s=min(rates) if rates else None,
+                window_s=self.window, window_aligned=self.window_align == "clock",
+                window_quota=quota)
         lane = _Lane(
-            model, cap,
-            _rate_bucket(section.get("requests_per_minute"), self.burst, self.safety_margin,
-                         now),
+            model, cap, requests,
             _rate_bucket(section.get("tokens_per_minute"), self.burst, self.safety_margin, now),
-            AdaptiveControl(cap, now) if self.adaptive else None,
-        )
+            control, self._count_tokens)
         self._lanes[model] = lane
         return lane
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        """Queue a waiter by the age of its call: first come, first served, and a call sent
+        back by a 429 keeps its place ahead of calls that began after it."""
+        queue = self._queue
+        if not queue or queue[-1].since <= waiter.since:
+            queue.append(waiter)
+            return
+        for index, other in enumerate(queue):
+            if other.since > waiter.since:
+                queue.insert(index, waiter)
+                return
+        queue.append(waiter)
 
     def _blocked(self, lane: _Lane, cost: int, now: float) -> tuple[Optional[str],
                                                                      Optional[float]]:
@@ -444,29 +541,36 @@ class AdmissionLimiter:
         if lane.in_flight >= lane.allowed():
             return _LANE, None
         if lane.control is not None:
-            ready = max(ready, lane.control.ready_at())
-        if lane.requests is not None:
-            ready = max(ready, lane.requests.ready_at(1, now))
-        if cost and lane.tokens is not None:
-            ready = max(ready, lane.tokens.ready_at(cost, now))
+            ready = max(ready, lane.control.ready_at(now))
+            if math.isinf(ready):  # a probe is out: only its answer reopens the lane
+                return _LANE, None
+        for bucket in (lane.requests, lane.stated_requests):
+            if bucket is not None:
+                ready = max(ready, bucket.ready_at(1, now))
+        if cost:
+            for bucket in (lane.tokens, lane.stated_tokens):
+                if bucket is not None:
+                    ready = max(ready, bucket.ready_at(cost, now))
         if ready - now > _EPSILON:
             return _LANE, ready
         return None, None
 
-    def _grant(self, lane: _Lane, cost: int, now: float) -> _Permit:
+    def _grant(self, lane: _Lane, parts: tuple[int, int, int], now: float) -> _Permit:
+        cost = parts[0]
         self._in_flight += 1
         lane.in_flight += 1
-        for bucket in (self._requests, lane.requests):
+        for bucket in (self._requests, lane.requests, lane.stated_requests):
             if bucket is not None:
                 bucket.take(1, now)
         if cost:
-            for bucket in (self._tokens, lane.tokens):
+            for bucket in (self._tokens, lane.tokens, lane.stated_tokens):
                 if bucket is not None:
                     bucket.take(cost, now)
+        probe = False
         if lane.control is not None:
-            lane.control.on_admit(now)
+            probe = lane.control.on_admit(now)
             lane.demand_changed(now)
-        return _Permit(lane, cost)
+        return _Permit(lane, cost, parts[1], parts[2], probe)
 
     def _dispatch(self, now: float) -> Optional[float]:
         """Admit every waiter that may go now, oldest first; return when to look again
@@ -486,7 +590,7 @@ class AdmissionLimiter:
             if scope is None:
                 self._queue.remove(waiter)
                 lane.waiting -= 1
-                waiter.permit = self._grant(lane, waiter.cost, now)
+                waiter.permit = self._grant(lane, waiter.parts, now)
                 waiter.cond.notify()
             elif scope is _CLIENT:
                 break
@@ -540,22 +644,70 @@ class AdmissionLimiter:
             f"({self._in_flight} in flight, {len(self._queue)} waiting{learned})",
             status_code=429)
 
-    def _release(self, permit: _Permit, result: AttemptResult) -> None:
+    def _release(self, permit: _Permit, result: AttemptResult) -> Optional[Throttle]:
         if permit.released:
             logger.debug("permit released twice: %r", permit)
-            return
+            return None
         permit.released = True
         now = self.clock.monotonic()
         lane = permit.lane
+        in_flight = lane.in_flight
         self._in_flight -= 1
         lane.in_flight -= 1
-        if self._count_tokens:
-            self._settle_tokens(permit, result, now)
-        if lane.control is not None:
-            lane.control.on_result(result, now, self.clock.time)
+        verdict = None
+        control = lane.control
+        if control is not None:
+            hints = result.hints
+            if hints is not None and result.status_code is not None:
+                self._learn_stated_limits(lane, hints, now)
+            signals = control.signals
+            kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
+                                     in_flight=in_flight)
             lane.demand_changed(now)
+            if kind is not None:
+                if kind in ("rate", "tokens") and control.signals > signals:
+                    self._refused_at_configured_rate(lane)
+                verdict = Throttle(control.accepting(now), kind,
+                                   control.hold_remaining_s(now))
+        if lane.count_tokens:
+            self._settle_tokens(permit, result, now)
         if self._queue:
             self._dispatch(now)
+        return verdict
+
+    def _refused_at_configured_rate(self, lane: _Lane) -> None:
+        """A configured rate was refused: first shrink its burst (one second's worth is more
+        than some servers hold); only when it refuses at the smallest burst may adaptive mode
+        send below the configured rate."""
+        shrunk = False
+        for bucket in (self._requests, lane.requests):
+            if bucket is not None and bucket.capacity > 1.0:
+                bucket.capacity = max(1.0, bucket.capacity / 2.0)
+                bucket.level = min(bucket.level, bucket.capacity)
+                shrunk = True
+        if shrunk:
+            logger.info("429 at the configured rate for model=%s: burst halved",
+                        lane.model or "-")
+        elif lane.control is not None:
+            lane.control.refused_at_floor()
+
+    def _learn_stated_limits(self, lane: _Lane, hints: Any, now: float) -> None:
+        """Pace at the per-minute limits the server states (with a reset: a bucket that
+        refills, as OpenAI and Anthropic describe theirs), less ``safety_margin``."""
+        if lane.control is not None and lane.control.window_s is not None:
+            return  # a window's quota goes out together: a per-minute pace would waste it
+        if hints.limit_requests and hints.reset_requests_s is not None:
+            lane.stated_requests = self._restate(lane.stated_requests, hints.limit_requests, now)
+        if hints.limit_tokens and hints.reset_tokens_s is not None:
+            lane.stated_tokens = self._restate(lane.stated_tokens, hints.limit_tokens, now)
+            lane.count_tokens = True
+
+    def _restate(self, bucket: Optional[TokenBucket], per_minute: float,
+                 now: float) -> TokenBucket:
+        rate = per_minute / 60.0 * (1.0 - self.safety_margin)
+        if bucket is not None and abs(bucket.rate_per_s - rate) <= 1e-6 * rate:
+            return bucket
+        return TokenBucket(rate, max(1.0, self.burst * rate), now)
 
     def _settle(self) -> bool:
         """End a change of state: apply the releases deferred meanwhile, then mark the state
@@ -567,16 +719,33 @@ class AdmissionLimiter:
         return applied
 
     def _settle_tokens(self, permit: _Permit, result: AttemptResult, now: float) -> None:
-        """Replace the estimate with the usage the server reported; refund a refused call."""
+        """Replace the estimate with what the server charged: the prompt it counted plus the
+        larger of the reserved ``max_tokens`` and the answer (providers reserve
+        ``max_tokens``); refund a refused call. Learn the server's tokenizer from ``usage``."""
+        lane = permit.lane
         if result.input_tokens is not None or result.output_tokens is not None:
-            refund = permit.cost - (result.input_tokens or 0) - (result.output_tokens or 0)
+            charged = (result.input_tokens or 0) + max(permit.answer_reserved,
+                                                       result.output_tokens or 0)
+            refund = permit.cost - charged
+            if (result.input_tokens is not None
+                    and permit.prompt_estimate >= MIN_RATIO_SAMPLE_TOKENS):
+                self._learn_token_ratio(lane, result.input_tokens / permit.prompt_estimate)
         elif result.status_code is not None and result.status_code >= 400:
             refund = permit.cost
         else:
             return
-        for bucket in (self._tokens, permit.lane.tokens):
+        for bucket in (self._tokens, lane.tokens, lane.stated_tokens):
             if bucket is not None:
                 bucket.give(refund, now)
+
+    @staticmethod
+    def _learn_token_ratio(lane: _Lane, observed: float) -> None:
+        low, high = TOKEN_RATIO_BOUNDS
+        observed = min(high, max(low, observed))
+        if lane.token_ratio is None:
+            lane.token_ratio = observed
+        else:
+            lane.token_ratio += TOKEN_RATIO_SMOOTHING * (observed - lane.token_ratio)
 
 
 # -------------------------------------------------------------------------------------------

@@ -133,7 +133,9 @@ _OWN_OPTIONS = {
 #: The ``plugins.redis_limiter`` section: the ``limiter``'s options, shared by the fleet, plus
 #: where Redis is.
 OPTIONS = {
-    **LIMITER_OPTIONS,
+    # A configured window is in-process only for now: the shared store keeps smooth rates.
+    **{key: option for key, option in LIMITER_OPTIONS.items()
+       if key not in ("window", "window_align")},
     "max_concurrency": Option(
         "int", None, minimum=1, nullable=True,
         help="Attempts in flight at once across every process using this Redis and API key; "

@@ -35,12 +35,14 @@ def make_request(clock: FakeClock, request_id: str = "ck-1", model: str = "gpt-x
 
 
 def rate_limited(request: RequestInfo, attempt: int = 1, headers=None, code=None,
-                 message: str = "slow down") -> AttemptResult:
+                 message: str = "slow down", history: tuple = (),
+                 throttle=None) -> AttemptResult:
     body = {"error": {"message": message, "code": code}}
     error = RateLimitError(f"Error code: 429 - {message}", status_code=429,
                            request_id="req-provider-1", body=body, code=code)
     return AttemptResult(request, attempt, status_code=429,
-                         headers=CaseInsensitiveDict(headers or {}), error=error, error_code=code)
+                         headers=CaseInsensitiveDict(headers or {}), error=error, error_code=code,
+                         history=history, throttle=throttle)
 
 
 def status_failure(request: RequestInfo, status: int, attempt: int = 1) -> AttemptResult:
@@ -74,6 +76,8 @@ def test_defaults_are_the_documented_ones():
         "retry_on": [429], "max_attempts": 5, "base_delay": 1.0, "max_delay": 30.0,
         "jitter": "additive", "max_retry_after": 120.0, "deadline": None,
         "budget_ratio": 0.2, "budget_floor": 5, "budget_window": 10.0,
+        "give_up_codes": sorted(backoff.HOPELESS_ERROR_CODES),
+        "wait_despite": list(backoff.WAIT_DESPITE_CODE),
     }
     built = BackoffPolicy.from_options(options)
     assert built.retry_on == {429} and built.max_attempts == 5 and built.jitter == "additive"
@@ -260,9 +264,15 @@ def test_decorrelated_jitter_follows_the_aws_formula_per_call(clock):
                       rng=random.Random(seed))
     first, second = make_request(clock, "ck-a"), make_request(clock, "ck-b")
     got_a, got_b = [], []
-    for attempt in range(1, 8):  # two calls interleaved: each keeps its own previous delay
-        got_a.append(p.decide(rate_limited(first, attempt=attempt)).delay_s)
-        got_b.append(p.decide(rate_limited(second, attempt=attempt)).delay_s)
+    history_a: tuple = ()
+    history_b: tuple = ()
+    for attempt in range(1, 8):  # two calls interleaved: each has its own history
+        decision = p.decide(rate_limited(first, attempt=attempt, history=history_a))
+        history_a += (decision,)
+        got_a.append(decision.delay_s)
+        decision = p.decide(rate_limited(second, attempt=attempt, history=history_b))
+        history_b += (decision,)
+        got_b.append(decision.delay_s)
 
     reference = random.Random(seed)
     want_a, want_b, prev_a, prev_b = [], [], 1.0, 1.0
@@ -275,13 +285,15 @@ def test_decorrelated_jitter_follows_the_aws_formula_per_call(clock):
     assert all(1.0 <= d <= 30.0 for d in got_a + got_b)
 
 
-def test_decorrelated_memory_is_dropped_when_a_call_ends(clock):
-    p = BackoffPolicy(jitter="decorrelated", max_attempts=2, clock=clock, rng=FixedRandom(1.0))
+def test_decorrelated_jitter_reads_the_previous_delay_from_the_calls_history(clock):
+    p = BackoffPolicy(jitter="decorrelated", max_attempts=5, clock=clock, rng=FixedRandom(1.0))
     request = make_request(clock)
-    assert p.decide(rate_limited(request, attempt=1)).delay_s == 3.0
-    assert p._previous_delay == {"ck-1": 3.0}
-    assert not p.decide(rate_limited(request, attempt=2)).retry
-    assert p._previous_delay == {}
+    first = p.decide(rate_limited(request, attempt=1))
+    assert first.delay_s == 3.0  # uniform(1, 1 * 3) at its top
+    assert p.decide(rate_limited(request, attempt=2, history=(first,))).delay_s == 9.0
+    # the policy keeps nothing per call: without the history it starts again from base_delay
+    assert p.decide(rate_limited(request, attempt=2)).delay_s == 3.0
+    assert not hasattr(p, "_previous_delay")
 
 
 # -- server hints -----------------------------------------------------------------------------
@@ -522,10 +534,13 @@ def test_concurrent_decisions_keep_consistent_counts(clock):
         for i in range(calls_per_thread):
             request = make_request(clock, f"ck-{index}-{i}")
             p.on_call_start(request)
+            history: tuple = ()
             for attempt in range(1, p.max_attempts + 1):
                 attempts[index] += 1
-                if not p.decide(rate_limited(request, attempt)).retry:
+                decision = p.decide(rate_limited(request, attempt, history=history))
+                if not decision.retry:
                     break
+                history += (decision,)
                 granted[index] += 1
 
     threads = [threading.Thread(target=worker, args=(n,), daemon=True)
@@ -539,7 +554,6 @@ def test_concurrent_decisions_keep_consistent_counts(clock):
     assert p.budget.counts() == (calls, sum(granted))
     assert sum(granted) <= 0.2 * calls + 5
     assert sum(attempts) == calls + sum(granted)
-    assert p._previous_delay == {}, "every call ended, so nothing is remembered"
 
 
 # -- logging ----------------------------------------------------------------------------------

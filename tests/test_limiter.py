@@ -104,7 +104,8 @@ def test_spec_is_on_by_default_and_documents_every_option_with_its_default():
     defaults = validate_section(OPTIONS, {})
     assert defaults == {"max_concurrency": None, "requests_per_minute": None,
                         "tokens_per_minute": None, "burst": 1.0, "adaptive": True,
-                        "safety_margin": 0.02, "acquire_timeout": None, "models": {}}
+                        "safety_margin": 0.02, "acquire_timeout": None, "models": {},
+                        "window": None, "window_align": "first_request"}
     assert all(option.help for option in OPTIONS.values())
 
 
@@ -323,22 +324,25 @@ def test_model_requests_per_minute_is_its_own_bucket(clock):
     assert attempt(lim, clock, model="fast", duration_s=0) == clock.monotonic()
 
 
-def test_tokens_per_minute_uses_the_estimate_then_the_reported_usage(clock):
+def test_tokens_per_minute_uses_the_estimate_then_what_the_server_charged(clock):
     lim = AdmissionLimiter(max_concurrency=10, tokens_per_minute=6000, safety_margin=0,
                            adaptive=False, clock=clock)  # 100 tokens/s, bucket of 100
-    body = {"messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 30}  # 80
+    body = {"messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 30}  # 50 + 30
     t0 = clock.monotonic()
     req = request(body=body)
     permit = lim.acquire(req)
     assert clock.monotonic() == t0
-    # The server reports 55 tokens: 25 of the 80 reserved come back (level 20 + 25 = 45).
-    lim.release(permit, result(req, input_tokens=50, output_tokens=5, duration_s=0))
+    # The server counted a 40-token prompt and keeps the 30 reserved for the answer (it wrote
+    # only 5): 70 charged, 10 of the 80 come back (level 20 + 10 = 30).
+    lim.release(permit, result(req, input_tokens=40, output_tokens=5, duration_s=0))
+    assert lane(lim)["token_ratio"] == pytest.approx(0.8)
     second = lim.acquire(request(body=body))
-    assert clock.monotonic() == pytest.approx(t0 + 0.35)  # (80 - 45) / 100 per s
+    # Its tokenizer counts 0.8 of the estimate: the next call costs 40 + 30 = 70.
+    assert clock.monotonic() == pytest.approx(t0 + 0.4)  # (70 - 30) / 100 per s
     # A refused call did no work: its whole estimate comes back.
     lim.release(second, result(req, 429, duration_s=0))
     lim.acquire(request(body=body))
-    assert clock.monotonic() == pytest.approx(t0 + 0.35)
+    assert clock.monotonic() == pytest.approx(t0 + 0.4)
 
 
 def test_acquire_timeout_raises_rate_limit_error(clock):
@@ -477,7 +481,7 @@ def test_429_holds_admissions_for_retry_after(clock, retry_after, hold_s):
     assert attempt(lim, clock) == pytest.approx(refused_at + hold_s)
 
 
-def test_waiters_released_after_a_hold_are_paced_not_a_herd(clock):
+def test_after_a_hold_one_probe_goes_then_the_waiters_are_paced_not_a_herd(clock):
     lim = AdmissionLimiter(max_concurrency=16, clock=clock)
     # The first attempt is refused: nothing was accepted yet, so no rate is learned and the
     # pacing after the hold is latency / allowed concurrency.
@@ -485,11 +489,29 @@ def test_waiters_released_after_a_hold_are_paced_not_a_herd(clock):
     hold_end = clock.monotonic() + 1
     allowed = lane(lim)["limit"]
     assert allowed == 2 and lane(lim)["rate_per_s"] is None
+    # Half-open: the first admission after the hold is a probe ...
+    probe_at = attempt(lim, clock, 200, duration_s=0.4)
+    assert probe_at == pytest.approx(hold_end)
+    reopened = clock.monotonic()
+    # ... and once it is accepted the others go, one every latency / allowed.
     admitted = []
     for i in range(allowed):
         lim.acquire(request(n=i))
         admitted.append(clock.monotonic())
-    assert admitted == pytest.approx([hold_end, hold_end + 0.4 / allowed])
+    assert admitted == pytest.approx([reopened, reopened + 0.4 / allowed])
+
+
+def test_while_the_probe_is_out_nobody_else_is_admitted(clock):
+    from cometkit_plugins._limiter_adaptive import PROBE_TIMEOUT_S
+
+    lim = AdmissionLimiter(max_concurrency=16, clock=clock)
+    attempt(lim, clock, 200)
+    attempt(lim, clock, 429, headers={"Retry-After": "1"})
+    hold_end = clock.monotonic() + 1
+    lim.acquire(request(n=1))  # the probe, never answered
+    assert clock.monotonic() == pytest.approx(hold_end)
+    lim.acquire(request(n=2))  # waits for the probe's answer, at most PROBE_TIMEOUT_S
+    assert clock.monotonic() == pytest.approx(hold_end + PROBE_TIMEOUT_S)
 
 
 def accept(control: AdaptiveControl, clock: FakeClock, count: int, seconds: float,
@@ -531,9 +553,15 @@ def test_send_rate_is_learned_from_what_the_server_accepted(clock):
     clock.advance(1.0)
     control.on_admit(clock.monotonic())
     assert control.rate_per_s == pytest.approx(10.0)  # 20 accepted over 2 busy seconds
-    assert control.ready_at() == pytest.approx(clock.monotonic() + 0.1)
-    # Successes raise the rate slowly: about RATE_GROWTH_PER_S of it per second.
-    accept(control, clock, 10, 1.0)
+    # That admission was the probe of the half-open lane; once it is accepted, the pace is
+    # the learned rate.
+    sent = clock.monotonic()
+    control.on_result(result(request(), 200, started_at=sent, duration_s=0.0), sent,
+                      clock.time, probe=True)
+    assert control.ready_at(sent) == pytest.approx(sent + 0.1)
+    # Successes raise the rate slowly: about RATE_GROWTH_PER_S of it per second (the probe
+    # and nine more: a second's worth).
+    accept(control, clock, 9, 0.9)
     assert control.rate_per_s == pytest.approx(10.0 * (1 + RATE_GROWTH_PER_S), rel=0.02)
 
 
