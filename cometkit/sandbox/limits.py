@@ -237,6 +237,8 @@ class RateLimits:
         self._by_clock = window_align == "clock"
         self._window_retry_after = window_retry_after
         self._names = _FAMILY_NAMES[header_family]
+        self._family_resets = header_family in ("openai", "anthropic")
+        self._family_silent = header_family == "none"
         self._timestamp_resets = header_family == "anthropic"
         self._reset_on_refusal = reset_on_refusal
         self._monotonic = monotonic
@@ -313,8 +315,10 @@ class RateLimits:
         limit refused (else the time until the bucket is full). A window reports its own limit,
         what is left of it and the time left in it (no reset when its 429s hint nothing).
         """
+        if self._family_silent:
+            return ()
         headers: list = []
-        with_reset = kind is None or self._reset_on_refusal
+        with_reset = self._family_resets and (kind is None or self._reset_on_refusal)
         for name, limit, total in (("requests", state.requests, self._request_limit),
                                    ("tokens", state.tokens, self._token_limit)):
             if limit is None:
@@ -330,12 +334,12 @@ class RateLimits:
                 reset = wait if kind == name else limit.to_full_s()
             else:
                 continue
-            if not with_reset:
-                reset = None
+            total_text, remaining_text = _number(total), str(remaining)
+            reset_text = self._reset_text(reset) if with_reset and reset is not None else None
             for limit_name, remaining_name, reset_name in self._names[name]:
-                headers += [(limit_name, _number(total)), (remaining_name, str(remaining))]
-                if reset_name is not None and reset is not None:
-                    headers.append((reset_name, self._reset_text(reset)))
+                headers += [(limit_name, total_text), (remaining_name, remaining_text)]
+                if reset_name is not None and reset_text is not None:
+                    headers.append((reset_name, reset_text))
         return tuple(headers)
 
     def _reset_text(self, reset_s: float) -> str:
