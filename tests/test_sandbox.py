@@ -545,6 +545,20 @@ def test_a_window_combines_with_a_token_bucket_and_a_refusal_uses_no_slot(clock)
         assert refused.headers["x-ratelimit-remaining-requests"] == "4"  # not charged
         assert refused.headers["x-ratelimit-reset-tokens"] == "400ms"
         assert sb.stats()["rate_limited"] == {"tokens": 1}
+        # A refused request does not open the next window; the first admitted one does.
+        clock.advance(59.5)
+        big = {**payload, "max_tokens": 500}  # 510 tokens: the bucket goes 410 into debt
+        assert post(sb, "/chat/completions", big).status_code == 200
+        clock.advance(0.5)  # the first window is over
+        refused = post(sb, "/chat/completions", payload)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "5"
+        assert refused.headers["x-ratelimit-reset-requests"] == "1m0s"  # not yet opened
+        clock.advance(20)
+        opened = post(sb, "/chat/completions", payload)
+        assert opened.status_code == 200
+        assert opened.headers["x-ratelimit-remaining-requests"] == "4"
+        assert opened.headers["x-ratelimit-reset-requests"] == "1m0s"  # opened just now
 
 
 def test_token_ratio_shows_in_usage_and_in_the_charge(clock):

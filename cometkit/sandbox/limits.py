@@ -95,15 +95,17 @@ def rfc3339(epoch_s: float) -> str:
 
 
 class FixedWindow:
-    """At most ``limit`` units per window of ``length_s`` seconds. Not thread-safe: callers lock.
+    """At most ``limit`` units per window of ``length_s`` seconds. Not thread-safe: callers lock,
+    and call :meth:`refresh` with the current time before the other methods.
 
     Unlike a bucket, nothing refills gradually: the whole allowance comes back at once when the
-    window ends. A ``first_request`` window opens with the first request after the previous one
-    ended; a ``clock`` window is ``[k * length_s, (k + 1) * length_s)`` of the time it is given.
-    A cost larger than the limit is admitted into an unused window, which it uses up.
+    window ends. A ``first_request`` window opens with the first request admitted after the
+    previous one ended (a refused request does not start it); a ``clock`` window is
+    ``[k * length_s, (k + 1) * length_s)`` of the time it is given. A cost larger than the limit
+    is admitted into an unused window, which it uses up.
     """
 
-    __slots__ = ("limit", "length_s", "by_clock", "start", "used")
+    __slots__ = ("limit", "length_s", "by_clock", "start", "used", "now")
 
     def __init__(self, limit: float, length_s: float, by_clock: bool) -> None:
         self.limit = limit
@@ -111,27 +113,35 @@ class FixedWindow:
         self.by_clock = by_clock
         self.start = -math.inf
         self.used = 0.0
+        self.now = 0.0
 
     def refresh(self, now: float) -> None:
+        self.now = now
         if now >= self.start + self.length_s:
             self.start = (math.floor(now / self.length_s) * self.length_s if self.by_clock
                           else now)
             self.used = 0.0
 
-    def wait_s(self, cost: float, now: float) -> float:
+    def wait_s(self, cost: float) -> float:
         """Seconds until ``cost`` can be taken (0 when it can now): the rest of the window."""
         if self.used <= 0 or self.used + cost <= self.limit + _EPSILON:
             return 0.0
-        return self.left_s(now)
+        return self.left_s()
 
     def take(self, cost: float) -> None:
+        if self.used <= 0 and not self.by_clock:
+            self.start = self.now  # the first admitted request opens the window
         self.used += cost
 
     def remaining(self) -> int:
         return max(0, math.floor(self.limit - self.used + _EPSILON))
 
-    def left_s(self, now: float) -> float:
-        return max(0.0, self.start + self.length_s - now)
+    def left_s(self) -> float:
+        """Seconds until the allowance comes back (a window not yet opened would last all of
+        ``length_s``)."""
+        if self.used <= 0 and not self.by_clock:
+            return self.length_s
+        return max(0.0, self.start + self.length_s - self.now)
 
 
 def _anthropic(side: str) -> tuple:
@@ -280,8 +290,7 @@ class RateLimits:
             for name, limit, charge in (("requests", state.requests, 1),
                                         ("tokens", state.tokens, cost)):
                 if kind is None and limit is not None:
-                    wait = (limit.wait_s(charge, window_now) if type(limit) is FixedWindow
-                            else limit.wait_s(charge))
+                    wait = limit.wait_s(charge)
                     if wait > 0:
                         kind, limit_hit = name, limit
             if kind is None:
@@ -290,8 +299,8 @@ class RateLimits:
                 if state.tokens is not None:
                     state.tokens.take(cost)
                 state.serving += 1
-                return Admission(True, headers=self._headers(state, None, 0.0, window_now))
-            headers = self._headers(state, kind, wait, window_now)
+                return Admission(True, headers=self._headers(state, None, 0.0))
+            headers = self._headers(state, kind, wait)
         windowed = type(limit_hit) is FixedWindow
         hint: Optional[float] = wait
         if windowed:
@@ -306,8 +315,7 @@ class RateLimits:
         with self._lock:
             self._models[model].serving -= 1
 
-    def _headers(self, state: _ModelState, kind: Optional[str], wait: float,
-                 window_now: float) -> tuple:
+    def _headers(self, state: _ModelState, kind: Optional[str], wait: float) -> tuple:
         """Rate-limit headers in the configured family's names.
 
         A bucket reports as OpenAI does for a per-minute limit enforced in shorter buckets: the
@@ -327,8 +335,7 @@ class RateLimits:
             if type(limit) is FixedWindow:
                 total = limit.limit
                 remaining = limit.remaining()
-                reset = (limit.left_s(window_now) if self._window_retry_after != "none"
-                         else None)
+                reset = limit.left_s() if self._window_retry_after != "none" else None
             elif total:
                 remaining = limit.remaining(total)
                 reset = wait if kind == name else limit.to_full_s()

@@ -130,8 +130,8 @@ class Sandbox:
     :param window_requests: requests per model per fixed window of ``window_s`` (instead of
         ``rpm`` / ``rps``), as gateways count them.
     :param window_s: the window's length (default a minute).
-    :param window_align: ``first_request`` (a window opens with the first request after the
-        previous one ended, as LiteLLM's proxy) or ``clock`` (``[k*W, (k+1)*W)`` of
+    :param window_align: ``first_request`` (a window opens with the first request admitted
+        after the previous one ended, as LiteLLM's proxy) or ``clock`` (``[k*W, (k+1)*W)`` of
         ``clock.time()``: a calendar minute, as LiteLLM's router).
     :param window_retry_after: what a window's 429 hints: ``left`` (the time left in it),
         ``window`` (its length, LiteLLM's inflated value) or ``none`` (no hint and no reset
