@@ -919,8 +919,9 @@ def test_lifecycle_errors_and_argument_validation():
     sb.stop()
     sb.stop()  # idempotent
     for kwargs in ({"rpm": 0}, {"rpm": 60, "rps": 1}, {"burst": 3}, {"retry_after": "later"},
-                   {"latency_s": -1}, {"api_key": ""}, {"faults": ["nope"]}):
-        with pytest.raises(ValueError):
+                   {"latency_s": -1}, {"api_key": ""}, {"faults": ["nope"]}, {"rpm": "60"},
+                   {"latency_s": "1"}, {"max_in_flight": 2.5}, {"tpm": float("inf")}):
+        with pytest.raises(ValueError):  # never a TypeError from comparing a string
             Sandbox(**kwargs)
 
 

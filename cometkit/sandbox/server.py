@@ -180,14 +180,12 @@ class Sandbox:
         in_flight_retry_after_s: Optional[float] = None,
         overload_style: str = "openai",
     ) -> None:
-        for name, value in (("rpm", rpm), ("rps", rps), ("tpm", tpm), ("burst", burst),
-                            ("max_in_flight", max_in_flight)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, not {value!r}")
+        for name, value in (("rpm", rpm), ("rps", rps), ("tpm", tpm), ("burst", burst)):
+            _check_number(name, value)
+        _check_number("max_in_flight", max_in_flight, integer=True)
         for name, value in (("latency_s", latency_s), ("slow_s", slow_s),
                             ("retry_after_value_s", retry_after_value_s)):
-            if not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number of seconds >= 0")
+            _check_number(name, value, zero=True, optional=False)
         if rpm is not None and rps is not None:
             raise ValueError("give rpm or rps, not both")
         if burst is not None and rpm is None and rps is None:
@@ -708,31 +706,33 @@ class _Server(ThreadingHTTPServer):
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
+def _check_number(name: str, value: Any, *, integer: bool = False, zero: bool = False,
+                  optional: bool = True) -> None:
+    """Refuse anything but a finite positive number (or ``None`` when ``optional``; 0 when
+    ``zero``) with a ``ValueError`` naming the argument, never a ``TypeError`` from comparing."""
+    if value is None and optional:
+        return
+    if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+            or not (0 <= value if zero else 0 < value) or not value < math.inf):
+        kind = "an integer" if integer else "a finite number"
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be {kind} {bound}, not {value!r}")
+
+
 def _check_limit_shapes(arguments: dict) -> None:
     """Refuse bad or contradictory limit-shape arguments of :class:`Sandbox`, by name.
 
     :raises ValueError: naming the argument.
     """
-    def positive(name: str, integer: bool = False) -> None:
-        value = arguments[name]
-        if value is None:
-            return
-        if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-                or not 0 < value < math.inf):
-            kind = "integer" if integer else "finite number"
-            raise ValueError(f"{name} must be a positive {kind}, not {value!r}")
-
     def one_of(name: str, choices: tuple) -> None:
         if arguments[name] not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, "
                              f"not {arguments[name]!r}")
 
-    positive("window_requests", integer=True)
+    _check_number("window_requests", arguments["window_requests"], integer=True)
     for name in ("window_s", "token_window_s", "in_flight_retry_after_s"):
-        positive(name)
-    positive("token_ratio")
-    if arguments["token_ratio"] is None:
-        raise ValueError("token_ratio must be a positive finite number, not None")
+        _check_number(name, arguments[name])
+    _check_number("token_ratio", arguments["token_ratio"], optional=False)
     for name, choices in (("window_align", WINDOW_ALIGNS),
                           ("window_retry_after", WINDOW_RETRY_AFTERS),
                           ("ratelimit_headers", HEADER_FAMILIES),
