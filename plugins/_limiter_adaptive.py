@@ -115,6 +115,9 @@ WINDOW_SLACK_S = 0.05
 #: A hint repeated on refusals at least this far apart is a period (the time left would have
 #: shrunk).
 PERIOD_EVIDENCE_S = 1.0
+#: Shortest hint taken for a period: a server rounding a short wait up to whole seconds
+#: repeats ``Retry-After: 1`` without meaning a window.
+MIN_PERIOD_S = 2.0
 #: The learned rate never falls below this (calls per second).
 MIN_RATE_PER_S = 0.5
 #: A measurement over less busy time than this is a burst, not a rate.
@@ -132,6 +135,10 @@ PROBE_TIMEOUT_S = 2.0
 #: The server counts as still *accepting* while its last acceptance is at most this old (or two
 #: windows, if longer): long enough to span a calendar minute and its probe.
 STORM_HORIZON_S = 65.0
+#: Before the server accepted anything, refusals within this long of the first one still count
+#: as "not now" (a fresh client's first wave meets the limit before any answer is back); after
+#: it, a server that never accepted is in a storm.
+FIRST_EVIDENCE_S = 2.0
 #: Successes without a concurrency refusal after which a remembered ceiling rises by one.
 CEILING_PROBE_OKS = 100
 #: Refusals at a configured rate, with the burst already at its smallest, before adaptive mode
@@ -171,6 +178,7 @@ class AdaptiveControl:
         self.signals = 0
         #: ``monotonic()`` of the last accepted attempt's answer (``None``: none yet).
         self.last_ok_at: Optional[float] = None
+        self._first_refusal_at: Optional[float] = None
         #: A known window: its length, whether it follows the wall clock, and its quota.
         self.window_s = window_s
         self.window_aligned = window_aligned
@@ -280,7 +288,8 @@ class AdaptiveControl:
         """Whether the server accepted an attempt recently enough that a refused call should
         wait its turn rather than spend its attempts (see :data:`STORM_HORIZON_S`)."""
         if self.last_ok_at is None:
-            return False
+            first = self._first_refusal_at
+            return first is not None and now - first <= FIRST_EVIDENCE_S
         horizon = max(STORM_HORIZON_S, 2.0 * (self.window_s or 0.0))
         return now - self.last_ok_at <= horizon
 
@@ -322,6 +331,8 @@ class AdaptiveControl:
     def _throttled(self, result: AttemptResult, hints: RateLimitHints, now: float,
                    probe: bool, in_flight: Optional[int]) -> str:
         self.throttled += 1
+        if self.last_ok_at is None and self._first_refusal_at is None:
+            self._first_refusal_at = now
         if hints.refusal == "concurrency":
             return self._capped(result, in_flight)
         kind = "tokens" if hints.refusal == "tokens" else "rate"
@@ -332,8 +343,10 @@ class AdaptiveControl:
         self.hold_until = max(self.hold_until, now + hold_s)
         if self.window_s is not None and self._run_ok:
             self.window_quota = self._run_ok  # what this window really accepted (so far)
-        # A known window reopens with its whole quota at once; anything else is probed first.
-        self._half_open = kind != "window" or self.window_quota is None
+        # A known window reopens with its whole quota at once; anything else is probed first
+        # -- unless nothing is accepted at all (a storm): then the retry policy ends the calls.
+        self._half_open = (kind != "window" or self.window_quota is None) and \
+            self.accepting(now)
         before = self.allowed()
         # Only a refusal after some acceptance says where the server's rate is: a server that
         # refuses everything (a quota, an outage) must not drive the rate to a crawl.
@@ -360,8 +373,15 @@ class AdaptiveControl:
             self._minute_probe = to_minute <= hold
             return min(hold, to_minute), ("window" if self.window_s is not None else kind)
         repeated = (self._last_hint is not None and abs(hint - self._last_hint) < 1e-3
-                    and now - self._last_hint_at >= PERIOD_EVIDENCE_S and hint >= 1.0)
+                    and now - self._last_hint_at >= PERIOD_EVIDENCE_S
+                    and hint >= MIN_PERIOD_S)
         self._last_hint, self._last_hint_at = hint, now
+        if (not repeated and self.window_s is not None and not self._window_configured
+                and abs(hint - self.window_s) >= 1e-3):
+            logger.info("Retry-After %g s after a window of %g s was assumed: the hint is a "
+                        "time left after all", hint, self.window_s)
+            self.window_s = self.window_quota = None
+            self._window_end = -math.inf
         if repeated and not self._window_configured:
             if self.window_s != hint:
                 logger.info("the same Retry-After (%g s) on every refusal: a window of that "
@@ -393,13 +413,14 @@ class AdaptiveControl:
         self._epoch_ok += 1
         self._ok_since_signal += 1
         self._ok_in_window += 1
-        if self._run_started_at is not None and result.started_at >= self._run_started_at - 1e-9:
+        if self._half_open and (probe or result.started_at >= self._last_signal_at):
+            self._reopen(now, result.started_at)  # this success is the new run's first
+        elif (self._run_started_at is not None
+              and result.started_at >= self._run_started_at - 1e-9):
             self._run_ok += 1
             if (self.window_quota is not None and not self._window_configured
                     and self._run_ok > self.window_quota):
                 self.window_quota = self._run_ok  # late answers of the window's own calls
-        if self._half_open and (probe or result.started_at >= self._last_signal_at):
-            self._reopen(now, result.started_at)
         if self.ceiling is not None:
             self._ok_since_ceiling += 1
             if self._ok_since_ceiling >= CEILING_PROBE_OKS and self.ceiling < self.max_limit:

@@ -47,6 +47,7 @@ from ._limiter_adaptive import (
     DEFAULT_HOLD_S,
     INITIAL_LIMIT,
     MAX_HOLD_S,
+    STORM_HORIZON_S,
     AdaptiveControl,
 )
 from ._limiter_buckets import TokenBucket
@@ -57,6 +58,7 @@ __all__ = [
     "DEFAULT_HOLD_S",
     "INITIAL_LIMIT",
     "MAX_HOLD_S",
+    "STORM_HORIZON_S",
     "OPTIONS",
     "estimate_parts",
     "estimate_tokens",

@@ -60,6 +60,7 @@ from cometkit import (
     RateLimitError,
     RequestInfo,
     SystemClock,
+    Throttle,
     hookimpl,
 )
 from cometkit.hints import retry_after_s
@@ -69,6 +70,7 @@ from cometkit_plugins.limiter import (  # the in-process limiter's adaptive cons
     DEFAULT_HOLD_S,
     INITIAL_LIMIT,
     MAX_HOLD_S,
+    STORM_HORIZON_S,
     AdmissionLimiter,
     estimate_tokens,
 )
@@ -226,7 +228,8 @@ return {1, fmt(now), lane_limit}
 #: KEYS: client slots, lane slots, client tpm, lane tpm, lane hold, lane control.
 #: ARGV: permit id, token refund (negative: charge more), client and lane tpm interval ms,
 #: outcome ('429', 'ok' or ''), hold ms, admitted at, lane max, initial limit, backoff factor,
-#: control ttl ms. Returns {lease was held (1/0), shared limit (-1: unchanged), cut (1/0)}.
+#: control ttl ms. Returns {lease was held (1/0), shared limit (-1: unchanged), cut (1/0),
+#: ms since any process last saw an acceptance of this model (-1: never)}.
 RELEASE_LUA = _COMMON_LUA + """
 local held = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -261,10 +264,14 @@ elseif outcome == 'ok' then
     ok = 0
     limit = math.min(tonumber(ARGV[8]), limit + 1)
   end
-  redis.call('HSET', KEYS[6], 'limit', string.format('%.6f', limit), 'ok', ok)
+  redis.call('HSET', KEYS[6], 'limit', string.format('%.6f', limit), 'ok', ok,
+             'last_ok', fmt(now))
 end
 if outcome ~= '' then redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[11])) end
-return {held, string.format('%.6f', limit), cut}
+local last_ok = tonumber(redis.call('HGET', KEYS[6], 'last_ok'))
+local age = -1
+if last_ok then age = math.max(0, now - last_ok) end
+return {held, string.format('%.6f', limit), cut, fmt(age)}
 """
 
 #: KEYS: sorted sets; ARGV[1]: lease ms; ARGV[i + 1]: the permit id leased in KEYS[i].
@@ -543,22 +550,28 @@ class RedisLimiter:
                 self._went_down(exc)
         return self._acquire_without_redis(request, deadline)
 
-    def release(self, permit: Any, result: AttemptResult) -> None:
-        """The attempt ended: give its slot back, settle its tokens, share what a 429 says."""
+    def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
+        """The attempt ended: give its slot back, settle its tokens, share what a 429 says.
+
+        :returns: for a 429 in adaptive mode, a :class:`cometkit.Throttle` that is
+            ``accepting`` while *any* process of the fleet saw this model accepted within
+            the storm horizon: the refused call waits out the shared hold instead of spending
+            its attempts.
+        """
         if isinstance(permit, _LocalPermit):
             if self._local is not None:
-                self._local.release(permit.inner, result)
-            return
+                return self._local.release(permit.inner, result)
+            return None
         if not isinstance(permit, _RedisPermit):
             if permit is not _OPEN:
                 logger.debug("release() of something that is not a permit of this limiter: %r",
                              permit)
-            return
+            return None
         if getattr(self._tls, "depth", 0):  # a finalizer inside our own section: later
             self._tls.deferred.append((permit, result))
-            return
+            return None
         with self._guarded():
-            self._release(permit, result)
+            return self._release(permit, result)
 
     def close(self) -> None:
         """Refuse new attempts and stop renewing leases (attempts in flight still release)."""
@@ -667,27 +680,29 @@ class RedisLimiter:
             if self._closed:
                 raise RuntimeError("the limiter was closed while this attempt waited")
 
-    def _release(self, permit: _RedisPermit, result: AttemptResult) -> None:
+    def _release(self, permit: _RedisPermit, result: AttemptResult) -> Optional[Throttle]:
         with self._lock:
             if permit.released:
                 logger.debug("permit released twice: %r", permit)
-                return
+                return None
             permit.released = True
             self._held.pop(permit.id, None)
         if self._down_at is not None:
-            return  # Redis is unreachable: the lease runs out by itself within lease_ttl
+            return None  # Redis is unreachable: the lease runs out by itself within lease_ttl
         lane = permit.lane
         refund = self._refund(permit, result) if self._count_tokens else 0
         outcome, hold_s = "", 0.0
         if self.adaptive and result.status_code is not None:
             if result.status_code == 429:
-                hint = retry_after_s(result.headers, self.clock.time()) if result.headers \
-                    else None
+                hints = result.hints
+                hint = (hints.wait_s if hints is not None else
+                        retry_after_s(result.headers, self.clock.time()) if result.headers
+                        else None)
                 outcome, hold_s = "429", min(MAX_HOLD_S, DEFAULT_HOLD_S if hint is None else hint)
             elif result.status_code < 400:
                 outcome = "ok"
         try:
-            _held, limit, cut = self._release_script(
+            _held, limit, cut, ok_age_ms = self._release_script(
                 keys=[self._client_slots, lane.slots, self._client_tpm, lane.tpm, lane.hold,
                       lane.control],
                 args=[permit.id, refund, self._client_tpm_gcra[0], lane.tpm_gcra[0], outcome,
@@ -696,11 +711,15 @@ class RedisLimiter:
                       int(CONTROL_TTL_S * 1000)])
         except self._redis_error as exc:
             self._went_down(exc)
-            return
+            return None
         if cut == 1:
             logger.info("429 for model=%s: shared concurrency now %d, holding admissions "
                         "%.2f s in every process", lane.label, max(1, int(float(limit))),
                         hold_s)
+        if outcome != "429":
+            return None
+        age_s = float(_text(ok_age_ms)) / 1000.0
+        return Throttle(0 <= age_s <= STORM_HORIZON_S, "rate", hold_s)
 
     @staticmethod
     def _refund(permit: _RedisPermit, result: AttemptResult) -> int:
