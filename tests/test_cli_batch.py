@@ -559,6 +559,8 @@ def test_config_check_prints_the_effective_config_with_secrets_redacted(tmp_path
     ("plugins:\n  backoff: {max_attempts: 0}\n", "plugins.backoff.max_attempts"),
     ("base_url: http://api.example.com/v1\n", "clear text"),
     ("x: !!python/object/apply:os.system ['true']\n", "not allowed"),
+    ("plugins:\n  backoff:\n    retry_on: &a [429, *a]\n", "line 3, column 24: alias *a"),
+    ("timeout: " + "[" * 3000 + "]" * 3000 + "\n", "line 1, column 73: values nested"),
 ])
 def test_config_check_rejects_invalid_files(tmp_path, text, expected):
     config = tmp_path / "bad.yaml"
@@ -566,7 +568,7 @@ def test_config_check_rejects_invalid_files(tmp_path, text, expected):
     done = run_cli("config", "check", config, cwd=tmp_path)
     assert done.returncode == 2
     assert expected in done.stderr and "bad.yaml" in done.stderr
-    assert done.stdout == ""
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1  # no traceback
 
 
 def test_plugins_lists_first_party_plugins_with_their_package(tmp_path):
