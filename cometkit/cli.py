@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import logging
 import os
 import shlex
@@ -251,8 +252,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         summary = Summary.from_csv(args.csv)
     except FileNotFoundError:
         return _error(f"{args.csv}: no such file")
-    except (OSError, ValueError) as exc:
-        return _error(f"{args.csv}: {exc}")
+    except OSError as exc:
+        return _error(f"{args.csv}: cannot read it: {exc.strerror or exc}")
+    except ValueError as exc:  # names the file and line itself
+        return _error(str(exc))
     if args.json:
         import json
 
@@ -268,7 +271,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         try:
             plot_metrics(args.csv, args.plot)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, csv.Error) as exc:
             return _error(f"cannot write the plot {args.plot}: {exc}")
         _say(f"cometkit report: plot written to {args.plot}")
     return EXIT_OK

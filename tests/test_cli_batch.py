@@ -499,6 +499,29 @@ def test_report_errors(tmp_path):
     other.write_text("a,b\n1,2\n")
     done = run_cli("report", other, cwd=tmp_path)
     assert done.returncode == 2 and "missing columns" in done.stderr
+    assert done.stderr.count("other.csv") == 1
+    directory = run_cli("report", tmp_path, cwd=tmp_path)
+    assert directory.returncode == 2 and len(directory.stderr.splitlines()) == 1
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    done = run_cli("report", binary, cwd=tmp_path)
+    assert done.returncode == 2 and "not utf-8 text" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_report_on_a_csv_torn_inside_a_quoted_cell_is_one_line_and_exit_2(metrics_csv):
+    """A quote opened and never closed swallows the rest of the file: the csv module gives up
+    (``_csv.Error``), which must reach the user as one line naming the file and line."""
+    rows = metrics_csv.read_text().splitlines(keepends=True)
+    torn = metrics_csv.parent / "torn.csv"
+    cells = rows[3].split(",")
+    cells[6] = '"' + cells[6]  # server_address opens a quote that never closes
+    big = rows[1] * 2000  # enough rows after it to pass the csv module's field size limit
+    torn.write_text("".join(rows[:3]) + ",".join(cells) + big)
+    done = run_cli("report", torn, cwd=metrics_csv.parent)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1
+    assert f"{torn}:4: unreadable CSV" in done.stderr and "never closed" in done.stderr
 
 
 def test_report_plot_writes_a_png(metrics_csv):
