@@ -23,7 +23,14 @@ from ._exceptions import CometError, ConfigError, PluginError
 from ._plugins import PluginInfo, configure_plugins, enabled_names, inspect_plugins
 from ._transport import DEFAULT_BASE_URL, check_base_url
 from ._version import __version__
-from .batch import BatchInputError, BatchOutputError, BatchPlan, BatchResult, BatchRunner
+from .batch import (
+    BatchInputError,
+    BatchOutputError,
+    BatchPlan,
+    BatchResult,
+    BatchRunError,
+    BatchRunner,
+)
 from .config import REDACTED, dump_yaml, load_config, redact
 
 __all__ = ["main", "build_parser"]
@@ -181,7 +188,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                             concurrency=args.concurrency, plugins=plugins)
         except (ConfigError, PluginError) as exc:
             return _error(str(exc))
-        result = _send(runner, client, plan, args)
+        try:
+            result = _send(runner, client, plan, args)
+        except BatchRunError as exc:  # stopped at once: one line says why and what to do
+            _say(f"cometkit batch: error: {exc}")
+            return EXIT_FAILED
     _say(f"cometkit batch: {_final_line(result, args.output)}")
     if result.interrupted:
         _say(f"Interrupted. To resume, run the same command again:\n  "
