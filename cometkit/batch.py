@@ -48,6 +48,7 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Optional
 
+from ._client import check_count
 from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, CometError
 from ._idset import DigestSet
 
@@ -330,6 +331,8 @@ class BatchRunner:
                  retry_failed: bool = False) -> None:
         self.input_path = os.fspath(input_path)
         self.output_path = os.fspath(output_path)
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise ValueError(f"model must be a non-empty string or None, got {model!r}")
         self.model = model
         self.retry_failed = retry_failed
         self._answered = DigestSet()
@@ -558,6 +561,8 @@ class BatchRunner:
         :raises BatchRunError: another error stopped the run; what was written is kept.
         """
         window = _check_window(max_in_flight, client)
+        if on_result is not None and not callable(on_result):
+            raise TypeError(f"on_result must be callable, got {type(on_result).__name__}")
         plan = self._plan if self._plan is not None else self.prepare()
         result = BatchResult(plan)
         counts = [0, 0]  # ok, failed; changed under the write lock
@@ -752,12 +757,7 @@ def _check_window(max_in_flight: Any, client: Any) -> int:
     """``max_in_flight`` checked (a whole number >= 1), or twice the client's concurrency."""
     if max_in_flight is None:
         return 2 * int(getattr(client, "concurrency", 4))
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
-        raise TypeError(f"max_in_flight must be a whole number, got "
-                        f"{type(max_in_flight).__name__}")
-    if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-    return max_in_flight
+    return check_count("max_in_flight", max_in_flight)
 
 
 def _status_code_name(status: int) -> str:

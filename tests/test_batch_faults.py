@@ -170,6 +170,18 @@ def test_an_input_edited_during_the_run_stops_it_with_a_cometkit_error(tmp_path,
     assert cometkit_sandbox.stats()["attempts"] == 0
 
 
+def test_runner_checks_model_and_on_result(tmp_path, cometkit_sandbox):
+    source = tmp_path / "in.jsonl"
+    write_prompts(source, 2)
+    with pytest.raises(ValueError, match="model"):
+        BatchRunner(source, tmp_path / "out.jsonl", model="")
+    with cometkit.Client("sk-test", cometkit_sandbox.base_url) as client, \
+            BatchRunner(source, tmp_path / "out.jsonl") as runner:
+        with pytest.raises(TypeError, match="on_result"):
+            runner.run(client, on_result="print")
+    assert cometkit_sandbox.stats()["attempts"] == 0
+
+
 @pytest.mark.parametrize("value, error", [(-1, ValueError), (0, ValueError),
                                           (2.5, TypeError), ("4", TypeError),
                                           (True, TypeError)])
