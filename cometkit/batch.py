@@ -41,6 +41,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import uuid
@@ -61,6 +62,7 @@ __all__ = [
     "BatchRunner",
     "BatchInputError",
     "BatchOutputError",
+    "BatchFileError",
     "BatchRunError",
     "BatchWriteError",
     "Problem",
@@ -98,6 +100,11 @@ class BatchInputError(CometError):
 
 class BatchOutputError(CometError):
     """The output file cannot be resumed (it is not an earlier run's output, or is locked)."""
+
+
+class BatchFileError(CometError, OSError):
+    """The input or the output cannot be used as a file (missing, a directory, a pipe,
+    unreadable); nothing was sent. An ``OSError`` too, for callers that catch those."""
 
 
 class BatchRunError(CometError):
@@ -386,8 +393,23 @@ class BatchRunner:
         :raises BatchInputError: invalid lines (all of them counted, the first ones listed).
         :raises BatchOutputError: the output is the input, is not a batch output, or another
             run is writing it.
-        :raises OSError: a file cannot be read or written.
+        :raises BatchFileError: a file cannot be read or written, or the input is not a
+            regular file.
         """
+        try:
+            return self._prepare()
+        except OSError as exc:
+            if isinstance(exc, BatchFileError):
+                raise
+            name = exc.filename if exc.filename is not None else self.output_path
+            raise BatchFileError(f"{os.fsdecode(name)}: {exc.strerror or exc}") from None
+
+    def _prepare(self) -> BatchPlan:
+        if not stat.S_ISREG(os.stat(self.input_path).st_mode):
+            raise BatchFileError(
+                f"{self.input_path}: the input must be a regular file: it is read twice (all "
+                "lines checked first, then sent), which a pipe or a device cannot do. Save it "
+                "to a file first.")
         if os.path.exists(self.output_path) and os.path.samefile(self.input_path,
                                                                  self.output_path):
             raise BatchOutputError("the output file is the input file: choose another -o")
@@ -624,10 +646,15 @@ class BatchRunner:
         if self._failure is not None:
             self._failure.result = result
             raise self._failure
-        if not self._stop.is_set() and result.ok + result.failed != submitted:
-            # cannot happen by design; never let a request end without its line unnoticed
-            raise BatchRunError(f"{submitted - result.ok - result.failed} request(s) ended "
-                                "without a line in the output; rerun to send them", result)
+        if not self._stop.is_set():
+            if submitted != plan.pending:
+                raise BatchRunError(f"{self.input_path} changed during the run: {plan.pending} "
+                                    f"request(s) to send were counted, {submitted} found. "
+                                    "Rerun to send what is missing.", result)
+            if result.ok + result.failed != submitted:
+                # cannot happen by design; never let a request end without its line unnoticed
+                raise BatchRunError(f"{submitted - result.ok - result.failed} request(s) ended "
+                                    "without a line in the output; rerun to send them", result)
         return result
 
     def _pending_checked(self) -> Iterator[BatchItem]:

@@ -24,6 +24,7 @@ from ._plugins import PluginInfo, configure_plugins, enabled_names, inspect_plug
 from ._transport import DEFAULT_BASE_URL, check_base_url
 from ._version import __version__
 from .batch import (
+    BatchFileError,
     BatchInputError,
     BatchOutputError,
     BatchPlan,
@@ -164,7 +165,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                          retry_failed=args.retry_failed)
     try:
         plan = runner.prepare()
-    except (BatchInputError, BatchOutputError, OSError) as exc:
+    except (BatchInputError, BatchOutputError, BatchFileError) as exc:
         return _error(str(exc))
     with runner, contextlib.ExitStack() as stack:
         _describe_plan(plan, args.output)

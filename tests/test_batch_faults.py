@@ -170,6 +170,23 @@ def test_an_input_edited_during_the_run_stops_it_with_a_cometkit_error(tmp_path,
     assert cometkit_sandbox.stats()["attempts"] == 0
 
 
+def test_lines_added_to_the_input_during_the_run_are_reported(tmp_path, cometkit_sandbox):
+    source = tmp_path / "in.jsonl"
+    ids = write_prompts(source, 3)
+    output = tmp_path / "out.jsonl"
+    with cometkit.Client("sk-test", cometkit_sandbox.base_url) as client:
+        with BatchRunner(source, output) as runner:
+            assert runner.prepare().pending == 3
+            ids += write_prompts(tmp_path / "more.jsonl", 2, prefix="late")
+            with open(source, "a") as handle:
+                handle.write((tmp_path / "more.jsonl").read_text())
+            with pytest.raises(BatchRunError, match="changed during the run: 3 .* 5 found"):
+                runner.run(client)
+        with BatchRunner(source, output) as rerun:
+            assert rerun.run(client).complete
+    assert_each_once(read_whole_lines(output), ids)
+
+
 def test_runner_checks_model_and_on_result(tmp_path, cometkit_sandbox):
     source = tmp_path / "in.jsonl"
     write_prompts(source, 2)

@@ -279,6 +279,24 @@ def test_usage_errors_exit_2(tmp_path):
     assert zero.returncode == 2
 
 
+def test_input_and_output_that_are_not_files_are_one_line_exit_2(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_prompts(source, 2)
+    piped = subprocess.run([sys.executable, "-m", "cometkit", "batch", "/dev/stdin", "-o",
+                            "o.jsonl", "--sandbox"], cwd=tmp_path, env=cli_env(),
+                           input=source.read_text(), capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    # read twice (checked, then sent): a pipe would have been sent nothing, and exited 0
+    assert piped.returncode == 2 and "must be a regular file" in piped.stderr
+    (tmp_path / "adir").mkdir()
+    for args in (("adir", "-o", "o.jsonl"), (source, "-o", "adir"),
+                 (source, "-o", tmp_path / "no" / "such" / "dir.jsonl")):
+        done = run_cli("batch", *args, "--sandbox", cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_refuses_to_resume_into_a_file_that_is_not_batch_output(tmp_path):
     source = tmp_path / "in.jsonl"
     write_prompts(source, 2)
