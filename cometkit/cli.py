@@ -161,8 +161,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             "the built-in sandbox, offline and without a key.")
     plugins = _batch_plugins(loaded.data.get("plugins") or {}, args.metrics_csv)
 
-    runner = BatchRunner(args.input, args.output, model=args.model,
-                         retry_failed=args.retry_failed)
+    try:
+        runner = BatchRunner(args.input, args.output, model=args.model,
+                             retry_failed=args.retry_failed)
+    except ValueError as exc:  # --model ""
+        return _error(f"--model: {exc}")
     try:
         plan = runner.prepare()
     except (BatchInputError, BatchOutputError, BatchFileError) as exc:

@@ -295,6 +295,10 @@ def test_input_and_output_that_are_not_files_are_one_line_exit_2(tmp_path):
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "o.jsonl").exists()
+    empty_model = run_cli("batch", source, "-o", "o.jsonl", "--model", " ", "--sandbox",
+                          cwd=tmp_path)
+    assert empty_model.returncode == 2 and "--model" in empty_model.stderr
+    assert len(empty_model.stderr.splitlines()) == 1
 
 
 def test_refuses_to_resume_into_a_file_that_is_not_batch_output(tmp_path):
