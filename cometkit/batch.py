@@ -354,6 +354,8 @@ class BatchRunner:
         self._created = False
         #: The first error that stopped the run (see :meth:`run`), set once.
         self._failure: Optional[BatchRunError] = None
+        #: A write failed: nothing more is written (under the write lock).
+        self._output_failed = False
         self._failure_lock = threading.Lock()
 
     def __enter__(self) -> BatchRunner:
@@ -574,8 +576,9 @@ class BatchRunner:
 
         Every request sent ends as exactly one line, or the run stops: an error outside the
         call itself (the output cannot be written, ``on_result`` raises, the input changed
-        since :meth:`prepare`) stops admitting requests at once, lets those in flight finish
-        without writing anything more, and is raised once they have.
+        since :meth:`prepare`) stops admitting requests at once and is raised once those in
+        flight have finished. They are written, unless the output itself failed: then nothing
+        is written after the failed write.
 
         :param on_result: called with ``True`` (ok) or ``False`` (failed) after each line is
             written, under the output lock, from a worker thread.
@@ -677,14 +680,16 @@ class BatchRunner:
     def _write(self, item: BatchItem, line: bytes, ok: bool, counts: list[int],
                on_result: Optional[Callable[[bool], None]]) -> Any:
         """Append one result line, whole, or write nothing: after the first failed write the
-        run stops and no line follows it (a torn line in the middle could not be repaired)."""
+        run stops and no line follows it (a torn line in the middle could not be repaired).
+        After another error that stopped the run, the calls in flight are still written."""
         with self._write_lock:
             out = self._out
-            if out is None or self._failure is not None:  # abandoned, or stopped by an error
+            if out is None or self._output_failed:  # abandoned, or the output is unwritable
                 return _SKIPPED
             try:
                 _write_all(out, line)
             except OSError as exc:
+                self._output_failed = True
                 with contextlib.suppress(OSError):  # cut a partly written line back off
                     os.ftruncate(out.fileno(), self._out_size)
                 self._fail(BatchWriteError(_write_error_message(self.output_path, exc)),
