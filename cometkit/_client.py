@@ -105,15 +105,13 @@ def _check_construction_args(base_url: Any, clock: Any, rng: Any, extra_plugins:
     if base_url is not None and not isinstance(base_url, str):
         raise ConfigError(f"base_url: must be a URL string, got {type(base_url).__name__}",
                           key="base_url")
-    if clock is not None:
-        missing = [m for m in ("monotonic", "time", "sleep") if not callable(getattr(clock, m,
-                                                                                      None))]
-        if missing:
-            raise TypeError(f"clock must be a cometkit.Clock (monotonic(), time(), sleep()); "
-                            f"{type(clock).__name__} has no {', '.join(missing)}()")
-    if rng is not None and not isinstance(rng, random.Random):
-        raise TypeError(f"rng must be a random.Random (seeded in tests), got "
-                        f"{type(rng).__name__}")
+    for name, value, methods, kind in (
+            ("clock", clock, ("monotonic", "time", "sleep"), "a cometkit.Clock"),
+            ("rng", rng, ("random", "uniform"), "a random.Random (seeded in tests)")):
+        missing = [m for m in methods if not callable(getattr(value, m, None))]
+        if value is not None and missing:
+            raise TypeError(f"{name} must be {kind}; {type(value).__name__} has no "
+                            f"{'(), '.join(missing)}()")
     if isinstance(extra_plugins, (str, bytes)) or not isinstance(extra_plugins,
                                                                  (list, tuple)):
         raise TypeError("extra_plugins must be a list or tuple of plugin objects, got "
