@@ -35,7 +35,8 @@ from ._transport import (
     connection_error,
     read_body,
 )
-from .config import load_config
+from .config import load_config, parse_timeout
+from .options import InvalidValue
 from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
 __all__ = ["Client"]
@@ -59,6 +60,62 @@ def _clean_api_key(api_key: Optional[str], where: str) -> Optional[str]:
                           "character, so it cannot be sent in a header. Check how the key was "
                           "copied (the value is not shown).", key="api_key")
     return api_key or None
+
+
+def check_count(name: str, value: Any) -> int:
+    """``value`` as a whole number >= 1, or a ``TypeError``/``ValueError`` naming ``name``: a
+    window of 0 or less would silently do nothing."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number >= 1, got {type(value).__name__} "
+                        f"{value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _check_callable(fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__} {fn!r}")
+
+
+def _check_mapping(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping (a dict) or None, got {type(value).__name__}")
+
+
+def _call_timeout(timeout: Any) -> Optional[tuple[float, float]]:
+    """A per-call ``timeout=`` as ``(connect_s, read_s)``, in the forms the configuration's
+    ``timeout`` takes (seconds, ``"30s"``, ``(connect, read)``, ``{connect:, read:}``)."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float, str, tuple, list, Mapping)) or isinstance(
+            timeout, bool):
+        raise TypeError(f"timeout must be seconds, a duration such as \"30s\" or a (connect, "
+                        f"read) pair, got {type(timeout).__name__}")
+    try:
+        return parse_timeout(dict(timeout) if isinstance(timeout, Mapping) else timeout)
+    except InvalidValue as exc:
+        part = f".{exc.key}" if exc.key else ""
+        raise ValueError(f"timeout{part}: {exc}") from None
+
+
+def _check_construction_args(base_url: Any, clock: Any, rng: Any, extra_plugins: Any) -> None:
+    """The keyword arguments that are not configuration keys (those are validated with the
+    configuration)."""
+    if base_url is not None and not isinstance(base_url, str):
+        raise ConfigError(f"base_url: must be a URL string, got {type(base_url).__name__}",
+                          key="base_url")
+    for name, value, methods, kind in (
+            ("clock", clock, ("monotonic", "time", "sleep"), "a cometkit.Clock"),
+            ("rng", rng, ("random", "uniform"), "a random.Random (seeded in tests)")):
+        missing = [m for m in methods if not callable(getattr(value, m, None))]
+        if value is not None and missing:
+            raise TypeError(f"{name} must be {kind}; {type(value).__name__} has no "
+                            f"{'(), '.join(missing)}()")
+    if isinstance(extra_plugins, (str, bytes)) or not isinstance(extra_plugins,
+                                                                 (list, tuple)):
+        raise TypeError("extra_plugins must be a list or tuple of plugin objects, got "
+                        f"{type(extra_plugins).__name__}")
 
 
 class Client:
@@ -88,6 +145,7 @@ class Client:
         **overrides: Any,
     ) -> None:
         self._closed = True  # until fully built, so __del__/close() are safe on failure
+        _check_construction_args(base_url, clock, rng, extra_plugins)
         loaded = load_config(config, overrides=overrides)
         data = loaded.data
         where = loaded.where
@@ -104,6 +162,23 @@ class Client:
         self._clock: Clock = clock or SystemClock()
         self._transport = Transport(self.base_url, api_key, timeout_s=self.timeout_s,
                                     pool_size=self.concurrency, verify=data.get("verify", True))
+        try:
+            self._build(data, loaded, api_key, rng, extra_plugins)
+        except BaseException:
+            # a half-built client is unreachable: close what it opened (a metrics port, the
+            # session), so that building it again in this process works
+            plugins: Optional[PluginSet] = getattr(self, "_plugins", None)
+            if plugins is not None:
+                plugins.close()
+            self._transport.close()
+            raise
+        self._closed = False
+
+    def _build(self, data: dict, loaded: Any, api_key: Optional[str],
+               rng: Optional[random.Random], extra_plugins: Sequence[Any]) -> None:
+        """The plugins, the engine and the pool; :meth:`__init__` closes what was built if
+        this raises."""
+        where = loaded.where
         fingerprint = hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else ""
         self._plugins: PluginSet = build_plugins(
             data.get("plugins"),
@@ -129,7 +204,6 @@ class Client:
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
         self.models = Models(self)
-        self._closed = False
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -173,6 +247,17 @@ class Client:
         :returns: an :class:`ApiObject` for a JSON object answer, a list for a JSON array, a
             :class:`Stream` when ``stream`` is true, or ``None`` for an empty body.
         """
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a string such as \"POST\", got "
+                            f"{type(method).__name__}")
+        if not method.strip() or not method.isalpha():
+            raise ValueError(f"method must be an HTTP method such as \"POST\", got {method!r}")
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a string such as \"/chat/completions\", got "
+                            f"{type(path).__name__}")
+        _check_mapping("params", params)
+        _check_mapping("headers", headers)
+        timeout = _call_timeout(timeout)
         if not path.startswith("/"):
             path = "/" + path
         method = method.upper()
@@ -183,6 +268,7 @@ class Client:
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's worker pool."""
+        _check_callable(fn)
         return self._executor.submit(fn, *args, **kwargs)
 
     def map(
@@ -201,9 +287,15 @@ class Client:
         does not stall the pool: later items keep being submitted while it runs. With
         ``return_exceptions`` an item's exception is yielded in its place instead of raised.
         """
-        window = max_in_flight or 2 * self.concurrency
+        _check_callable(fn)
+        window = 2 * self.concurrency if max_in_flight is None else check_count(
+            "max_in_flight", max_in_flight)
         buffered_max = 8 * window
-        items = iter(iterable)
+        try:
+            items = iter(iterable)
+        except TypeError:
+            raise TypeError(f"iterable must be iterable (a list, a generator...), got "
+                            f"{type(iterable).__name__}") from None
         pending: deque[Future[R]] = deque()
         exhausted = False
 

@@ -256,6 +256,25 @@ class PluginSet:
     def names(self) -> list[str]:
         return [name for name, _ in self.manager.list_name_plugin()]
 
+    def close(self) -> None:
+        """Close the limiter and the sinks (best effort, each failure logged): for a client
+        whose construction failed after its plugins were built."""
+        _close_built([self.retry_policy, self.limiter, *self.sinks])
+
+
+def _close_built(objects: Sequence[Any]) -> None:
+    """Close what factories built, the last built first; never raises (the caller is already
+    handling the error that made this necessary)."""
+    for obj in reversed(objects):
+        close = getattr(obj, "close", None)
+        if not callable(close):
+            continue
+        try:
+            close()
+        except Exception:
+            logger.warning("closing %r after a failed client construction failed too", obj,
+                           exc_info=True)
+
 
 def _check_section(section: Any, where: str) -> dict[str, Any]:
     if section is None:
@@ -266,15 +285,38 @@ def _check_section(section: Any, where: str) -> dict[str, Any]:
     return section
 
 
-def _call_factory(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext) -> Any:
+def _call_factory(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext, *,
+                  plugin: Any = None) -> Any:
+    """Call a factory hook (only ``plugin``'s implementation, when given); a failure is a
+    :class:`PluginError` naming the plugins asked."""
+    caller = getattr(pm.hook, hook_name)
+    if plugin is not None:
+        caller = pm.subset_hook_caller(hook_name, [p for p in pm.get_plugins() if p is not plugin])
     try:
-        return getattr(pm.hook, hook_name)(ctx=ctx)
+        return caller(ctx=ctx)
     except (ConfigError, PluginError):
         raise
     except Exception as exc:
-        owners = [impl.plugin_name for impl in getattr(pm.hook, hook_name).get_hookimpls()]
+        owners = [impl.plugin_name for impl in caller.get_hookimpls()]
         raise PluginError(f"{hook_name} failed in plugin(s) {owners}: "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _make_sinks(pm: pluggy.PluginManager, ctx: ClientContext, built: list[Any]) -> list[Any]:
+    """Ask each sink factory on its own, in pluggy's call order, appending each sink to
+    ``built`` as soon as it exists: one pluggy call would drop the sinks already made when a
+    later factory raises, and they could not be closed (a metrics port left bound)."""
+    hook_name = "cometkit_make_metrics_sink"
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    if not impls:  # nothing to build; asked all the same, so COMETKIT_TRACE_HOOKS shows it
+        return [s for s in _call_factory(pm, hook_name, ctx) if s is not None]
+    sinks = []
+    for impl in reversed(impls):
+        for sink in _call_factory(pm, hook_name, ctx, plugin=impl.plugin):
+            if sink is not None:
+                built.append(sink)
+                sinks.append(sink)
+    return sinks
 
 
 def _require(obj: Any, methods: Sequence[str], what: str, hook_name: str,
@@ -317,15 +359,23 @@ def build_plugins(
         pm.register(plugin, name=name)
         options.setdefault(name, {})
     ctx = ClientContext(plugin_options=options, **context_args)
-    policy = _call_factory(pm, "cometkit_make_retry_policy", ctx)
-    if policy is not None:
-        _require(policy, ("decide", "on_call_start"), "RetryPolicy",
-                 "cometkit_make_retry_policy", pm)
-    limiter = _call_factory(pm, "cometkit_make_limiter", ctx)
-    if limiter is not None:
-        _require(limiter, ("acquire", "release", "close"), "Limiter", "cometkit_make_limiter", pm)
-    sinks = [s for s in _call_factory(pm, "cometkit_make_metrics_sink", ctx) if s is not None]
-    for sink in sinks:
-        _require(sink, ("record_attempt", "record_call", "flush", "close"), "MetricsSink",
-                 "cometkit_make_metrics_sink", pm)
+    built: list[Any] = []  # closed again if a later factory or check fails
+    try:
+        policy = _call_factory(pm, "cometkit_make_retry_policy", ctx)
+        built.append(policy)
+        if policy is not None:
+            _require(policy, ("decide", "on_call_start"), "RetryPolicy",
+                     "cometkit_make_retry_policy", pm)
+        limiter = _call_factory(pm, "cometkit_make_limiter", ctx)
+        built.append(limiter)
+        if limiter is not None:
+            _require(limiter, ("acquire", "release", "close"), "Limiter",
+                     "cometkit_make_limiter", pm)
+        sinks = _make_sinks(pm, ctx, built)
+        for sink in sinks:
+            _require(sink, ("record_attempt", "record_call", "flush", "close"), "MetricsSink",
+                     "cometkit_make_metrics_sink", pm)
+    except BaseException:
+        _close_built(built)
+        raise
     return PluginSet(pm, ctx, infos, policy, limiter, sinks)

@@ -36,15 +36,20 @@ error answer when there was one (``null`` for a connection failure).
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import uuid
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Optional
 
+from ._client import check_count
 from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, CometError
 from ._idset import DigestSet
 
@@ -57,9 +62,13 @@ __all__ = [
     "BatchRunner",
     "BatchInputError",
     "BatchOutputError",
+    "BatchFileError",
+    "BatchRunError",
+    "BatchWriteError",
     "Problem",
     "parse_line",
     "is_ok_record",
+    "encode_record",
 ]
 
 logger = logging.getLogger("cometkit.batch")
@@ -91,6 +100,29 @@ class BatchInputError(CometError):
 
 class BatchOutputError(CometError):
     """The output file cannot be resumed (it is not an earlier run's output, or is locked)."""
+
+
+class BatchFileError(CometError, OSError):
+    """The input or the output cannot be used as a file (missing, a directory, a pipe,
+    unreadable); nothing was sent. An ``OSError`` too, for callers that catch those."""
+
+
+class BatchRunError(CometError):
+    """The run stopped before every request had its line, on an error outside the calls
+    themselves (the input changed under it, a callback raised, a result could not be written).
+
+    Every line written before it is whole and kept; rerunning the same batch resumes.
+    ``result`` holds the counts of this run up to the stop.
+    """
+
+    def __init__(self, message: str, result: Optional[BatchResult] = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class BatchWriteError(BatchRunError):
+    """The output file cannot be written (disk full, file size limit, I/O error): the run
+    stopped admitting requests at the first failed write and wrote nothing after it."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +241,32 @@ def is_ok_record(record: Any) -> bool:
     return isinstance(status, int) and 200 <= status < 300
 
 
+def encode_record(record: dict) -> bytes:
+    """One output line, newline included, that reads back to exactly ``record``.
+
+    UTF-8 as it is; but a string holding a lone surrogate (half an emoji: ``"\\ud83d"`` is
+    valid JSON, from the input or echoed by the server, yet not encodable as UTF-8) makes the
+    whole line ASCII with ``\\u`` escapes instead. Either way the line is valid JSON whose
+    values are the record's own, so a result is never lost to its encoding.
+    """
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _write_all(out: IO[bytes], data: bytes) -> None:
+    """Write ``data`` to an unbuffered file, going on after a short write (which a file that
+    reaches the disk's or the process's size limit makes before it fails)."""
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if not written:
+            raise OSError(errno.EIO, "the output file accepted no more bytes")
+        view = view[written:]
+
+
 def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as handle:
         yield from enumerate(handle, start=1)
@@ -280,15 +338,25 @@ class BatchRunner:
                  retry_failed: bool = False) -> None:
         self.input_path = os.fspath(input_path)
         self.output_path = os.fspath(output_path)
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise ValueError(f"model must be a non-empty string or None, got {model!r}")
         self.model = model
         self.retry_failed = retry_failed
         self._answered = DigestSet()
         self._plan: Optional[BatchPlan] = None
         self._stop = threading.Event()
         self._write_lock = threading.Lock()
-        #: The output, open for appending; ``None`` before :meth:`prepare` and once abandoned.
+        #: The output, open for appending, unbuffered (each line is one write); ``None``
+        #: before :meth:`prepare` and once abandoned.
         self._out: Optional[IO[bytes]] = None
+        #: Bytes of whole lines in the output: a failed write is cut back to this.
+        self._out_size = 0
         self._created = False
+        #: The first error that stopped the run (see :meth:`run`), set once.
+        self._failure: Optional[BatchRunError] = None
+        #: A write failed: nothing more is written (under the write lock).
+        self._output_failed = False
+        self._failure_lock = threading.Lock()
 
     def __enter__(self) -> BatchRunner:
         return self
@@ -302,11 +370,16 @@ class BatchRunner:
             out, self._out = self._out, None
             if out is None:
                 return
-            out.flush()
-            empty = out.tell() == 0
-            if not empty:
-                os.fsync(out.fileno())
-            out.close()
+            try:
+                empty = os.fstat(out.fileno()).st_size == 0
+                if not empty:
+                    os.fsync(out.fileno())
+            except OSError as exc:  # the lines are written; only their durability is unsure
+                empty = False
+                logger.warning("%s: could not sync the output to disk: %s", self.output_path,
+                               exc.strerror or exc)
+            finally:
+                out.close()
         if empty and self._created:
             try:
                 os.unlink(self.output_path)
@@ -322,8 +395,23 @@ class BatchRunner:
         :raises BatchInputError: invalid lines (all of them counted, the first ones listed).
         :raises BatchOutputError: the output is the input, is not a batch output, or another
             run is writing it.
-        :raises OSError: a file cannot be read or written.
+        :raises BatchFileError: a file cannot be read or written, or the input is not a
+            regular file.
         """
+        try:
+            return self._prepare()
+        except OSError as exc:
+            if isinstance(exc, BatchFileError):
+                raise
+            name = exc.filename if exc.filename is not None else self.output_path
+            raise BatchFileError(f"{os.fsdecode(name)}: {exc.strerror or exc}") from None
+
+    def _prepare(self) -> BatchPlan:
+        if not stat.S_ISREG(os.stat(self.input_path).st_mode):
+            raise BatchFileError(
+                f"{self.input_path}: the input must be a regular file: it is read twice (all "
+                "lines checked first, then sent), which a pipe or a device cannot do. Save it "
+                "to a file first.")
         if os.path.exists(self.output_path) and os.path.samefile(self.input_path,
                                                                  self.output_path):
             raise BatchOutputError("the output file is the input file: choose another -o")
@@ -356,6 +444,8 @@ class BatchRunner:
         try:
             if not self._created:
                 self._scan_output(plan, input_ids)
+            assert self._out is not None
+            self._out_size = os.fstat(self._out.fileno()).st_size  # after any repair
         except BaseException:
             self.close()
             raise
@@ -363,9 +453,12 @@ class BatchRunner:
         return plan
 
     def _open_output(self) -> None:
-        out = open(self.output_path, "ab")  # held until close()
+        # unbuffered: a line is on its way to the disk once written, and a failed write leaves
+        # nothing behind in a buffer that a later flush (or close) would try again
+        out = open(self.output_path, "ab", buffering=0)  # held until close()
         try:
             _lock_exclusively(out, self.output_path)
+            self._out_size = os.fstat(out.fileno()).st_size
         except BaseException:
             out.close()
             raise
@@ -481,58 +574,142 @@ class BatchRunner:
         once; unlike ``client.map``, a slow request (say, one waiting out a long
         ``Retry-After``) does not hold back those behind it.
 
+        Every request sent ends as exactly one line, or the run stops: an error outside the
+        call itself (the output cannot be written, ``on_result`` raises, the input changed
+        since :meth:`prepare`) stops admitting requests at once and is raised once those in
+        flight have finished. They are written, unless the output itself failed: then nothing
+        is written after the failed write.
+
         :param on_result: called with ``True`` (ok) or ``False`` (failed) after each line is
             written, under the output lock, from a worker thread.
+        :raises BatchWriteError: a line could not be written (disk full, file size limit).
+        :raises BatchRunError: another error stopped the run; what was written is kept.
         """
+        window = _check_window(max_in_flight, client)
+        if on_result is not None and not callable(on_result):
+            raise TypeError(f"on_result must be callable, got {type(on_result).__name__}")
         plan = self._plan if self._plan is not None else self.prepare()
         result = BatchResult(plan)
         counts = [0, 0]  # ok, failed; changed under the write lock
-        window = max_in_flight or 2 * int(getattr(client, "concurrency", 4))
         slots = threading.BoundedSemaphore(window)
 
         def work(item: BatchItem) -> Any:
             if self._stop.is_set():  # queued when the run was stopped: not started, not written
                 return _SKIPPED
             ok, record = self._call(client, item)
-            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
-            with self._write_lock:
-                out = self._out
-                if out is None:  # abandoned: the process is exiting
-                    return _SKIPPED
-                out.write(line + b"\n")
-                out.flush()
-                counts[0 if ok else 1] += 1
-                if on_result is not None:
-                    on_result(ok)
-            return ok
+            return self._write(item, encode_record(record), ok, counts, on_result)
 
-        def release(_: Any) -> None:
-            slots.release()
+        def finished(future: Future) -> None:
+            try:
+                error = future.exception()
+            except CancelledError:  # the pool was shut down under the run
+                error = None
+                self._fail(BatchRunError("the client's worker pool was shut down during the "
+                                         "run; rerun the same command to resume"))
+            try:
+                if error is not None:
+                    self._fail(BatchRunError(
+                        f"the batch stopped: {type(error).__name__} while handling a result: "
+                        f"{error}. The lines written so far are kept; rerun to resume."),
+                        cause=error)
+            finally:
+                slots.release()
 
         if self._out is None:
             raise RuntimeError("BatchRunner.run() after close()")
+        submitted = 0
+        holding = False  # a slot taken for an item not handed to the pool yet
         try:
-            for item in self.pending_items():
+            for item in self._pending_checked():
                 while not slots.acquire(timeout=0.5):
                     pass
+                holding = True
                 if self._stop.is_set():
-                    slots.release()
                     break
-                client.submit(work, item).add_done_callback(release)
-            # wait for the last ones: every slot back
+                future = client.submit(work, item)
+                holding = False
+                submitted += 1
+                future.add_done_callback(finished)
+        except BaseException as exc:
+            self._stop.set()  # e.g. KeyboardInterrupt without the CLI's handler: admit no more
+            if isinstance(exc, CometError) or not isinstance(exc, Exception):
+                raise
+            self._fail(BatchRunError(f"the batch stopped: {type(exc).__name__}: {exc}. The "
+                                     "lines written so far are kept; rerun to resume."),
+                       cause=exc)
+        finally:
+            if holding:
+                slots.release()
+            # wait for those in flight: every slot back (each call is bounded by its timeouts)
             for _ in range(window):
                 while not slots.acquire(timeout=0.5):
                     pass
-        except BaseException:
-            self._stop.set()  # e.g. KeyboardInterrupt without the CLI's handler: admit no more
-            raise
-        finally:
-            with self._write_lock:
-                if self._out is not None:
-                    self._out.flush()
         result.ok, result.failed = counts
         result.interrupted = self._stop.is_set() and not result.complete
+        if self._failure is not None:
+            self._failure.result = result
+            raise self._failure
+        if not self._stop.is_set():
+            if submitted != plan.pending:
+                raise BatchRunError(f"{self.input_path} changed during the run: {plan.pending} "
+                                    f"request(s) to send were counted, {submitted} found. "
+                                    "Rerun to send what is missing.", result)
+            if result.ok + result.failed != submitted:
+                # cannot happen by design; never let a request end without its line unnoticed
+                raise BatchRunError(f"{submitted - result.ok - result.failed} request(s) ended "
+                                    "without a line in the output; rerun to send them", result)
         return result
+
+    def _pending_checked(self) -> Iterator[BatchItem]:
+        """:meth:`pending_items`, with a line that no longer parses (the file was edited since
+        :meth:`prepare`) or an unreadable input as a :class:`BatchRunError`."""
+        items = self.pending_items()
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            except _LineError as exc:
+                raise BatchRunError(f"{self.input_path} changed during the run and now has an "
+                                    f"invalid line: {exc}. Fix it and rerun to resume.") from None
+            except OSError as exc:
+                raise BatchRunError(f"{self.input_path}: cannot read the input any more: "
+                                    f"{exc.strerror or exc}. Rerun to resume.") from None
+            yield item
+
+    def _write(self, item: BatchItem, line: bytes, ok: bool, counts: list[int],
+               on_result: Optional[Callable[[bool], None]]) -> Any:
+        """Append one result line, whole, or write nothing: after the first failed write the
+        run stops and no line follows it (a torn line in the middle could not be repaired).
+        After another error that stopped the run, the calls in flight are still written."""
+        with self._write_lock:
+            out = self._out
+            if out is None or self._output_failed:  # abandoned, or the output is unwritable
+                return _SKIPPED
+            try:
+                _write_all(out, line)
+            except OSError as exc:
+                self._output_failed = True
+                with contextlib.suppress(OSError):  # cut a partly written line back off
+                    os.ftruncate(out.fileno(), self._out_size)
+                self._fail(BatchWriteError(_write_error_message(self.output_path, exc)),
+                           cause=exc)
+                logger.debug("custom_id %r: result not written: %s", item.custom_id, exc)
+                return _SKIPPED
+            self._out_size += len(line)
+            counts[0 if ok else 1] += 1
+            if on_result is not None:
+                on_result(ok)
+        return ok
+
+    def _fail(self, error: BatchRunError, *, cause: Optional[BaseException] = None) -> None:
+        """Keep the first error that stops the run, and admit no more requests."""
+        if cause is not None:
+            error.__cause__ = cause
+        with self._failure_lock:
+            if self._failure is None:
+                self._failure = error
+        self._stop.set()
 
     def _call(self, client: Any, item: BatchItem) -> tuple[bool, dict]:
         """Send one request; the output record, never an exception."""
@@ -584,10 +761,7 @@ class BatchRunner:
         self._stop.set()
         got = self._write_lock.acquire(timeout=timeout_s)
         try:
-            out = self._out
-            self._out = None
-            if out is not None:
-                out.flush()
+            self._out = None  # unbuffered: every line written is already in the file
         finally:
             if got:
                 self._write_lock.release()
@@ -596,6 +770,26 @@ class BatchRunner:
 _STATUS_NAMES = {400: "bad_request", 401: "authentication_error", 403: "permission_denied",
                  404: "not_found", 409: "conflict", 422: "unprocessable_entity",
                  429: "rate_limit_exceeded"}
+
+
+def _write_error_message(path: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space"
+    elif exc.errno == errno.EFBIG:
+        fix = "raise the file size limit (ulimit -f) or write to another file system"
+    else:
+        fix = "fix the cause"
+    return (f"cannot write {path}: {reason}; stopped sending at the first failed write. "
+            f"Every answer written before it is kept: {fix}, then run the same command again "
+            "to send the rest.")
+
+
+def _check_window(max_in_flight: Any, client: Any) -> int:
+    """``max_in_flight`` checked (a whole number >= 1), or twice the client's concurrency."""
+    if max_in_flight is None:
+        return 2 * int(getattr(client, "concurrency", 4))
+    return check_count("max_in_flight", max_in_flight)
 
 
 def _status_code_name(status: int) -> str:

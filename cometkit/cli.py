@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import logging
 import os
 import shlex
@@ -22,7 +23,15 @@ from ._exceptions import CometError, ConfigError, PluginError
 from ._plugins import PluginInfo, configure_plugins, enabled_names, inspect_plugins
 from ._transport import DEFAULT_BASE_URL, check_base_url
 from ._version import __version__
-from .batch import BatchInputError, BatchOutputError, BatchPlan, BatchResult, BatchRunner
+from .batch import (
+    BatchFileError,
+    BatchInputError,
+    BatchOutputError,
+    BatchPlan,
+    BatchResult,
+    BatchRunError,
+    BatchRunner,
+)
 from .config import REDACTED, dump_yaml, load_config, redact
 
 __all__ = ["main", "build_parser"]
@@ -152,11 +161,14 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             "the built-in sandbox, offline and without a key.")
     plugins = _batch_plugins(loaded.data.get("plugins") or {}, args.metrics_csv)
 
-    runner = BatchRunner(args.input, args.output, model=args.model,
-                         retry_failed=args.retry_failed)
+    try:
+        runner = BatchRunner(args.input, args.output, model=args.model,
+                             retry_failed=args.retry_failed)
+    except ValueError as exc:  # --model ""
+        return _error(f"--model: {exc}")
     try:
         plan = runner.prepare()
-    except (BatchInputError, BatchOutputError, OSError) as exc:
+    except (BatchInputError, BatchOutputError, BatchFileError) as exc:
         return _error(str(exc))
     with runner, contextlib.ExitStack() as stack:
         _describe_plan(plan, args.output)
@@ -180,7 +192,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                             concurrency=args.concurrency, plugins=plugins)
         except (ConfigError, PluginError) as exc:
             return _error(str(exc))
-        result = _send(runner, client, plan, args)
+        try:
+            result = _send(runner, client, plan, args)
+        except BatchRunError as exc:  # stopped at once: one line says why and what to do
+            _say(f"cometkit batch: error: {exc}")
+            return EXIT_FAILED
     _say(f"cometkit batch: {_final_line(result, args.output)}")
     if result.interrupted:
         _say(f"Interrupted. To resume, run the same command again:\n  "
@@ -251,8 +267,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         summary = Summary.from_csv(args.csv)
     except FileNotFoundError:
         return _error(f"{args.csv}: no such file")
-    except (OSError, ValueError) as exc:
-        return _error(f"{args.csv}: {exc}")
+    except OSError as exc:
+        return _error(f"{args.csv}: cannot read it: {exc.strerror or exc}")
+    except ValueError as exc:  # names the file and line itself
+        return _error(str(exc))
     if args.json:
         import json
 
@@ -268,7 +286,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         try:
             plot_metrics(args.csv, args.plot)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, csv.Error) as exc:
             return _error(f"cannot write the plot {args.plot}: {exc}")
         _say(f"cometkit report: plot written to {args.plot}")
     return EXIT_OK

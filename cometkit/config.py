@@ -235,13 +235,46 @@ class _ConfigLoader(yaml.SafeLoader):
             seen[ident] = key_node
         return super().construct_mapping(node, deep=deep)
 
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._open_anchors: set[str] = set()
+
+    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> Any:
+        """Refuse what PyYAML would follow into a Python ``RecursionError``: an alias to an
+        anchor whose node is not finished (a structure containing itself), and nesting deeper
+        than :data:`MAX_CONFIG_DEPTH` (the composer recurses once per level)."""
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise _BadStructure(None, None, f"alias *{event.anchor} is inside its own anchor "
+                                    f"&{event.anchor}, so the value would contain itself "
+                                    "forever (a recursive alias)", event.start_mark)
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_CONFIG_DEPTH:
+            raise _BadStructure(None, None, f"values nested more than {MAX_CONFIG_DEPTH} levels "
+                                "deep", event.start_mark)
+        anchor = getattr(event, "anchor", None)
+        self._depth += 1
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open_anchors.discard(anchor)
 
     def construct_document(self, node: yaml.Node) -> Any:
-        size = _expanded_size(node, {})
+        size, depth = _expanded_shape(node)
         if size > MAX_CONFIG_VALUES:
-            raise _TooLarge(None, None, f"the document expands to {size} values, over the "
-                            f"limit of {MAX_CONFIG_VALUES} (YAML aliases repeating aliases?)",
-                            node.start_mark)
+            raise _BadStructure(None, None, f"the document expands to more than "
+                                f"{MAX_CONFIG_VALUES} values (YAML aliases repeating aliases?)",
+                                node.start_mark)
+        if depth > MAX_CONFIG_DEPTH:
+            raise _BadStructure(None, None, "once its aliases are expanded, the document nests "
+                                f"values more than {MAX_CONFIG_DEPTH} levels deep (aliases of "
+                                "aliases of nested values?)",
+                                node.start_mark)
         return super().construct_document(node)
 
 
@@ -250,27 +283,57 @@ _ConfigLoader.add_constructor(None, _ConfigLoader.construct_undefined)
 #: A configuration is small; a document that expands past this many values is refused before
 #: it is built, so an alias bomb ("billion laughs") costs nothing.
 MAX_CONFIG_VALUES = 100_000
+#: Deepest nesting of mappings and lists accepted (a real configuration needs about five).
+#: Everything that walks a configuration (YAML composing, ``${VAR}`` interpolation,
+#: validation, redaction) recurses once per level, so a deeper document is refused up front
+#: instead of ending in a ``RecursionError``.
+MAX_CONFIG_DEPTH = 64
 
 
-class _TooLarge(yaml.MarkedYAMLError):
-    pass
+class _BadStructure(yaml.MarkedYAMLError):
+    """Too large, too deep or recursive: refused before anything is built."""
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """How many values ``node`` becomes once aliases are expanded (counted on the node graph,
-    where an alias is a shared node, so the count itself is cheap)."""
-    known = memo.get(id(node))
-    if known is not None:
-        return known
-    memo[id(node)] = 1  # a recursive alias counts once instead of looping
+def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    else:
-        size = 1
-    memo[id(node)] = size
-    return size
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _expanded_shape(root: yaml.Node) -> tuple[int, int]:
+    """``(values, depth)`` of ``root`` once aliases are expanded.
+
+    Counted on the node graph, where an alias is a shared node, so the count is cheap even for
+    an alias bomb; walked with an explicit stack, so a long chain of aliases cannot exhaust
+    Python's recursion limit either. A node reached again while it is being walked (a cycle
+    the composer let through) is refused.
+    """
+    shape: dict[int, tuple[int, int]] = {}
+    walking: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            walking.discard(key)
+            kids = [shape[id(child)] for child in _children(node)]
+            size = 1 + sum(size for size, _ in kids)
+            depth = 1 + max((depth for _, depth in kids), default=0)
+            shape[key] = (size, depth)
+            if size > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+                return size, depth  # refused anyway: no need to finish the walk
+            continue
+        if key in shape:
+            continue
+        if key in walking:
+            raise _BadStructure(None, None, "a value contains itself (a recursive alias)",
+                                node.start_mark)
+        walking.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in shape)
+    return shape[id(root)]
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -284,7 +347,7 @@ def _parse_yaml(text: str, where: str) -> Any:
                 f"{where}: {at}: {exc.problem}. Configuration is read with YAML safe loading "
                 "only: use plain mappings, lists, strings, numbers, booleans and null.",
                 path=where) from None
-        if isinstance(exc, _TooLarge):
+        if isinstance(exc, _BadStructure):
             raise ConfigError(f"{where}: {at}: {exc.problem}.", path=where) from None
         if isinstance(exc, _DuplicateKey):
             raise ConfigError(f"{where}: {at}: {exc.problem}. Keep one of them.",

@@ -368,28 +368,40 @@ class Summary:
         summary = cls()
         with open(path, newline="", encoding=encoding) as handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                return summary
-            missing = [name for name in ATTEMPT_FIELDS if name not in header]
-            if missing:
-                raise ValueError(f"{path}: not a cometkit metrics CSV: missing columns "
-                                 f"{', '.join(missing)}")
-            width = len(header)
-            positions = [header.index(name) for name in ATTEMPT_FIELDS]
-            for line_number, cells in enumerate(reader, start=2):
-                if not cells:
-                    continue
-                try:
-                    if len(cells) != width:
-                        raise ValueError(f"{len(cells)} cells instead of {width}")
-                    record = _record_from_cells([cells[i] for i in positions])
-                except ValueError as exc:
-                    summary.skipped_rows += 1
-                    logger.warning("%s: line %d skipped: %s", path, line_number, exc)
-                    continue
-                summary.add_attempt(record)
+            try:
+                summary._read_rows(reader, path)
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{reader.line_num + 1}: not {encoding} text, so not a "
+                                 "cometkit metrics CSV") from None
         return summary
+
+    def _read_rows(self, reader: Any, path: Any) -> None:
+        """Count every readable row of ``reader`` (header first) into this summary."""
+        header = _next_row(reader, path)
+        if header is None:
+            return
+        missing = [name for name in ATTEMPT_FIELDS if name not in header]
+        if missing:
+            raise ValueError(f"{path}: not a cometkit metrics CSV: missing columns "
+                             f"{', '.join(missing)}")
+        width = len(header)
+        positions = [header.index(name) for name in ATTEMPT_FIELDS]
+        while True:
+            line_number = reader.line_num + 1
+            cells = _next_row(reader, path)
+            if cells is None:
+                return
+            if not cells:
+                continue
+            try:
+                if len(cells) != width:
+                    raise ValueError(f"{len(cells)} cells instead of {width}")
+                record = _record_from_cells([cells[i] for i in positions])
+            except ValueError as exc:
+                self.skipped_rows += 1
+                logger.warning("%s: line %d skipped: %s", path, line_number, exc)
+                continue
+            self.add_attempt(record)
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per model, sorted by model name, then the ``Aggregated`` total row.
@@ -434,6 +446,21 @@ class Summary:
         total = rows[-1]
         out.append(line(total["model"], (fmt(total[key]) for _, key, _, fmt in _COLUMNS)))
         return "\n".join(out) + "\n"
+
+
+def _next_row(reader: Any, path: Any) -> Optional[list[str]]:
+    """The next row, ``None`` at the end; a row the csv module cannot read is a ``ValueError``
+    naming the line it starts on (the module gives up for good there: a quoted cell that is
+    never closed swallows the rest of the file)."""
+    started = reader.line_num + 1
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{started}: unreadable CSV ({exc}): a quoted cell that starts "
+                         "on this line is never closed, so the file was cut short or edited; "
+                         "repair or delete that line") from None
 
 
 def _record_from_cells(cells: list[str]) -> AttemptRecord:

@@ -279,6 +279,28 @@ def test_usage_errors_exit_2(tmp_path):
     assert zero.returncode == 2
 
 
+def test_input_and_output_that_are_not_files_are_one_line_exit_2(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_prompts(source, 2)
+    piped = subprocess.run([sys.executable, "-m", "cometkit", "batch", "/dev/stdin", "-o",
+                            "o.jsonl", "--sandbox"], cwd=tmp_path, env=cli_env(),
+                           input=source.read_text(), capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    # read twice (checked, then sent): a pipe would have been sent nothing, and exited 0
+    assert piped.returncode == 2 and "must be a regular file" in piped.stderr
+    (tmp_path / "adir").mkdir()
+    for args in (("adir", "-o", "o.jsonl"), (source, "-o", "adir"),
+                 (source, "-o", tmp_path / "no" / "such" / "dir.jsonl")):
+        done = run_cli("batch", *args, "--sandbox", cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    empty_model = run_cli("batch", source, "-o", "o.jsonl", "--model", " ", "--sandbox",
+                          cwd=tmp_path)
+    assert empty_model.returncode == 2 and "--model" in empty_model.stderr
+    assert len(empty_model.stderr.splitlines()) == 1
+
+
 def test_refuses_to_resume_into_a_file_that_is_not_batch_output(tmp_path):
     source = tmp_path / "in.jsonl"
     write_prompts(source, 2)
@@ -499,6 +521,29 @@ def test_report_errors(tmp_path):
     other.write_text("a,b\n1,2\n")
     done = run_cli("report", other, cwd=tmp_path)
     assert done.returncode == 2 and "missing columns" in done.stderr
+    assert done.stderr.count("other.csv") == 1
+    directory = run_cli("report", tmp_path, cwd=tmp_path)
+    assert directory.returncode == 2 and len(directory.stderr.splitlines()) == 1
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    done = run_cli("report", binary, cwd=tmp_path)
+    assert done.returncode == 2 and "not utf-8 text" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_report_on_a_csv_torn_inside_a_quoted_cell_is_one_line_and_exit_2(metrics_csv):
+    """A quote opened and never closed swallows the rest of the file: the csv module gives up
+    (``_csv.Error``), which must reach the user as one line naming the file and line."""
+    rows = metrics_csv.read_text().splitlines(keepends=True)
+    torn = metrics_csv.parent / "torn.csv"
+    cells = rows[3].split(",")
+    cells[6] = '"' + cells[6]  # server_address opens a quote that never closes
+    big = rows[1] * 2000  # enough rows after it to pass the csv module's field size limit
+    torn.write_text("".join(rows[:3]) + ",".join(cells) + big)
+    done = run_cli("report", torn, cwd=metrics_csv.parent)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1
+    assert f"{torn}:4: unreadable CSV" in done.stderr and "never closed" in done.stderr
 
 
 def test_report_plot_writes_a_png(metrics_csv):
@@ -559,6 +604,8 @@ def test_config_check_prints_the_effective_config_with_secrets_redacted(tmp_path
     ("plugins:\n  backoff: {max_attempts: 0}\n", "plugins.backoff.max_attempts"),
     ("base_url: http://api.example.com/v1\n", "clear text"),
     ("x: !!python/object/apply:os.system ['true']\n", "not allowed"),
+    ("plugins:\n  backoff:\n    retry_on: &a [429, *a]\n", "line 3, column 24: alias *a"),
+    ("timeout: " + "[" * 3000 + "]" * 3000 + "\n", "line 1, column 73: values nested"),
 ])
 def test_config_check_rejects_invalid_files(tmp_path, text, expected):
     config = tmp_path / "bad.yaml"
@@ -566,7 +613,7 @@ def test_config_check_rejects_invalid_files(tmp_path, text, expected):
     done = run_cli("config", "check", config, cwd=tmp_path)
     assert done.returncode == 2
     assert expected in done.stderr and "bad.yaml" in done.stderr
-    assert done.stdout == ""
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1  # no traceback
 
 
 def test_plugins_lists_first_party_plugins_with_their_package(tmp_path):

@@ -187,6 +187,38 @@ def test_duplicate_keys_are_an_error(tmp_path):
     assert "line 3, column 1: duplicate key 'concurrency' (first given on line 1)" in message
 
 
+@pytest.mark.parametrize("text, line, words", [
+    ("retry_on: &a [429, *a]\n", 1, "alias *a is inside its own anchor &a"),
+    ("concurrency: 3\nplugins:\n  backoff:\n    retry_on: &a\n      - 429\n      - *a\n", 6,
+     "recursive alias"),
+    ("x: &m\n  y: *m\n", 2, "recursive alias"),
+    ("timeout: " + "[" * 5000 + "]" * 5000 + "\n", 1, "nested more than 64 levels"),
+    ("plugins:\n  backoff:\n    retry_on: " + "[" * 70 + "]" * 70 + "\n", 3,
+     "nested more than 64 levels"),
+    # short in the file, deep once aliases are expanded: each anchor wraps the previous one
+    ("".join(f"a{i}: &a{i} " + "[" * 30 + (f"*a{i - 1}" if i else "1") + "]" * 30 + "\n"
+             for i in range(40)), 1, "once its aliases are expanded"),
+])
+def test_recursive_or_too_deep_yaml_is_a_config_error_with_file_and_line(tmp_path, text, line,
+                                                                         words):
+    """Not a RecursionError, from the loader or from anything that walks the values later."""
+    path = write(tmp_path, text)
+    error = error_of(path)
+    assert str(error).startswith(f"{path}: line {line}, column ")
+    assert words in str(error) and error.path == str(path)
+
+
+def test_nesting_up_to_the_limit_is_accepted(tmp_path):
+    from cometkit.config import MAX_CONFIG_DEPTH
+
+    # the top-level mapping is one level, `timeout` holds the rest
+    nested = "[" * (MAX_CONFIG_DEPTH - 1) + "]" * (MAX_CONFIG_DEPTH - 1)
+    assert "must be" in str(error_of(write(tmp_path, f"timeout: {nested}\n")))  # not too deep
+    shared = "a: &a [1, 2]\nb: [*a, *a, *a]\nconcurrency: 3\n"  # aliases without a cycle
+    with pytest.raises(ConfigError, match="unknown key 'a'"):
+        load_config(write(tmp_path, shared, "shared.yaml"))
+
+
 # -- ${VAR} references -----------------------------------------------------------------------
 
 
