@@ -202,15 +202,12 @@ TOKEN_RATIO_BOUNDS = (0.2, 5.0)
 class _Lane:
     """The calls of one model: its slots, its buckets and what adaptive mode learned.
 
-    Besides the configured buckets, adaptive mode gives a lane the limits the server *states*
-    (``x-ratelimit-limit-*`` with a reset, in any header family): ``stated_requests`` and
-    ``stated_tokens`` pace at the stated per-minute rate, so the bucket is never run empty.
     ``token_ratio`` is the server's token count over the client's estimate, learned from
     ``usage``.
     """
 
     __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
-                 "control", "stated_requests", "stated_tokens", "token_ratio", "count_tokens")
+                 "control", "token_ratio", "count_tokens")
 
     def __init__(self, model: Optional[str], max_concurrency: int,
                  requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
@@ -222,8 +219,6 @@ class _Lane:
         self.requests = requests
         self.tokens = tokens
         self.control = control
-        self.stated_requests: Optional[TokenBucket] = None
-        self.stated_tokens: Optional[TokenBucket] = None
         self.token_ratio: Optional[float] = None
         self.count_tokens = count_tokens
 
@@ -546,13 +541,10 @@ class AdmissionLimiter:
             ready = max(ready, lane.control.ready_at(now))
             if math.isinf(ready):  # a probe is out: only its answer reopens the lane
                 return _LANE, None
-        for bucket in (lane.requests, lane.stated_requests):
-            if bucket is not None:
-                ready = max(ready, bucket.ready_at(1, now))
-        if cost:
-            for bucket in (lane.tokens, lane.stated_tokens):
-                if bucket is not None:
-                    ready = max(ready, bucket.ready_at(cost, now))
+        if lane.requests is not None:
+            ready = max(ready, lane.requests.ready_at(1, now))
+        if cost and lane.tokens is not None:
+            ready = max(ready, lane.tokens.ready_at(cost, now))
         if ready - now > _EPSILON:
             return _LANE, ready
         return None, None
@@ -561,11 +553,11 @@ class AdmissionLimiter:
         cost = parts[0]
         self._in_flight += 1
         lane.in_flight += 1
-        for bucket in (self._requests, lane.requests, lane.stated_requests):
+        for bucket in (self._requests, lane.requests):
             if bucket is not None:
                 bucket.take(1, now)
         if cost:
-            for bucket in (self._tokens, lane.tokens, lane.stated_tokens):
+            for bucket in (self._tokens, lane.tokens):
                 if bucket is not None:
                     bucket.take(cost, now)
         probe = False
@@ -694,22 +686,21 @@ class AdmissionLimiter:
             lane.control.refused_at_floor()
 
     def _learn_stated_limits(self, lane: _Lane, hints: Any, now: float) -> None:
-        """Pace at the per-minute limits the server states (with a reset: a bucket that
-        refills, as OpenAI and Anthropic describe theirs), less ``safety_margin``."""
-        if lane.control is not None and lane.control.window_s is not None:
-            return  # a window's quota goes out together: a per-minute pace would waste it
-        if hints.limit_requests and hints.reset_requests_s is not None:
-            lane.stated_requests = self._restate(lane.stated_requests, hints.limit_requests, now)
-        if hints.limit_tokens and hints.reset_tokens_s is not None:
-            lane.stated_tokens = self._restate(lane.stated_tokens, hints.limit_tokens, now)
+        """An answer saying that no request (or token) remains holds the lane until the
+        server's reset -- or, for a per-minute limit, until one more is due (``60 / limit``
+        seconds), whichever comes first -- instead of spending a 429 to learn it. The stated
+        limit is not used as a pace: gateways state a window's quota in the same headers."""
+        control = lane.control
+        if control is None:
+            return
+        for remaining, limit, reset in (
+                (hints.remaining_requests, hints.limit_requests, hints.reset_requests_s),
+                (hints.remaining_tokens, hints.limit_tokens, hints.reset_tokens_s)):
+            if remaining == 0 and reset is not None:
+                wait = min(reset, 60.0 / limit) if limit else reset
+                control.hold_until = max(control.hold_until, now + min(wait, MAX_HOLD_S))
+        if hints.limit_tokens is not None:
             lane.count_tokens = True
-
-    def _restate(self, bucket: Optional[TokenBucket], per_minute: float,
-                 now: float) -> TokenBucket:
-        rate = per_minute / 60.0 * (1.0 - self.safety_margin)
-        if bucket is not None and abs(bucket.rate_per_s - rate) <= 1e-6 * rate:
-            return bucket
-        return TokenBucket(rate, max(1.0, self.burst * rate), now)
 
     def _settle(self) -> bool:
         """End a change of state: apply the releases deferred meanwhile, then mark the state
@@ -736,7 +727,7 @@ class AdmissionLimiter:
             refund = permit.cost
         else:
             return
-        for bucket in (self._tokens, lane.tokens, lane.stated_tokens):
+        for bucket in (self._tokens, lane.tokens):
             if bucket is not None:
                 bucket.give(refund, now)
 

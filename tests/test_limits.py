@@ -333,14 +333,26 @@ def test_a_refused_configured_rate_shrinks_its_burst_before_the_rate(clock):
     assert rate is None or rate >= 20.0
 
 
-def test_limits_the_server_states_pace_before_the_bucket_is_empty(clock):
-    lim = AdmissionLimiter(max_concurrency=16, burst=0, safety_margin=0, clock=clock)
-    stated = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590",
-              "x-ratelimit-reset-requests": "1s"}
-    run_attempt(lim, clock, headers=stated)
-    admitted = [run_attempt(lim, clock, headers=stated, n=n)[0] for n in range(5)]
-    gaps = [b - a for a, b in zip(admitted, admitted[1:])]
-    assert gaps == pytest.approx([0.1] * 4, abs=0.011)  # 600 per minute: one per 100 ms
+def test_an_answer_saying_none_remain_holds_until_the_next_is_due(clock):
+    lim = AdmissionLimiter(max_concurrency=16, clock=clock)
+    empty = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0",
+             "x-ratelimit-reset-requests": "30s"}
+    _, answered_at = run_attempt(lim, clock, headers=empty)[0], clock.monotonic()
+    admitted, _ = run_attempt(lim, clock, n=2)
+    assert admitted == pytest.approx(answered_at + 0.1)  # 600 per minute: the next in 0.1 s
+    window = {"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "0",
+              "x-ratelimit-reset-requests": "2s"}  # a window's quota, spent, open in 2 s
+    run_attempt(lim, clock, headers=window, n=3)
+    answered_at = clock.monotonic()
+    admitted, _ = run_attempt(lim, clock, n=4)
+    assert admitted == pytest.approx(answered_at + 2.0)
+    # Stated limits are never used as a pace: plenty remaining, no wait at all.
+    plenty = {"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "9",
+              "x-ratelimit-reset-requests": "5s"}
+    run_attempt(lim, clock, headers=plenty, n=5)
+    answered_at = clock.monotonic()
+    admitted, _ = run_attempt(lim, clock, n=6)
+    assert admitted - answered_at < 0.05
 
 
 def test_the_token_estimate_learns_the_servers_tokenizer(clock):
