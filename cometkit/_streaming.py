@@ -40,15 +40,10 @@ _NO_SECRETS = SecretFilter(None)
 _SSE_FIELDS = (b":", b"event:", b"id:", b"retry:")
 
 
-def _sse_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Complete lines (without their end), in time linear in the body however it is cut."""
     parts: list[bytes] = []
-    first = True
     for chunk in chunks:
-        if first and chunk:
-            first = False
-            if chunk.startswith(_BOM):  # the SSE spec allows one at the very start
-                chunk = chunk[len(_BOM):]
         if b"\n" not in chunk:
             parts.append(chunk)
             continue
@@ -64,6 +59,17 @@ def _sse_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     tail = b"".join(parts).rstrip(b"\r")
     if tail:
         yield tail
+
+
+def _sse_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of an event stream, without the byte-order mark the SSE spec allows at its
+    very start (wherever the first chunk happened to end)."""
+    lines = _split_lines(chunks)
+    first = next(lines, None)
+    if first is None:
+        return
+    yield first[len(_BOM):] if first.startswith(_BOM) else first
+    yield from lines
 
 
 def iter_sse_data(chunks: Iterable[bytes], secrets: Optional[SecretFilter] = None
@@ -187,27 +193,36 @@ def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilt
     events: Iterable[str] = preloaded if preloaded is not None else iter_sse_data(
         iter_body_chunks(response), secrets)
     try:
-        for data in events:
-            if isinstance(data, dict):
-                chunk: Any = data
-            elif data.strip() == "[DONE]":
-                break
-            else:
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise APIError(f"invalid JSON in stream event: {data[:200]!r}",
-                                   request_id=request_id) from None
-            if closer.ttfc_s is None:
-                closer.ttfc_s = monotonic() - started_at
-            if isinstance(chunk, dict):
-                failure = event_error(chunk, request_id)
-                if failure is not None:
-                    raise failure
-                closer.model = chunk.get("model") or closer.model
-                if chunk.get("usage"):
-                    closer.usage = chunk["usage"]
-            yield ApiObject(chunk, request_id)
+        broken: Optional[APIConnectionError] = None
+        try:
+            for data in events:
+                if isinstance(data, dict):
+                    chunk: Any = data
+                elif data.strip() == "[DONE]":
+                    break
+                else:
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise APIError(f"invalid JSON in stream event: {data[:200]!r}",
+                                       request_id=request_id) from None
+                if closer.ttfc_s is None:
+                    closer.ttfc_s = monotonic() - started_at
+                if isinstance(chunk, dict):
+                    failure = event_error(chunk, request_id)
+                    if failure is not None:
+                        raise failure
+                    closer.model = chunk.get("model") or closer.model
+                    if chunk.get("usage"):
+                        closer.usage = chunk["usage"]
+                yield ApiObject(chunk, request_id)
+        except TRANSPORT_ERRORS as exc:
+            broken = connection_error(exc, secrets)
+            broken.request_id = request_id
+        if broken is not None:
+            # raised outside the handler, so neither chained nor carrying it as context:
+            # the HTTP library's exception may quote what the server sent
+            raise broken
     except GeneratorExit:
         # closed from outside: by Stream.close() (already ended), or because the iterator
         # is being dropped, maybe from deep inside another lock: end it on the engine's side
@@ -221,12 +236,6 @@ def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilt
             exc.request_id = request_id
         error = exc
         raise
-    except TRANSPORT_ERRORS as exc:
-        mapped = connection_error(exc, secrets)
-        mapped.request_id = request_id
-        error = mapped
-        # not chained: the HTTP library's message may quote what the server sent
-        raise mapped from None
     except BaseException as exc:
         error = exc
         raise

@@ -304,7 +304,7 @@ class Transport:
         if body is not None:
             prepared.headers["Content-Length"] = str(len(body))
         prepared.body = body
-        if stream:
+        if stream and not (headers and any(k.lower() == "accept-encoding" for k in headers)):
             # compressing events gains nothing and makes proxies hold them back
             prepared.headers["Accept-Encoding"] = "identity"
         response: Union[requests.Response, Answer]

@@ -109,9 +109,9 @@ class Interpolated(str):
 
 class SecretText(str):
     """The validated value of a ``secret=True`` option inside a section (a plugin's
-    options): the string itself everywhere it is used, ``'***'`` wherever it is shown by ``repr`` -- a plugin's options, the client's
-    context, a log line with ``%r``. A Redis URL with its password, say, stays usable and
-    never shows."""
+    options): the string itself everywhere it is used, ``'***'`` wherever it is shown by
+    ``repr`` -- a plugin's options, the client's context, a log line with ``%r``. A Redis
+    URL with its password, say, stays usable and never shows."""
 
     __slots__ = ()
 

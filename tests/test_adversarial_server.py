@@ -282,3 +282,23 @@ def test_the_key_as_request_id_or_model_is_blanked_in_answer_and_csv(behaviour, 
     assert row["provider_request_id"] == "***"
     if behaviour is echo_in_escaped_json:
         assert row["response_model"] == "***"
+
+
+# -------------------------------------------------------------------------------------------
+# The event parser, however the bytes are cut
+# -------------------------------------------------------------------------------------------
+
+
+def test_events_are_the_same_however_the_body_is_cut():
+    """A body with a byte-order mark, CRLF and LF line ends, a comment, an ``event:`` line
+    and a two-line event, cut at every pair of positions: always the same events."""
+    from cometkit._streaming import iter_sse_data
+
+    body = (b"\xef\xbb\xbf: keep-alive\r\nevent: message\r\ndata: {\"a\": 1}\r\n\r\n"
+            b"data: line one\ndata: line two\n\ndata: [DONE]\n\n")
+    expected = ['{"a": 1}', "line one\nline two", "[DONE]"]
+    assert list(iter_sse_data([body])) == expected
+    for first in range(len(body)):
+        for second in range(first, len(body), 7):
+            pieces = [body[:first], body[first:second], body[second:]]
+            assert list(iter_sse_data(pieces)) == expected, (first, second)
