@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Any, Callable, Optional
 
 import pytest
-from scripted_server import Reply, ScriptedServer, chat_body, json_reply
+from scripted_server import Reply, ScriptedServer, chat_body, json_reply, wait_until
 
 import cometkit
 from cometkit import (
@@ -445,3 +445,44 @@ def test_leaving_stream_loops_with_break_frees_slots_without_the_garbage_collect
             close_within(client)
     assert server.count == 11
     assert client.stats["calls"] == 11 and client.stats["attempts"] == 11
+
+
+class ThreadRecordingLimiter:
+    """A limiter plugin that admits everything and records the thread of every release."""
+
+    __name__ = "thread_recording_limiter"
+
+    def __init__(self) -> None:
+        self.release_threads: list = []
+
+    @cometkit.hookimpl
+    def cometkit_make_limiter(self, ctx: Any) -> Any:
+        return self
+
+    def acquire(self, request: Any, timeout_s: Any) -> object:
+        return object()
+
+    def release(self, permit: Any, result: Any) -> None:
+        self.release_threads.append(threading.current_thread())
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_dropped_stream_hands_its_release_to_the_engine_not_the_dropping_thread(monkeypatch):
+    """The moment a stream becomes unreachable can fall inside any lock (the limiter's own,
+    a sink's); releasing right there could deadlock. The finalizer only enqueues: the
+    release runs on the client's reaper thread, with no further call needed."""
+    monkeypatch.setenv("COMETKIT_LOAD_PLUGINS", "")  # this limiter alone
+    limiter = ThreadRecordingLimiter()
+    events = [json.dumps({"id": "c", "choices": [{"delta": {"content": "x"}}]})] * 2
+    with ScriptedServer(lambda seen: Reply(200, events=events)) as server, \
+            cometkit.Client(KEY, server.base_url, extra_plugins=[limiter]) as client:
+        stream = client.chat.completions.create(model="m1", messages=MESSAGES, stream=True)
+        next(iter(stream))
+        del stream  # unreachable now: reference counting alone ends it
+        assert wait_until(lambda: len(limiter.release_threads) == 1)
+        (thread,) = limiter.release_threads
+        assert thread is not threading.current_thread()
+        assert thread.name == "cometkit-stream-reaper"
