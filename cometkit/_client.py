@@ -13,27 +13,28 @@ import logging
 import os
 import random
 import threading
+import unicodedata
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 from urllib.parse import urlsplit
 
 import requests
-import urllib3
 
 from ._engine import CallEngine, Sent, new_request_id, operation_for, usage_tokens
 from ._exceptions import APIConnectionError, APIError, ConfigError, make_status_error
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
-from ._streaming import Stream
+from ._streaming import Stream, completion_as_chunk, event_error
 from ._transport import (
     DEFAULT_BASE_URL,
+    TRANSPORT_ERRORS,
     Answer,
     Transport,
+    answers_in_events,
     check_base_url,
     connection_error,
-    read_body,
 )
 from .config import load_config, parse_timeout
 from .options import InvalidValue
@@ -48,17 +49,24 @@ R = TypeVar("R")
 
 def _clean_api_key(api_key: Optional[str], where: str) -> Optional[str]:
     """The key without surrounding whitespace (a key read from a file ends in a newline);
-    refuse one with a control character inside, without ever showing it."""
+    refuse one with any character an HTTP header cannot carry as it is -- a control
+    character, a byte-order mark from a key file, a zero-width or non-breaking space from a
+    copy, anything outside visible ASCII -- naming the character, never the key."""
     if api_key is None:
         return None
     if not isinstance(api_key, str):
         raise ConfigError(f"{where}: api_key: must be a string, got {type(api_key).__name__}",
                           key="api_key")
     api_key = api_key.strip()
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in api_key):
-        raise ConfigError(f"{where}: api_key: contains a line break or another control "
-                          "character, so it cannot be sent in a header. Check how the key was "
-                          "copied (the value is not shown).", key="api_key")
+    for position, char in enumerate(api_key, 1):
+        if not "\x21" <= char <= "\x7e":
+            name = unicodedata.name(char, "a control character")
+            hint = " (the key file was saved with a byte-order mark)" if char == "\ufeff" else ""
+            raise ConfigError(
+                f"{where}: api_key: character {position} is U+{ord(char):04X} ({name}){hint}, "
+                "which cannot be sent in an HTTP header: an API key is visible ASCII only. "
+                "Check how the key was copied or saved (the value is not shown).",
+                key="api_key")
     return api_key or None
 
 
@@ -116,6 +124,10 @@ def _check_construction_args(base_url: Any, clock: Any, rng: Any, extra_plugins:
                                                                  (list, tuple)):
         raise TypeError("extra_plugins must be a list or tuple of plugin objects, got "
                         f"{type(extra_plugins).__name__}")
+
+
+def _nothing_to_finish(*_: Any) -> None:
+    """The finisher of a stream whose attempt the engine already recorded."""
 
 
 class Client:
@@ -377,7 +389,7 @@ class Client:
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         timeout_s = (timeout, timeout) if isinstance(timeout, (int, float)) else timeout
         send = self._transport.send
-        api_key = self._transport.api_key
+        secrets = self._transport.secrets  # answers come through it already blanked
 
         def attempt(result: AttemptResult) -> Sent:
             sent = Sent()
@@ -388,29 +400,40 @@ class Client:
                 result.status_code = response.status_code
                 result.headers = response.headers
                 sent.provider_request_id = response.headers.get("x-request-id")
-                if response.status_code < 300 and stream:
+                if answers_in_events(response, stream):
                     sent.held = True
                     return sent
-                content = read_body(response)
+                content = response.content  # read whole (and checked) by the transport
                 if response.status_code >= 300:
                     full = response.as_response() if isinstance(response, Answer) else response
                     error = make_status_error(response.status_code, content, response.headers,
-                                              response=full, method=method, route=route,
-                                              secret=api_key)
+                                              response=full, method=method, route=route)
                     result.error, result.error_code = error, error.code
                     return sent
                 value = sent.value = self._decode(content, response)
+                if stream:  # a whole JSON answer to a stream request: an error, or the lot
+                    response.close()
+                    failure = event_error(value, sent.provider_request_id)
+                    if failure is None and not isinstance(value, dict):
+                        what = "an empty body" if value is None else \
+                            f"a JSON {type(value).__name__}"
+                        failure = APIError(
+                            f"the server answered a stream request with {what} instead of "
+                            "events or an object: check base_url",
+                            request_id=sent.provider_request_id, body=value)
+                    if failure is not None:
+                        result.error, result.error_code = failure, failure.code
+                        return sent
                 if isinstance(value, dict):
                     sent.response_model = value.get("model")
                     result.input_tokens, result.output_tokens = usage_tokens(value.get("usage"))
-            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-                mapped = connection_error(exc)
+            except TRANSPORT_ERRORS as exc:
+                mapped = connection_error(exc, secrets)
                 result.error, result.error_stage = mapped, mapped.stage
                 if sent.response is not None:
                     sent.response.close()
             except APIConnectionError as exc:  # a body cut short
                 result.error, result.error_stage = exc, exc.stage
-                sent.response.close()
             except APIError as exc:  # a success status with an undecodable body
                 result.error = exc
             return sent
@@ -421,7 +444,12 @@ class Client:
         if sent.held:
             return Stream(sent.response, self._engine.finisher(sent, result, permit),
                           monotonic=self._clock.monotonic, started_at=result.started_at,
-                          request_id=sent.provider_request_id)
+                          request_id=sent.provider_request_id, secrets=secrets,
+                          defer=self._engine.defer)
+        if stream:  # answered whole (already recorded): the completion as one chunk
+            return Stream(sent.response, _nothing_to_finish, monotonic=self._clock.monotonic,
+                          started_at=result.started_at, request_id=sent.provider_request_id,
+                          preloaded=[completion_as_chunk(sent.value)])
         return self._wrap(sent.value, sent.provider_request_id)
 
     @staticmethod

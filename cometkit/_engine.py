@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
 import random
 import threading
 from dataclasses import dataclass
@@ -108,6 +109,53 @@ class CallEngine:
         self._failed_sinks: set[int] = set()
         self._lock = threading.Lock()
         self.stats = {"calls": 0, "attempts": 0, "retries": 0, "failures": 0, "sink_errors": 0}
+        #: Endings of abandoned streams, handed over by finalizers (see :meth:`defer`).
+        self._deferred: queue.SimpleQueue = queue.SimpleQueue()
+        self._reaper: Optional[threading.Thread] = None
+
+    # -- work handed over by finalizers -----------------------------------------------------
+
+    def defer(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` soon on a normal thread. Safe from a finalizer or ``__del__``
+        (``SimpleQueue.put`` is reentrant), which may run inside any lock -- the limiter's or a
+        sink's -- where calling them directly could deadlock."""
+        self._deferred.put((fn, args))
+
+    def drain_deferred(self) -> None:
+        """Run what finalizers handed over; each item once, whoever drains."""
+        while True:
+            try:
+                fn, args = self._deferred.get_nowait()
+            except queue.Empty:
+                return
+            if fn is None:  # close()'s word to the reaper: leave it for the reaper
+                self._deferred.put((fn, args))
+                return
+            self._run_deferred(fn, args)
+
+    @staticmethod
+    def _run_deferred(fn: Callable[..., None], args: tuple) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            logger.warning("ending an abandoned stream failed", exc_info=True)
+
+    def _start_reaper(self) -> None:
+        """A daemon thread that drains the queue as items come, so a slot comes back even
+        when no further call is made (another thread may be waiting inside the limiter)."""
+        with self._lock:
+            if self._reaper is not None:
+                return
+            self._reaper = threading.Thread(target=self._reap, name="cometkit-stream-reaper",
+                                            daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            fn, args = self._deferred.get()
+            if fn is None:
+                return
+            self._run_deferred(fn, args)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -165,6 +213,8 @@ class CallEngine:
             with (``None`` on success); ``permit`` is still held only when ``sent.held``.
         """
         clock, policy, limiter = self.clock, self.policy, self.limiter
+        if not self._deferred.empty():
+            self.drain_deferred()
         if policy is not None:
             policy.on_call_start(request)
         self.count(calls=1)
@@ -233,6 +283,8 @@ class CallEngine:
                  ) -> Callable[[Optional[BaseException], Optional[dict], Optional[str],
                                 Optional[float]], None]:
         """The callback that ends a held attempt (a stream) exactly once."""
+        if self._reaper is None:
+            self._start_reaper()
 
         def finish(error: Optional[BaseException], usage: Optional[dict],
                    response_model: Optional[str], ttfc_s: Optional[float]) -> None:
@@ -254,6 +306,11 @@ class CallEngine:
         return finish
 
     def close(self) -> None:
+        reaper = self._reaper
+        if reaper is not None:
+            self._deferred.put((None, ()))
+            reaper.join(timeout=10)
+        self.drain_deferred()
         if self.limiter is not None:
             try:
                 self.limiter.close()

@@ -1,8 +1,16 @@
 """Server-sent-event streams of chat completion chunks.
 
 A stream holds an HTTP connection and a limiter slot until it ends. It gives both back when it
-is exhausted, closed, used as a context manager, or garbage-collected, so an abandoned stream
-cannot leak a slot and stall every other thread.
+is exhausted, closed, used as a context manager, or dropped, so an abandoned stream cannot
+leak a slot and stall every other thread.
+
+"Dropped" must not wait for the cyclic garbage collector: neither the iterator nor the
+:class:`Stream` refers to the other through a cycle. Both hold a small :class:`_Anchor`;
+the stream ends when the anchor becomes unreachable, which reference counting notices at
+once (``for chunk in stream: break`` then losing the stream, or the ``for`` loop's own
+iterator going away). That moment can fall anywhere (inside a lock of the limiter, of a
+metrics sink, of urllib3's pool), so the finalizer only hands the ending to the engine's
+queue (``defer``), which runs it on a normal thread.
 """
 
 from __future__ import annotations
@@ -10,69 +18,230 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import requests
 
-from ._exceptions import APIConnectionError, APIError
+from ._exceptions import APIConnectionError, APIError, SecretFilter
 from ._objects import ApiObject
+from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
 
-__all__ = ["Stream", "iter_sse_data"]
+__all__ = ["Stream", "iter_sse_data", "event_error", "completion_as_chunk"]
 
 #: Called once when the stream ends: (error or None, usage dict or None, response model,
 #: time to first chunk in seconds or None).
 Finisher = Callable[[Optional[BaseException], Optional[dict], Optional[str], Optional[float]], None]
+#: Runs ``fn(*args)`` later on a normal thread; safe to call from a finalizer.
+Defer = Callable[..., None]
+
+_BOM = b"\xef\xbb\xbf"
+_NO_SECRETS = SecretFilter(None)
+#: Line starts of the SSE format besides ``data:`` (a comment starts with a colon).
+_SSE_FIELDS = (b":", b"event:", b"id:", b"retry:")
 
 
-def iter_sse_data(chunks: Iterator[bytes]) -> Iterator[str]:
-    """Yield the ``data`` payload of each server-sent event from raw byte chunks."""
-    buffer = b""
-    data_lines: list[str] = []
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Complete lines (without their end), in time linear in the body however it is cut."""
+    parts: list[bytes] = []
     for chunk in chunks:
-        buffer += chunk
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                break
-            line = buffer[:newline].rstrip(b"\r").decode("utf-8")
-            buffer = buffer[newline + 1 :]
-            if not line:
-                if data_lines:
-                    yield "\n".join(data_lines)
-                    data_lines = []
-            elif line.startswith("data:"):
-                data_lines.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
-            # event:, id:, retry: and comments (":") carry nothing we use.
-    if buffer.strip().startswith(b"data:"):
-        data_lines.append(buffer.strip()[5:].strip().decode("utf-8"))
+        if b"\n" not in chunk:
+            parts.append(chunk)
+            continue
+        if parts:
+            parts.append(chunk)
+            chunk = b"".join(parts)
+            parts = []
+        *lines, rest = chunk.split(b"\n")
+        for line in lines:
+            yield line[:-1] if line.endswith(b"\r") else line
+        if rest:
+            parts.append(rest)
+    tail = b"".join(parts).rstrip(b"\r")
+    if tail:
+        yield tail
+
+
+def _sse_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of an event stream, without the byte-order mark the SSE spec allows at its
+    very start (wherever the first chunk happened to end)."""
+    lines = _split_lines(chunks)
+    first = next(lines, None)
+    if first is None:
+        return
+    yield first[len(_BOM):] if first.startswith(_BOM) else first
+    yield from lines
+
+
+def iter_sse_data(chunks: Iterable[bytes], secrets: Optional[SecretFilter] = None
+                  ) -> Iterator[str]:
+    """Yield the ``data`` payload of each server-sent event from raw byte chunks.
+
+    Each line loses any echo of the API key (``secrets``) before it is decoded. A line that
+    is not UTF-8 raises :class:`APIError` quoting its start, and so does a body that ends
+    without a single event but with lines that are no part of the format (a text page, a
+    UTF-16 body): it was no event stream, and zero chunks would pass for success.
+    """
+    secrets = secrets or _NO_SECRETS
+    data_lines: list[str] = []
+    any_data = False
+    stray: Optional[bytes] = None
+    for raw_line in _sse_lines(chunks):
+        if not raw_line:
+            if data_lines:
+                yield "\n".join(data_lines)
+                data_lines = []
+            continue
+        if not raw_line.startswith(b"data:"):
+            # event:, id:, retry: and comments (":") carry nothing we use
+            if stray is None and not raw_line.startswith(_SSE_FIELDS):
+                stray = secrets.bytes(raw_line)[:120]
+            continue
+        any_data = True
+        raw_line = secrets.bytes(raw_line)
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise APIError(f"a stream event is not valid UTF-8: {raw_line[:120]!r}") from None
+        data_lines.append(line[6:] if line[5:6] == " " else line[5:])
     if data_lines:
         yield "\n".join(data_lines)
+    elif not any_data and stray is not None:
+        raise APIError(f"the answer is not a stream of server-sent events (it began {stray!r}): "
+                       "check base_url")
+
+
+def event_error(payload: Any, request_id: Optional[str] = None) -> Optional[APIError]:
+    """The error an event (or a whole answer to a stream request) carries, if it is one:
+    ``{"error": ...}`` without choices."""
+    if not isinstance(payload, dict) or "error" not in payload or payload.get("choices"):
+        return None
+    err = payload["error"]
+    message = err.get("message") if isinstance(err, dict) else str(err)
+    code = (err.get("code") or err.get("type")) if isinstance(err, dict) else None
+    return APIError(f"error in stream: {message or 'no message'}", request_id=request_id,
+                    body=payload, code=str(code) if code else None)
+
+
+def completion_as_chunk(body: dict) -> dict:
+    """A whole chat completion in the shape of one stream chunk (``message`` -> ``delta``),
+    so code reading ``chunk.choices[0].delta.content`` works on it unchanged."""
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return body
+    converted = []
+    for index, choice in enumerate(choices):
+        if isinstance(choice, dict) and "message" in choice and "delta" not in choice:
+            rest = {k: v for k, v in choice.items() if k != "message"}
+            choice = {"index": index, **rest, "delta": choice["message"]}
+        converted.append(choice)
+    kind = "chat.completion.chunk" if body.get("object") == "chat.completion" else \
+        body.get("object")
+    return {**body, "object": kind, "choices": converted}
 
 
 class _Closer:
-    """The part of a stream that must run exactly once, also from the garbage collector."""
+    """The part of a stream that must run exactly once, and what the stream learned so far
+    (the ending reports it). Holds neither the stream nor its iterator."""
 
     def __init__(self, response: requests.Response, finisher: Finisher) -> None:
-        self.response = response
-        self.finisher = finisher
+        self.response: Optional[requests.Response] = response
+        self.finisher: Optional[Finisher] = finisher
         self.lock = threading.Lock()
         self.done = False
+        self.usage: Optional[dict] = None
+        self.model: Optional[str] = None
+        self.ttfc_s: Optional[float] = None
 
-    def __call__(
-        self,
-        error: Optional[BaseException] = None,
-        usage: Optional[dict] = None,
-        model: Optional[str] = None,
-        ttfc_s: Optional[float] = None,
-    ) -> None:
+    def __call__(self, error: Optional[BaseException] = None) -> None:
         with self.lock:
             if self.done:
                 return
             self.done = True
+        response, finisher = self.response, self.finisher
+        # drop them: an error's traceback may refer back to the iterator's frame
+        self.response = self.finisher = None
         try:
-            self.response.close()
+            if response is not None:
+                response.close()
         finally:
-            self.finisher(error, usage, model, ttfc_s)
+            if finisher is not None:
+                finisher(error, self.usage, self.model, self.ttfc_s)
+
+
+class _Anchor:
+    """Held by the stream and by its iterator, and by nothing else: when neither is
+    reachable any more, it goes, and its finalizer ends the stream."""
+
+    __slots__ = ("closer", "__weakref__")
+
+    def __init__(self, closer: _Closer) -> None:
+        self.closer = closer
+
+
+def _run_now(fn: Callable[..., None], *args: Any) -> None:
+    fn(*args)
+
+
+def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilter,
+            defer: Defer, monotonic: Callable[[], float], started_at: float,
+            request_id: Optional[str], preloaded: Optional[list]) -> Iterator[ApiObject]:
+    """The iterator of a stream. A module function, not a method: its frame must not hold
+    the :class:`Stream`, or the two would form a cycle only the garbage collector breaks."""
+    closer = anchor.closer
+    error: Optional[BaseException] = None
+    abandoned = False
+    events: Iterable[str] = preloaded if preloaded is not None else iter_sse_data(
+        iter_body_chunks(response), secrets)
+    try:
+        broken: Optional[APIConnectionError] = None
+        try:
+            for data in events:
+                if isinstance(data, dict):
+                    chunk: Any = data
+                elif data.strip() == "[DONE]":
+                    break
+                else:
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise APIError(f"invalid JSON in stream event: {data[:200]!r}",
+                                       request_id=request_id) from None
+                if closer.ttfc_s is None:
+                    closer.ttfc_s = monotonic() - started_at
+                if isinstance(chunk, dict):
+                    failure = event_error(chunk, request_id)
+                    if failure is not None:
+                        raise failure
+                    closer.model = chunk.get("model") or closer.model
+                    if chunk.get("usage"):
+                        closer.usage = chunk["usage"]
+                yield ApiObject(chunk, request_id)
+        except TRANSPORT_ERRORS as exc:
+            broken = connection_error(exc, secrets)
+            broken.request_id = request_id
+        if broken is not None:
+            # raised outside the handler, so neither chained nor carrying it as context:
+            # the HTTP library's exception may quote what the server sent
+            raise broken
+    except GeneratorExit:
+        # closed from outside: by Stream.close() (already ended), or because the iterator
+        # is being dropped, maybe from deep inside another lock: end it on the engine's side
+        abandoned = True
+        if not closer.done:
+            defer(closer, APIConnectionError("stream abandoned before its end",
+                                             request_id=request_id, stage="read"))
+        raise
+    except APIError as exc:
+        if exc.request_id is None:
+            exc.request_id = request_id
+        error = exc
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if not abandoned:
+            closer(error)
 
 
 class Stream:
@@ -90,66 +259,47 @@ class Stream:
         monotonic: Callable[[], float],
         started_at: float,
         request_id: Optional[str] = None,
+        secrets: Optional[SecretFilter] = None,
+        defer: Optional[Defer] = None,
+        preloaded: Optional[list] = None,
     ) -> None:
+        """
+        :param secrets: blanks the API key out of every event line.
+        :param defer: how an abandoned stream's ending is handed over (the client's engine
+            queue); without one it runs at once.
+        :param preloaded: chunks (dicts) already read, for an answer that was not an event
+            stream; the response is then not read again.
+        """
         self.response = response
         self.request_id = request_id
-        self.usage: Optional[ApiObject] = None
-        self._monotonic = monotonic
-        self._started_at = started_at
-        self._closer = _Closer(response, finisher)
-        self._finalizer = weakref.finalize(self, self._closer, APIConnectionError(
-            "stream abandoned before its end", stage="read"))
+        closer = self._closer = _Closer(response, finisher)
+        anchor = self._anchor = _Anchor(closer)
+        defer = defer or _run_now
+        self._finalizer = weakref.finalize(anchor, defer, closer, APIConnectionError(
+            "stream abandoned before its end", request_id=request_id, stage="read"))
+        self._finalizer.atexit = False
         self._iterator: Optional[Iterator[ApiObject]] = None
+        self._iterator_args = dict(secrets=secrets or _NO_SECRETS, defer=defer,
+                                   monotonic=monotonic, started_at=started_at,
+                                   request_id=request_id, preloaded=preloaded)
+
+    @property
+    def usage(self) -> Optional[ApiObject]:
+        usage = self._closer.usage
+        return ApiObject(usage) if isinstance(usage, dict) else None
 
     def __iter__(self) -> Iterator[ApiObject]:
         if self._iterator is None:
-            self._iterator = self._iterate()
+            self._iterator = _chunks(self._anchor, self.response, **self._iterator_args)
         return self._iterator
 
     def __next__(self) -> ApiObject:
         return next(iter(self))
 
-    def _iterate(self) -> Iterator[ApiObject]:
-        usage: Optional[dict] = None
-        model: Optional[str] = None
-        ttfc_s: Optional[float] = None
-        error: Optional[BaseException] = None
-        try:
-            for data in iter_sse_data(self.response.iter_content(chunk_size=None)):
-                if data.strip() == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError as exc:
-                    raise APIError(f"invalid JSON in stream event: {data[:200]!r}",
-                                   request_id=self.request_id) from exc
-                if ttfc_s is None:
-                    ttfc_s = self._monotonic() - self._started_at
-                if isinstance(chunk, dict):
-                    if "error" in chunk and not chunk.get("choices"):
-                        err = chunk["error"]
-                        message = err.get("message") if isinstance(err, dict) else str(err)
-                        raise APIError(f"error in stream: {message}", request_id=self.request_id,
-                                       body=chunk)
-                    model = chunk.get("model") or model
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                        self.usage = ApiObject(usage)
-                yield ApiObject(chunk)
-        except requests.exceptions.RequestException as exc:
-            error = APIConnectionError(f"stream broken: {exc}", request_id=self.request_id)
-            raise error from exc
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._finalizer.detach()
-            self._closer(error, usage, model, ttfc_s)
-
     def close(self) -> None:
         """Stop reading, drop the connection and give back the limiter slot."""
         self._finalizer.detach()
-        self._closer(None, None, None, None)
+        self._closer(None)
         if self._iterator is not None:
             self._iterator.close()
 

@@ -11,33 +11,43 @@ library's own retries stay off: retrying is a plugin's job.
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import logging
 import os
-from typing import Any, Mapping, Optional, Union
+import socket
+from typing import Any, Iterator, Mapping, Optional, Union
 from urllib.parse import urlencode, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import (
     ConnectTimeoutError,
     MaxRetryError,
     NewConnectionError,
+    ProtocolError,
     ReadTimeoutError,
     SSLError,
 )
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
-from ._exceptions import APIConnectionError, APITimeoutError, ConfigError
+from ._exceptions import APIConnectionError, APITimeoutError, ConfigError, SecretFilter
 from ._version import __version__
 
-__all__ = ["Transport", "connection_error", "read_body", "DEFAULT_BASE_URL"]
+__all__ = ["Transport", "connection_error", "read_body", "iter_body_chunks", "TRANSPORT_ERRORS",
+           "answers_in_events", "is_event_stream", "DEFAULT_BASE_URL"]
 
 logger = logging.getLogger("cometkit.transport")
 
 DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
+
+#: Everything sending or reading may raise below cometkit: requests', urllib3's and the
+#: socket's exceptions (map them with :func:`connection_error`).
+TRANSPORT_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+                    OSError, http.client.HTTPException)
 
 _NO_RETRIES = Retry(total=0, connect=0, read=False, redirect=False, status=0, raise_on_status=False)
 
@@ -77,10 +87,25 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool, where: str = "")
     return base_url.rstrip("/")
 
 
-def connection_error(exc: BaseException) -> APIConnectionError:
-    """Map a ``requests`` or ``urllib3`` exception to ours, telling *connect* (never sent)
-    from *read*."""
-    if isinstance(exc, ReadTimeoutError):
+def connection_error(exc: BaseException, secrets: Optional[SecretFilter] = None
+                     ) -> APIConnectionError:
+    """Map a ``requests``, ``urllib3`` or socket exception to ours, telling *connect* (never
+    sent) from *read*, and a timeout from a broken connection wherever it happens (before the
+    answer or inside a stream).
+
+    The HTTP library quotes what the server sent in some messages (a malformed status or
+    chunk-size line), so the text goes through ``secrets`` when given.
+    """
+    error = _mapped_connection_error(exc)
+    if secrets is not None:
+        clean = secrets.text(error.message)
+        if clean is not error.message:
+            error = type(error)(clean, stage=error.stage)
+    return error
+
+
+def _mapped_connection_error(exc: BaseException) -> APIConnectionError:
+    if isinstance(exc, (ReadTimeoutError, TimeoutError, socket.timeout)):
         return APITimeoutError(f"Read timeout: {exc}", stage="read")
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
@@ -88,15 +113,31 @@ def connection_error(exc: BaseException) -> APIConnectionError:
         return APITimeoutError(f"Read timeout: {exc}", stage="read")
     if isinstance(exc, MaxRetryError):
         reason: Any = exc.reason
-    else:  # requests wraps urllib3's MaxRetryError in its own exception
+    else:  # requests wraps urllib3's MaxRetryError (or ReadTimeoutError) in its own exception
         reason = exc.args[0] if exc.args else None
         reason = getattr(reason, "reason", reason)
     if isinstance(reason, ConnectTimeoutError):
         return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
+    if isinstance(reason, (ReadTimeoutError, TimeoutError, socket.timeout)):
+        return APITimeoutError(f"Read timeout: {exc}", stage="read")
     if isinstance(reason, (NewConnectionError, SSLError)) or isinstance(
             exc, requests.exceptions.SSLError):
         return APIConnectionError(f"Could not connect: {exc}", stage="connect")
-    return APIConnectionError(f"Connection broken: {exc}", stage="read")
+    return APIConnectionError(f"Connection broken: {type(exc).__name__}: {exc}", stage="read")
+
+
+def is_event_stream(headers: Any) -> bool:
+    """Whether a success answer to ``stream=True`` is read as server-sent events: anything
+    but a JSON or HTML answer is (a missing or odd Content-Type included), so a proxy that
+    relabels the stream does not break it; JSON and HTML are whole answers (an error body,
+    a completion, a gateway page), read at once like any other."""
+    content_type = (headers.get("content-type") or "").lower()
+    return "json" not in content_type and "html" not in content_type
+
+
+def answers_in_events(response: Any, stream: bool) -> bool:
+    """Whether ``response`` is read as it arrives (a stream) rather than whole."""
+    return stream and response.status_code < 300 and is_event_stream(response.headers)
 
 
 def read_body(response: requests.Response) -> bytes:
@@ -113,6 +154,47 @@ def read_body(response: requests.Response) -> bytes:
             f"Connection broken: the body ended after {len(content)} of {declared} bytes",
             stage="read")
     return content
+
+
+#: Most bytes one read of a streamed body asks for; a read returns what has arrived, up to this.
+_STREAM_READ_BYTES = 65536
+
+
+def iter_body_chunks(response: requests.Response) -> Iterator[bytes]:
+    """The (decoded) body of a streamed answer, in pieces as they arrive off the socket.
+
+    ``requests``' ``iter_content(chunk_size=None)`` yields per chunk only for chunked
+    encoding: a body delimited by connection close (HTTP/1.0, or HTTP/1.1 without chunked
+    encoding, as some proxies send server-sent events) or by Content-Length is read to its
+    end before anything is yielded. ``read1`` returns whatever one socket read gives, so
+    each event is seen when it arrives, whatever the framing. Raises ``urllib3`` exceptions
+    (map them with :func:`connection_error`); a body cut short of its Content-Length raises
+    ``ProtocolError``.
+    """
+    raw = response.raw
+    read1 = getattr(raw, "read1", None)  # urllib3 >= 2.1; 1.26 has none
+    while True:
+        data = read1(_STREAM_READ_BYTES, decode_content=True) if read1 is not None \
+            else _read1_urllib3_126(raw)
+        if not data:
+            break
+        yield data
+    remaining = getattr(raw._fp, "length", None) if getattr(raw, "_fp", None) else None
+    if not getattr(raw, "chunked", False) and remaining:
+        raise ProtocolError(f"Connection broken: the body ended {remaining} bytes short of its "
+                            "Content-Length")
+
+
+def _read1_urllib3_126(raw: Any) -> bytes:
+    """One ``read1`` on urllib3 1.26's response, with the decoding and error mapping its own
+    ``read`` applies (1.26 has no ``read1``; these are its helpers for ``read``)."""
+    fp = raw._fp
+    if fp is None:
+        return b""
+    with raw._error_catcher():
+        data = fp.read1(_STREAM_READ_BYTES)
+        raw._init_decoder()
+        return raw._decode(data, True, not data)
 
 
 class Answer:
@@ -158,6 +240,8 @@ class Transport:
         self.timeout_s = timeout_s
         #: Kept only to blank it out of error bodies that echo it back (never shown).
         self.api_key = api_key
+        #: Every answer passes through it before anyone reads it (see :class:`SecretFilter`).
+        self.secrets = SecretFilter(api_key)
         self.session = requests.Session()
         self.adapter = HTTPAdapter(
             pool_connections=2, pool_maxsize=max(pool_size, 1), max_retries=_NO_RETRIES
@@ -202,8 +286,11 @@ class Transport:
         timeout_s: Optional[tuple[float, float]] = None,
     ) -> Union[requests.Response, Answer]:
         """Send one attempt; raises ``requests`` or ``urllib3`` exceptions (the caller maps
-        them with :func:`connection_error`). A streamed answer, or any answer through a proxy,
-        is a ``requests.Response``; a complete answer otherwise an :class:`Answer`."""
+        them with :func:`connection_error`), or ``APIConnectionError`` for a body cut short.
+        A streamed answer, or any answer through a proxy, is a ``requests.Response``; a
+        complete answer otherwise an :class:`Answer`. Unless the answer is an event stream
+        (see :func:`answers_in_events`), its body is read here, whole; either way the API key
+        is blanked out of it before it is returned."""
         prepared = requests.PreparedRequest()
         prepared.method = method
         url = self.base_url + route
@@ -217,15 +304,43 @@ class Transport:
         if body is not None:
             prepared.headers["Content-Length"] = str(len(body))
         prepared.body = body
+        if stream and not (headers and any(k.lower() == "accept-encoding" for k in headers)):
+            # compressing events gains nothing and makes proxies hold them back
+            prepared.headers["Accept-Encoding"] = "identity"
+        response: Union[requests.Response, Answer]
         if not stream and not self.proxies:
-            return self._send_direct(prepared, timeout_s or self.timeout_s)
-        return self.adapter.send(
-            prepared,
-            stream=stream,
-            timeout=timeout_s or self.timeout_s,
-            verify=self.verify,
-            proxies=self.proxies,
-        )
+            response = self._send_direct(prepared, timeout_s or self.timeout_s)
+        else:
+            response = self.adapter.send(
+                prepared,
+                stream=stream,
+                timeout=timeout_s or self.timeout_s,
+                verify=self.verify,
+                proxies=self.proxies,
+            )
+        if not answers_in_events(response, stream):
+            try:
+                read_body(response)  # checked against Content-Length before any blanking
+            except BaseException:
+                response.close()
+                raise
+        self._blank_secret(response)
+        return response
+
+    def _blank_secret(self, response: Union[requests.Response, Answer]) -> None:
+        """The one place an answer's headers and complete body lose any echo of the key
+        (a streamed body is filtered line by line as it is read)."""
+        secrets = self.secrets
+        secrets.headers(response.headers)
+        if isinstance(response, Answer):
+            response.content = secrets.bytes(response.content)
+            if response._raw.headers is not response.headers:
+                secrets.headers(response._raw.headers)
+        elif response._content_consumed and isinstance(response._content, bytes):
+            response._content = secrets.bytes(response._content)
+            secrets.headers(response.raw.headers)
+        elif response.raw is not None:
+            secrets.headers(response.raw.headers)
 
     def _pool(self, prepared: requests.PreparedRequest) -> Any:
         """The connection pool for ``base_url``, with TLS settings applied (cached by the

@@ -16,7 +16,9 @@ class ClientContext:
     """Handed to every factory hook, once per client.
 
     :ivar plugin_options: validated options of every enabled plugin, by plugin name; read your
-        own with :meth:`options`.
+        own with :meth:`options`. The value of an option declared ``secret=True`` is a
+        :class:`~cometkit.options.SecretText`: the string itself, shown as ``'***'`` by
+        ``repr``, so ``repr(ctx)`` (and a log line of it) never shows a Redis password.
     :ivar concurrency: the client's worker-pool size (and connection-pool size).
     :ivar base_url: the API base URL (never contains the key).
     :ivar server_address: host name of ``base_url``, for metrics.

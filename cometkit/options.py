@@ -23,6 +23,7 @@ __all__ = [
     "describe_kind",
     "Interpolated",
     "InvalidValue",
+    "SecretText",
 ]
 
 _KINDS = ("int", "float", "bool", "str", "list", "section", "mapping", "any")
@@ -104,6 +105,21 @@ class Interpolated(str):
 
     def __reduce__(self) -> Any:
         return (Interpolated, (str(self), self.reference))
+
+
+class SecretText(str):
+    """The validated value of a ``secret=True`` option inside a section (a plugin's
+    options): the string itself everywhere it is used, ``'***'`` wherever it is shown by
+    ``repr`` -- a plugin's options, the client's context, a log line with ``%r``. A Redis
+    URL with its password, say, stays usable and never shows."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    def __reduce__(self) -> Any:
+        return (SecretText, (str(self),))
 
 
 class InvalidValue(ValueError):
@@ -294,6 +310,10 @@ def validate_section(
         checked = _check_value(option, value, where, full)
         if isinstance(checked, ConfigError):
             raise checked
+        if option.secret and key_path and isinstance(checked, str):
+            # inside a section (a plugin's options, which the context shows); the top-level
+            # api_key goes to the transport alone and stays a plain str
+            checked = SecretText(checked)
         out[name] = checked
     if fill_defaults:
         for name, option in schema.items():

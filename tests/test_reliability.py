@@ -12,6 +12,7 @@ Batch interruption (SIGKILL mid-run, Ctrl-C) is covered in tests/test_cli_batch.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import random
@@ -21,7 +22,7 @@ from collections import Counter
 from typing import Any, Callable, Optional
 
 import pytest
-from scripted_server import Reply, ScriptedServer, chat_body, json_reply
+from scripted_server import Reply, ScriptedServer, chat_body, json_reply, wait_until
 
 import cometkit
 from cometkit import (
@@ -390,3 +391,98 @@ def test_64_threads_on_one_client_write_one_whole_row_and_line_per_attempt(tmp_p
     assert all(list(obj) == list(ATTEMPT_FIELDS) for obj in attempt_lines)
     assert len(parsed) - len(attempt_lines) == 1
     assert Counter(obj["outcome"] for obj in attempt_lines) == outcomes
+
+
+# -------------------------------------------------------------------------------------------
+# Leaving a stream early
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_leaving_stream_loops_with_break_frees_slots_without_the_garbage_collector():
+    """``break`` out of ``for chunk in stream`` ten times on a limiter of two slots, with the
+    cyclic garbage collector off: each stream's slot must come back as soon as the stream is
+    unreachable, so the next call is admitted (a cycle between the stream and its iterator
+    would keep every slot until ``gc`` runs: the third call would wait forever)."""
+    config = {"plugins": {"limiter": {"max_concurrency": 2, "acquire_timeout": 5}}}
+    events = [json.dumps({"id": "c", "model": "m1", "choices": [{"delta": {"content": "x"}}]})
+              ] * 3 + ["[DONE]"]
+    was_enabled = gc.isenabled()
+
+    def handler(seen: Any) -> Reply:
+        return Reply(200, events=events) if seen.json().get("stream") else \
+            json_reply(200, chat_body())
+
+    with ScriptedServer(handler) as server:
+        client = cometkit.Client(KEY, server.base_url, config=config)
+        gc.disable()
+        try:
+            def break_out_ten_times() -> int:
+                first_chunks = 0
+                for i in range(10):
+                    if i % 2:  # the stream held in a variable, then replaced
+                        stream = client.chat.completions.create(model="m1", messages=MESSAGES,
+                                                                stream=True)
+                        for _chunk in stream:
+                            first_chunks += 1
+                            break
+                    else:  # the stream only ever held by the for loop
+                        for _chunk in client.chat.completions.create(
+                                model="m1", messages=MESSAGES, stream=True):
+                            first_chunks += 1
+                            break
+                return first_chunks
+
+            outcome = call_with_ceiling(break_out_ten_times)
+            assert outcome == 10, repr(outcome)
+            # and a plain call after them is admitted as well
+            after = call_with_ceiling(
+                lambda: client.chat.completions.create(model="m1", messages=MESSAGES))
+            assert not isinstance(after, Exception), repr(after)
+        finally:
+            if was_enabled:
+                gc.enable()
+            close_within(client)
+    assert server.count == 11
+    assert client.stats["calls"] == 11 and client.stats["attempts"] == 11
+
+
+class ThreadRecordingLimiter:
+    """A limiter plugin that admits everything and records the thread of every release."""
+
+    __name__ = "thread_recording_limiter"
+
+    def __init__(self) -> None:
+        self.release_threads: list = []
+
+    @cometkit.hookimpl
+    def cometkit_make_limiter(self, ctx: Any) -> Any:
+        return self
+
+    def acquire(self, request: Any, timeout_s: Any) -> object:
+        return object()
+
+    def release(self, permit: Any, result: Any) -> None:
+        self.release_threads.append(threading.current_thread())
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_dropped_stream_hands_its_release_to_the_engine_not_the_dropping_thread(monkeypatch):
+    """The moment a stream becomes unreachable can fall inside any lock (the limiter's own,
+    a sink's); releasing right there could deadlock. The finalizer only enqueues: the
+    release runs on the client's reaper thread, with no further call needed."""
+    monkeypatch.setenv("COMETKIT_LOAD_PLUGINS", "")  # this limiter alone
+    limiter = ThreadRecordingLimiter()
+    events = [json.dumps({"id": "c", "choices": [{"delta": {"content": "x"}}]})] * 2
+    with ScriptedServer(lambda seen: Reply(200, events=events)) as server, \
+            cometkit.Client(KEY, server.base_url, extra_plugins=[limiter]) as client:
+        stream = client.chat.completions.create(model="m1", messages=MESSAGES, stream=True)
+        next(iter(stream))
+        del stream  # unreachable now: reference counting alone ends it
+        assert wait_until(lambda: len(limiter.release_threads) == 1)
+        (thread,) = limiter.release_threads
+        assert thread is not threading.current_thread()
+        assert thread.name == "cometkit-stream-reaper"

@@ -545,3 +545,97 @@ def test_env_controls_keep_an_installed_plugin_from_even_being_imported(tmp_path
     monkeypatch.delitem(sys.modules, "ck_sneaky_mod", raising=False)
     cometkit.Client("k", "https://api.example.invalid/v1").close()
     assert marker.exists()
+
+
+# -------------------------------------------------------------------------------------------
+# A key no header can carry; secrets in reprs; every spelling of an echoed key
+# -------------------------------------------------------------------------------------------
+
+UNSENDABLE = {
+    "byte-order mark from a key file": ("\ufeff{key}", "U+FEFF"),
+    "zero-width space from a copy": ("{head}\u200b{tail}", "U+200B"),
+    "non-breaking space": ("{head}\u00a0{tail}", "U+00A0"),
+    "non-latin-1 letter": ("{head}\u0437{tail}", "U+0437"),
+    "latin-1 letter": ("{head}\u00e9{tail}", "U+00E9"),
+    "space inside": ("{head} {tail}", "U+0020"),
+    "tab inside": ("{head}\t{tail}", "U+0009"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSENDABLE))
+def test_a_key_no_header_can_carry_is_refused_at_construction_without_showing_it(
+        kind, tmp_path, monkeypatch):
+    """From the argument, the config file and ``$COMETAPI_KEY``: a ``ConfigError`` naming
+    the character, never the key (before: accepted, then a raw ``UnicodeEncodeError`` whose
+    repr held the whole key, on every call)."""
+    key = new_marker()
+    template, code = UNSENDABLE[kind]
+    bad = template.format(key=key, head=key[:20], tail=key[20:])
+    config = tmp_path / "cometkit.yaml"
+    config.write_text(json.dumps({"api_key": bad}), encoding="utf-8")
+    attempts = {
+        "argument": lambda: cometkit.Client(bad, "http://127.0.0.1:9/v1"),
+        "config file": lambda: cometkit.Client(base_url="http://127.0.0.1:9/v1",
+                                               config=str(config)),
+        "environment": lambda: cometkit.Client(base_url="http://127.0.0.1:9/v1"),
+    }
+    monkeypatch.setenv("COMETAPI_KEY", bad)
+    for source, build in attempts.items():
+        with pytest.raises(ConfigError) as info:
+            build()
+        text = exception_texts(info.value)
+        assert code in str(info.value) and "api_key" in str(info.value), source
+        assert key not in text and key[:20] not in text and key[20:] not in text, source
+        assert info.value.key == "api_key"
+
+
+def test_repr_of_the_client_context_hides_secret_plugin_options():
+    password = "hunter2-" + uuid.uuid4().hex
+    url = f"redis://:{password}@127.0.0.1:9/0"
+    config = {"plugins": {"redis_limiter": {"url": url, "on_redis_error": "local"}}}
+    with cometkit.Client("k", "http://127.0.0.1:9/v1", config=config) as client:
+        options = client.context.options("redis_limiter")
+        assert options["url"] == url  # still the value itself where it is used
+        shown = [repr(client.context), str(client.context), repr(options),
+                 repr(dict(client.context.plugin_options))]
+    for text in shown:
+        assert password not in text
+        assert "'url': '***'" in text
+
+
+ECHOES = {
+    "literal": lambda key: key,
+    "JSON \\u escapes": lambda key: "".join(f"\\u{ord(c):04X}" for c in key),
+    "JSON escaped slash": lambda key: key.replace("/", "\\/"),
+    "percent-encoded": lambda key: "".join(f"%{ord(c):02x}" for c in key),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("spelling", list(ECHOES))
+def test_every_spelling_of_an_echoed_key_is_blanked_in_error_and_answer(spelling):
+    """A key with a slash (some gateways issue such keys) echoed in an error body, a
+    redirect location and a success body, spelled as a server might."""
+    key = new_marker() + "/x"
+    echo = ECHOES[spelling](key)
+
+    def handler(seen: Any) -> Reply:
+        if seen.path.endswith("/models"):
+            return Reply(302, b"", {"Location": f"http://127.0.0.1:9/?k={echo}"})
+        body = ('{"error": {"message": "bad key ECHO"}}' if seen.path.endswith("/embeddings")
+                else '{"id": "x", "model": "ECHO", "choices": []}').replace("ECHO", echo)
+        status = 401 if seen.path.endswith("/embeddings") else 200
+        return Reply(status, body.encode(), {"Content-Type": "application/json"})
+
+    with ScriptedServer(handler) as server, cometkit.Client(key, server.base_url) as client:
+        with pytest.raises(AuthenticationError) as denied:
+            client.embeddings.create(model="e1", input="x")
+        with pytest.raises(APIError) as redirected:
+            client.models.list()
+        answer = client.chat.completions.create(model="m1", messages=[])
+    assert "bad key ***" in str(denied.value)
+    assert "k=***" in str(redirected.value)
+    assert answer.model == "***"
+    for text in (exception_texts(denied.value), exception_texts(redirected.value),
+                 json.dumps(answer.to_dict())):
+        assert key not in text and echo not in text
