@@ -135,9 +135,10 @@ PROBE_TIMEOUT_S = 2.0
 #: The server counts as still *accepting* while its last acceptance is at most this old (or two
 #: windows, if longer): long enough to span a calendar minute and its probe.
 STORM_HORIZON_S = 65.0
-#: Before the server accepted anything, refusals within this long of the first one still count
-#: as "not now" (a fresh client's first wave meets the limit before any answer is back); after
-#: it, a server that never accepted is in a storm.
+#: Before the server accepted anything, refusals within this long of the first one (and no
+#: more than one wave of them: the lane's concurrency) still count as "not now" -- a fresh
+#: client's first wave meets the limit before any answer is back; after that, a server that
+#: never accepted is in a storm.
 FIRST_EVIDENCE_S = 2.0
 #: Successes without a concurrency refusal after which a remembered ceiling rises by one.
 CEILING_PROBE_OKS = 100
@@ -287,9 +288,10 @@ class AdaptiveControl:
     def accepting(self, now: float) -> bool:
         """Whether the server accepted an attempt recently enough that a refused call should
         wait its turn rather than spend its attempts (see :data:`STORM_HORIZON_S`)."""
-        if self.last_ok_at is None:
+        if self.last_ok_at is None:  # the benefit of the doubt: one wave, for a moment
             first = self._first_refusal_at
-            return first is not None and now - first <= FIRST_EVIDENCE_S
+            return (first is not None and now - first <= FIRST_EVIDENCE_S
+                    and self.throttled <= self.max_limit)
         horizon = max(STORM_HORIZON_S, 2.0 * (self.window_s or 0.0))
         return now - self.last_ok_at <= horizon
 
@@ -372,6 +374,9 @@ class AdaptiveControl:
             to_minute = 60.0 - wall % 60.0 + MINUTE_SLACK_S
             self._minute_probe = to_minute <= hold
             return min(hold, to_minute), ("window" if self.window_s is not None else kind)
+        if probe and self._failed_probes > 1:
+            # A probe refused again: the hint was not enough; probe ever more rarely.
+            hint = max(hint, DEFAULT_HOLD_S * 2.0 ** min(self._failed_probes - 1, 16))
         repeated = (self._last_hint is not None and abs(hint - self._last_hint) < 1e-3
                     and now - self._last_hint_at >= PERIOD_EVIDENCE_S
                     and hint >= MIN_PERIOD_S)
