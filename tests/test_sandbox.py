@@ -439,6 +439,277 @@ def test_max_in_flight_refuses_the_request_beyond_the_cap():
     assert sb.stats()["attempts_by_status"] == {429: 1, "aborted": 2}
 
 
+# -- limit shapes: windows, own tokenizer, header families, gateway wordings ------------------
+
+
+def codes(answers):
+    return [answer.status_code for answer in answers]
+
+
+def test_first_request_window_admits_n_then_reopens_w_after_its_first_request(clock):
+    clock.advance(3.5)  # the window follows the first request, not the clock's minute
+    with Sandbox(window_requests=3, window_s=10, clock=clock) as sb, \
+            requests.Session() as session:
+        answers = [post(sb, "/chat/completions", chat(), session) for _ in range(3)]
+        assert codes(answers) == [200, 200, 200]
+        assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0"]
+        assert {a.headers["x-ratelimit-limit-requests"] for a in answers} == {"3"}
+        assert answers[0].headers["x-ratelimit-reset-requests"] == "10s"
+        clock.advance(4)
+        refused = post(sb, "/chat/completions", chat(), session)
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert refused.headers["Retry-After"] == "6"  # the time left in the window
+        assert refused.headers["x-ratelimit-reset-requests"] == "6s"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        clock.advance(5.5)
+        late = post(sb, "/chat/completions", chat(), session)
+        assert late.status_code == 429 and late.headers["Retry-After"] == "1"
+        assert late.headers["x-ratelimit-reset-requests"] == "500ms"
+        # Another model has its own window.
+        assert post(sb, "/chat/completions", chat(model="other"), session).status_code == 200
+        clock.advance(0.5)  # exactly W after the window's first request: all of it is back
+        reopened = [post(sb, "/chat/completions", chat(), session) for _ in range(3)]
+        assert codes(reopened) == [200, 200, 200]
+        assert reopened[0].headers["x-ratelimit-remaining-requests"] == "2"
+        assert reopened[0].headers["x-ratelimit-reset-requests"] == "10s"
+        clock.advance(9.5)
+        assert post(sb, "/chat/completions", chat(), session).status_code == 429
+        clock.advance(30)  # quiet: the next window opens with the next request
+        quiet = post(sb, "/chat/completions", chat(), session)
+        assert quiet.status_code == 200 and quiet.headers["x-ratelimit-reset-requests"] == "10s"
+        stats = sb.stats()
+        assert stats["rate_limited"] == {"window": 3}
+        assert stats["attempts_by_status"] == {200: 8, 429: 3}
+
+
+def test_clock_windows_reopen_at_the_boundary_and_can_hint_nothing(clock):
+    clock.advance(45)
+    assert clock.time() % 60 == 45  # 45 s into a calendar minute
+    with Sandbox(window_requests=2, window_s=60, window_align="clock",
+                 window_retry_after="none", clock=clock) as sb, requests.Session() as session:
+        answers = [post(sb, "/chat/completions", chat(), session) for _ in range(3)]
+        assert codes(answers) == [200, 200, 429]
+        assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["1", "0", "0"]
+        for answer in answers:  # no reset on any answer, no hint on the 429
+            assert answer.headers["x-ratelimit-limit-requests"] == "2"
+            assert not [name for name in answer.headers if "reset" in name.lower()]
+        refused = answers[2]
+        assert "Retry-After" not in refused.headers and "retry-after-ms" not in refused.headers
+        assert retry_after_s(refused.headers, clock.time()) is None
+        assert "try again later" in refused.json()["error"]["message"]
+        clock.advance(14.5)
+        assert post(sb, "/chat/completions", chat(), session).status_code == 429
+        clock.advance(0.5)  # the minute rolls over
+        rolled = post(sb, "/chat/completions", chat(), session)
+        assert rolled.status_code == 200
+        assert rolled.headers["x-ratelimit-remaining-requests"] == "1"
+        assert sb.stats()["rate_limited"] == {"window": 2}
+    clock.advance(20)
+    with Sandbox(window_requests=1, window_s=60, window_align="clock", clock=clock) as sb:
+        first = post(sb, "/chat/completions", chat())
+        assert first.headers["x-ratelimit-reset-requests"] == "40s"  # to the boundary, not 60
+        refused = post(sb, "/chat/completions", chat())
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "40"
+
+
+@pytest.mark.parametrize("shape, style, name, value", [
+    ("window", "seconds", "Retry-After", "10"),
+    ("window", "ms", "retry-after-ms", "10000"),
+    ("window", "reset", "x-ratelimit-reset-requests", "10s"),
+    ("left", "ms", "retry-after-ms", "2500"),
+    ("left", "date", "Retry-After",
+     email.utils.formatdate(FakeClock().time() + 10, usegmt=True)),
+])
+def test_window_hints_in_each_retry_after_style(clock, shape, style, name, value):
+    with Sandbox(window_requests=1, window_s=10, window_retry_after=shape, retry_after=style,
+                 clock=clock) as sb:
+        assert post(sb, "/chat/completions", chat()).status_code == 200
+        clock.advance(7.5)
+        refused = post(sb, "/chat/completions", chat())
+    assert refused.status_code == 429
+    assert refused.headers[name] == value
+    if style != "reset":  # the headers tell the truth whatever the hint says
+        assert refused.headers["x-ratelimit-reset-requests"] == "2.5s"
+
+
+def test_a_window_combines_with_a_token_bucket_and_a_refusal_uses_no_slot(clock):
+    # Costs 10 + 60 = 70 tokens of a 100-token bucket (6000 tpm).
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 40}],
+               "max_tokens": 60}
+    with Sandbox(window_requests=5, window_s=60, tpm=6000, clock=clock) as sb:
+        assert post(sb, "/chat/completions", payload).status_code == 200
+        refused = post(sb, "/chat/completions", payload)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "4"  # not charged
+        assert refused.headers["x-ratelimit-reset-tokens"] == "400ms"
+        assert sb.stats()["rate_limited"] == {"tokens": 1}
+
+
+def test_token_ratio_shows_in_usage_and_in_the_charge(clock):
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 40}],
+               "max_tokens": 60}
+    with Sandbox(tpm=6000, token_ratio=1.5, clock=clock) as sb:
+        first = post(sb, "/chat/completions", payload)
+        assert first.json()["usage"]["prompt_tokens"] == 15  # 10 estimated x 1.5
+        assert first.json()["usage"]["completion_tokens"] == 12  # the answer is not rescaled
+        # Charged 15 + 60 of 100: 25 % of 6000 left (70 -> 1800 with the plain estimate).
+        assert first.headers["x-ratelimit-remaining-tokens"] == "1500"
+        clock.advance(1)
+        streamed = post(sb, "/chat/completions", {**payload, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+        usage = json.loads(sse_events(streamed.content)[-2])["usage"]
+        assert usage["prompt_tokens"] == 15
+        clock.advance(1)
+        embedded = post(sb, "/embeddings", {"model": "e", "input": ["x" * 40, [1, 2, 3]]})
+        assert embedded.json()["usage"]["prompt_tokens"] == 15 + 3  # token arrays are exact
+    with Sandbox(token_ratio=1.3) as sb:  # no limit needed to learn the ratio from usage
+        usage = post(sb, "/chat/completions", chat("x" * 36)).json()["usage"]
+        assert usage["prompt_tokens"] == 15  # "be brief" + 36 chars = 11 tokens -> 14.3 -> 15
+
+
+def test_tpm_as_a_fixed_token_window(clock):
+    # 190 prompt + 60 max_tokens = 250 tokens a request.
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 760}],
+               "max_tokens": 60}
+    with Sandbox(tpm=600, token_window_s=60, clock=clock) as sb, requests.Session() as session:
+        answers = [post(sb, "/chat/completions", payload, session) for _ in range(2)]
+        assert codes(answers) == [200, 200]
+        assert [a.headers["x-ratelimit-remaining-tokens"] for a in answers] == ["350", "100"]
+        assert answers[0].headers["x-ratelimit-limit-tokens"] == "600"
+        assert answers[0].headers["x-ratelimit-reset-tokens"] == "1m0s"
+        clock.advance(20)
+        refused = post(sb, "/chat/completions", payload, session)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
+        assert refused.headers["Retry-After"] == "40"
+        assert refused.headers["x-ratelimit-reset-tokens"] == "40s"
+        clock.advance(40)
+        again = post(sb, "/chat/completions", payload, session)
+        assert again.status_code == 200 and again.headers["x-ratelimit-remaining-tokens"] == "350"
+        assert sb.stats()["rate_limited"] == {"tokens": 1}
+    with Sandbox(tpm=600, token_window_s=30, clock=clock) as sb:  # half a minute's tokens
+        first = post(sb, "/chat/completions", payload)
+        assert first.headers["x-ratelimit-limit-tokens"] == "300"
+        assert post(sb, "/chat/completions", payload).status_code == 429
+
+
+@pytest.mark.parametrize("limits, limit, remaining", [
+    ({"rpm": 60, "burst": 2}, "60", "30"),  # a bucket's fill as a share of the minute's limit
+    ({"window_requests": 2, "window_s": 60}, "2", "1"),
+])
+def test_litellm_headers_name_the_api_key_descriptor_and_carry_no_reset(clock, limits, limit,
+                                                                         remaining):
+    with Sandbox(**limits, tpm=6000, ratelimit_headers="litellm", clock=clock) as sb, \
+            requests.Session() as session:
+        answers = [post(sb, "/chat/completions", chat(), session) for _ in range(3)]
+    assert codes(answers) == [200, 200, 429]
+    ok, refused = answers[0], answers[2]
+    assert ok.headers["x-ratelimit-api_key-limit-requests"] == limit
+    assert ok.headers["x-ratelimit-api_key-remaining-requests"] == remaining
+    assert ok.headers["x-ratelimit-api_key-limit-tokens"] == "6000"
+    assert ok.headers["x-ratelimit-api_key-remaining-tokens"] == "5400"  # 10 of 100 charged
+    assert refused.headers["x-ratelimit-api_key-remaining-requests"] == "0"
+    assert refused.headers["Retry-After"]
+    for answer in answers:
+        names = [name.lower() for name in answer.headers]
+        assert not [n for n in names if "reset" in n or n.startswith("x-ratelimit-limit-")]
+
+
+@pytest.mark.parametrize("limits, limit, remaining, reset", [
+    # The fake clock's time() is 2023-11-14T22:30:00Z; a half-full bucket refills in 1 s.
+    ({"rpm": 60, "burst": 2}, "60", "30", "2023-11-14T22:30:01Z"),
+    ({"window_requests": 2, "window_s": 60}, "2", "1", "2023-11-14T22:31:00Z"),
+])
+def test_anthropic_headers_reset_as_rfc3339_timestamps(clock, limits, limit, remaining, reset):
+    with Sandbox(**limits, tpm=6000, ratelimit_headers="anthropic", clock=clock) as sb:
+        ok = post(sb, "/chat/completions", chat())
+    assert ok.headers["anthropic-ratelimit-requests-limit"] == limit
+    assert ok.headers["anthropic-ratelimit-requests-remaining"] == remaining
+    assert ok.headers["anthropic-ratelimit-requests-reset"] == reset
+    for side in ("tokens", "input-tokens"):  # one token limit, charged with the prompt
+        assert ok.headers[f"anthropic-ratelimit-{side}-limit"] == "6000"
+        assert ok.headers[f"anthropic-ratelimit-{side}-remaining"] == "5400"
+        assert ok.headers[f"anthropic-ratelimit-{side}-reset"] == "2023-11-14T22:30:01Z"
+    assert not [name for name in ok.headers if name.lower().startswith("x-ratelimit")]
+
+
+@pytest.mark.parametrize("limits", [{"rpm": 60, "burst": 1, "tpm": 6000},
+                                    {"window_requests": 1}])
+def test_no_ratelimit_headers_leaves_only_the_retry_hint(clock, limits):
+    with Sandbox(**limits, ratelimit_headers="none", clock=clock) as sb:
+        ok = post(sb, "/chat/completions", chat())
+        refused = post(sb, "/chat/completions", chat())
+    assert (ok.status_code, refused.status_code) == (200, 429)
+    for answer in (ok, refused):
+        assert not [name for name in answer.headers if "ratelimit" in name.lower()]
+    assert refused.headers["Retry-After"] in ("1", "60")
+
+
+@pytest.mark.parametrize("extra, hint", [({"in_flight_retry_after_s": 10}, "10"), ({}, "60")])
+def test_litellm_in_flight_style_words_the_cap_as_litellm_with_an_inflated_hint(extra, hint):
+    sb = Sandbox(max_in_flight=1, latency_s=30, in_flight_style="litellm", **extra)
+    sb.start()
+    try:
+        results: list = []
+        thread = send_in_background(sb, results)
+        assert wait_until(lambda: sb.stats()["in_flight"] == 1, TIMEOUT)
+        refused = post(sb, "/chat/completions", chat())
+        assert refused.status_code == 429
+        message = refused.json()["error"]["message"]
+        assert "Max parallel request limit reached" in message
+        assert "rate_limit_type: max_parallel_requests" in message
+        assert refused.headers["Retry-After"] == hint  # not the latency, when a slot frees
+        assert sb.stats()["rate_limited"] == {"in_flight": 1}
+    finally:
+        sb.stop()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+def test_new_api_overload_style_words_bucket_429s_as_quota_that_says_try_later(clock):
+    with Sandbox(rpm=60, burst=1, overload_style="new-api", clock=clock) as sb:
+        assert post(sb, "/chat/completions", chat()).status_code == 200
+        refused = post(sb, "/chat/completions", chat())
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_quota"
+    assert error["message"] == "upstream saturated, please try again later"
+    assert refused.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"window_requests": 0}, "window_requests"),
+    ({"window_requests": 2.5}, "window_requests"),
+    ({"window_requests": True}, "window_requests"),
+    ({"window_requests": 5, "rpm": 60}, "window_requests"),
+    ({"window_requests": 5, "rps": 1}, "window_requests"),
+    ({"window_requests": 5, "window_s": 0}, "window_s"),
+    ({"window_s": 10}, "window_s"),
+    ({"window_requests": 5, "window_align": "hour"}, "window_align"),
+    ({"window_align": "clock"}, "window_align"),
+    ({"window_requests": 5, "window_retry_after": "never"}, "window_retry_after"),
+    ({"window_retry_after": "window"}, "window_retry_after"),
+    ({"token_ratio": 0}, "token_ratio"),
+    ({"token_ratio": float("nan")}, "token_ratio"),
+    ({"token_ratio": "1.3"}, "token_ratio"),
+    ({"token_ratio": None}, "token_ratio"),
+    ({"token_window_s": 60}, "token_window_s"),
+    ({"tpm": 600, "token_window_s": -1}, "token_window_s"),
+    ({"ratelimit_headers": "x-ratelimit"}, "ratelimit_headers"),
+    ({"max_in_flight": 2, "in_flight_style": "nginx"}, "in_flight_style"),
+    ({"in_flight_style": "litellm"}, "in_flight_style"),
+    ({"in_flight_retry_after_s": 10}, "in_flight_retry_after_s"),
+    ({"max_in_flight": 1, "in_flight_retry_after_s": float("inf")}, "in_flight_retry_after_s"),
+    ({"overload_style": "new-api"}, "overload_style"),
+    ({"tpm": 600, "token_window_s": 60, "overload_style": "new-api"}, "overload_style"),
+    ({"rpm": 60, "overload_style": "gateway"}, "overload_style"),
+])
+def test_limit_shape_arguments_are_refused_by_name(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        Sandbox(**kwargs)
+
+
 # -- faults ---------------------------------------------------------------------------------
 
 
@@ -673,20 +944,71 @@ def test_every_sandbox_argument_has_a_flag_that_round_trips_and_is_documented():
               "max_in_flight": 3, "latency_s": 0.05, "faults": {"500": 0.1, "slow": 0.2},
               "seed": 9, "retry_after": "date", "models": ["a", "b"], "always_429": True,
               "retry_after_value_s": 2.5, "slow_s": 0.5}
+    # Windows exclude rpm, so the limit shapes make a second valid set.
+    shapes = {"port": 0, "window_requests": 5, "window_s": 10.0, "window_align": "clock",
+              "window_retry_after": "window", "tpm": 4000, "token_window_s": 60.0,
+              "token_ratio": 1.3, "ratelimit_headers": "anthropic", "max_in_flight": 2,
+              "in_flight_style": "litellm", "in_flight_retry_after_s": 10.0}
+    kwargs.update(overload_style="new-api")
     params = set(inspect.signature(Sandbox).parameters) - {"clock", "api_key"}
-    assert params - set(kwargs) == {"rps", "fault_rate"}  # exclusive with rpm / faults mapping
-    assert sandbox_kwargs(parse(*to_argv(**kwargs))) == kwargs
+    # Exclusive with rpm / with the faults mapping.
+    assert params - set(kwargs) - set(shapes) == {"rps", "fault_rate"}
+    for given in (kwargs, shapes):
+        assert sandbox_kwargs(parse(*to_argv(**given))) == given
+        Sandbox(**given)  # and they are valid together
     assert sandbox_kwargs(parse(*to_argv(rps=20, fault_rate=0.1))) == {
         "port": 8000, "rps": 20, "fault_rate": 0.1}
-    Sandbox(**kwargs)  # and they are valid together
     with pytest.raises(TypeError):
         to_argv(clock=FakeClock())
     docs = (ROOT / "docs" / "sandbox.md").read_text(encoding="utf-8")
-    flags = [a for a in to_argv(**kwargs, rps=1, fault_rate=0.1) if a.startswith("--")]
+    every = {**kwargs, **shapes, "rps": 1, "fault_rate": 0.1}
+    flags = [a for a in to_argv(**every) if a.startswith("--")]
     for flag in [*flags, "--api-key-env", "--port"]:
         assert f"`{flag}" in docs, f"{flag} is not documented in docs/sandbox.md"
     for kind in FAULT_KINDS:
         assert f"`{kind}`" in docs, f"fault {kind} is not documented"
+
+
+def test_limit_shape_flags_parse_and_reach_the_server(capsys):
+    args = parse("--window-requests", "10", "--window", "10s", "--window-align", "clock",
+                 "--window-retry-after", "window", "--token-ratio", "1.3", "--tpm", "40000",
+                 "--token-window", "60s", "--ratelimit-headers", "litellm",
+                 "--max-in-flight", "4", "--in-flight-style", "litellm",
+                 "--in-flight-retry-after", "10s")
+    kwargs = sandbox_kwargs(args)
+    assert kwargs == {
+        "port": 8000, "window_requests": 10, "window_s": 10.0, "window_align": "clock",
+        "window_retry_after": "window", "token_ratio": 1.3, "tpm": 40000.0,
+        "token_window_s": 60.0, "ratelimit_headers": "litellm", "max_in_flight": 4,
+        "in_flight_style": "litellm", "in_flight_retry_after_s": 10.0}
+    description = Sandbox(**{**kwargs, "port": 0}).describe()
+    for part in ("window_requests=10", "window_s=10", "window_align=clock",
+                 "window_retry_after=window", "token_ratio=1.3", "token_window_s=60",
+                 "ratelimit_headers=litellm", "in_flight_style=litellm",
+                 "in_flight_retry_after_s=10"):
+        assert part in description
+    assert sandbox_kwargs(parse("--rpm", "60", "--overload-style", "new-api"))[
+        "overload_style"] == "new-api"
+    for bad in (["--window-align", "hour"], ["--window-retry-after", "soon"],
+                ["--ratelimit-headers", "x"], ["--token-ratio", "0"], ["--window-requests", "1.5"],
+                ["--in-flight-style", "nginx"], ["--overload-style", "x"], ["--window", "soon"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+    capsys.readouterr()
+    assert run(parse("--port", "0", "--window", "10s")) == 2  # a window needs its requests
+    assert "window_s needs window_requests" in capsys.readouterr().err
+
+
+def test_sandbox_process_passes_the_limit_shapes_on():
+    with SandboxProcess(window_requests=2, window_s=60, window_retry_after="window",
+                        ratelimit_headers="litellm", token_ratio=2.0) as sb, \
+            requests.Session() as session:
+        answers = [post(sb, "/chat/completions", chat(), session) for _ in range(3)]
+        assert codes(answers) == [200, 200, 429]
+        assert answers[0].json()["usage"]["prompt_tokens"] == 10  # 5 estimated x 2
+        assert answers[0].headers["x-ratelimit-api_key-remaining-requests"] == "1"
+        assert answers[2].headers["Retry-After"] == "60"  # the window, not the time left
+        assert sb.stats()["rate_limited"] == {"window": 1}
 
 
 def test_run_refuses_an_unset_api_key_variable(monkeypatch, capsys):

@@ -18,7 +18,15 @@ from typing import Any, Callable, Optional
 
 from ..hints import parse_duration
 from .faults import FAULT_KINDS, format_faults, parse_faults
-from .server import RETRY_AFTER_STYLES, Sandbox
+from .server import (
+    HEADER_FAMILIES,
+    IN_FLIGHT_STYLES,
+    OVERLOAD_STYLES,
+    RETRY_AFTER_STYLES,
+    WINDOW_ALIGNS,
+    WINDOW_RETRY_AFTERS,
+    Sandbox,
+)
 
 __all__ = ["add_arguments", "run", "sandbox_kwargs", "to_argv", "DESCRIPTION"]
 
@@ -109,6 +117,28 @@ _FLAGS = (
     _Flag("models", "--models", _models, ",".join,
           "comma-separated models GET /v1/models lists "
           "(default: gpt-4o-mini,claude-3-5-haiku,text-embedding-3-small)", "LIST"),
+    _Flag("window_requests", "--window-requests", _positive(int), str,
+          "requests per model per fixed window of --window, instead of --rpm/--rps", "N"),
+    _Flag("window_s", "--window", _duration, repr,
+          "length of the --window-requests window, e.g. 10s (default: 60s)", "DURATION"),
+    _Flag("window_align", "--window-align", str, str,
+          "when a window opens (default: first_request)", None, WINDOW_ALIGNS),
+    _Flag("window_retry_after", "--window-retry-after", str, str,
+          "what a window's 429 hints (default: left)", None, WINDOW_RETRY_AFTERS),
+    _Flag("token_ratio", "--token-ratio", _positive(float), repr,
+          "the sandbox's prompt tokens per chars/4 estimated token (default: 1)", "R"),
+    _Flag("token_window_s", "--token-window", _duration, repr,
+          "enforce --tpm per fixed window of this length, e.g. 60s (default: a bucket)",
+          "DURATION"),
+    _Flag("ratelimit_headers", "--ratelimit-headers", str, str,
+          "rate-limit header names (default: openai)", None, HEADER_FAMILIES),
+    _Flag("in_flight_style", "--in-flight-style", str, str,
+          "wording of --max-in-flight 429s (default: openai)", None, IN_FLIGHT_STYLES),
+    _Flag("in_flight_retry_after_s", "--in-flight-retry-after", _duration, repr,
+          "wait hinted by --max-in-flight 429s (default: latency, or 60s for litellm)",
+          "DURATION"),
+    _Flag("overload_style", "--overload-style", str, str,
+          "wording of bucket-limit 429s (default: openai)", None, OVERLOAD_STYLES),
 )
 
 

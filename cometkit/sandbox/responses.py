@@ -24,6 +24,7 @@ __all__ = [
     "ChatPlan",
     "EmbeddingPlan",
     "estimate_tokens",
+    "scale_tokens",
     "plan_chat",
     "plan_embeddings",
     "chat_body",
@@ -54,6 +55,14 @@ class BadRequest(ValueError):
 def estimate_tokens(chars: int) -> int:
     """Tokens for ``chars`` characters: a quarter, rounded up, at least one (roughly tiktoken)."""
     return max(1, -(-chars // 4))
+
+
+def scale_tokens(tokens: int, ratio: float) -> int:
+    """``tokens`` counted by a tokenizer that yields ``ratio`` times as many, rounded up, at
+    least one: the sandbox's own tokenizer, which a client's estimate need not match."""
+    if ratio == 1.0:
+        return tokens
+    return max(1, math.ceil(tokens * ratio - 1e-9))
 
 
 def _text(content: Any) -> str:
@@ -101,8 +110,11 @@ class ChatPlan:
     charge: int
 
 
-def plan_chat(body: Any) -> ChatPlan:
+def plan_chat(body: Any, token_ratio: float = 1.0) -> ChatPlan:
     """Validate a ``/chat/completions`` body and decide the answer: ``echo: <last user text>``.
+
+    ``token_ratio`` scales the prompt's token count (see :func:`scale_tokens`), in ``usage``
+    and in the charge alike.
 
     :raises BadRequest: when the API would answer 400.
     """
@@ -125,7 +137,7 @@ def plan_chat(body: Any) -> ChatPlan:
     finish_reason = "stop"
     if limit is not None and completion_tokens > limit:
         reply, completion_tokens, finish_reason = reply[: limit * 4], limit, "length"
-    prompt_tokens = estimate_tokens(prompt_chars)
+    prompt_tokens = scale_tokens(estimate_tokens(prompt_chars), token_ratio)
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
@@ -207,8 +219,10 @@ def _is_tokens(value: Any) -> bool:
         isinstance(item, int) and not isinstance(item, bool) for item in value)
 
 
-def plan_embeddings(body: Any) -> EmbeddingPlan:
+def plan_embeddings(body: Any, token_ratio: float = 1.0) -> EmbeddingPlan:
     """Validate an ``/embeddings`` body (``input``: a string, strings, token arrays).
+
+    ``token_ratio`` scales the tokens counted for strings (token arrays count one per token).
 
     :raises BadRequest: when the API would answer 400.
     """
@@ -219,16 +233,18 @@ def plan_embeddings(body: Any) -> EmbeddingPlan:
     if not isinstance(raw, list) or not raw:
         raise BadRequest("Invalid 'input': expected a string or a non-empty array.", "input")
     inputs = []
-    tokens = 0
+    text_tokens = 0
+    array_tokens = 0
     for item in raw:
         if isinstance(item, str):
             inputs.append(item)
-            tokens += estimate_tokens(len(item))
+            text_tokens += estimate_tokens(len(item))
         elif _is_tokens(item) and item:
             inputs.append(" ".join(map(str, item)))
-            tokens += len(item)
+            array_tokens += len(item)
         else:
             raise BadRequest("Invalid 'input': items must be strings or token arrays.", "input")
+    tokens = array_tokens + (scale_tokens(text_tokens, token_ratio) if text_tokens else 0)
     dimensions = _positive_int(body, "dimensions") or DEFAULT_EMBEDDING_DIMENSIONS
     if dimensions > MAX_EMBEDDING_DIMENSIONS:
         raise BadRequest(f"Invalid 'dimensions': at most {MAX_EMBEDDING_DIMENSIONS}.",

@@ -27,15 +27,32 @@ from typing import Any, Optional, Sequence
 from ..records import Clock, SystemClock
 from . import responses
 from .faults import FaultPlan, FaultSpec
-from .limits import Admission, RateLimits, go_duration
+from .limits import (
+    HEADER_FAMILIES,
+    WINDOW_ALIGNS,
+    WINDOW_RETRY_AFTERS,
+    Admission,
+    RateLimits,
+    go_duration,
+)
 from .stats import Counters, Outcome
 
-__all__ = ["Sandbox", "RETRY_AFTER_STYLES"]
+__all__ = ["Sandbox", "RETRY_AFTER_STYLES", "HEADER_FAMILIES", "WINDOW_ALIGNS",
+           "WINDOW_RETRY_AFTERS", "IN_FLIGHT_STYLES", "OVERLOAD_STYLES"]
 
 log = logging.getLogger("cometkit.sandbox")
 
 #: How a 429 tells the client when to come back.
 RETRY_AFTER_STYLES = ("seconds", "ms", "date", "reset", "none")
+
+#: How a 429 for ``max_in_flight`` is worded: as OpenAI would, or as LiteLLM's
+#: ``max_parallel_requests`` limiter does (with its window as ``Retry-After``).
+IN_FLIGHT_STYLES = ("openai", "litellm")
+#: How a 429 for a bucket limit is worded: as OpenAI does, or as gateways built on new-api pass
+#: an upstream overload on (``insufficient_quota`` that nonetheless means "try later").
+OVERLOAD_STYLES = ("openai", "new-api")
+#: ``in_flight_style="litellm"`` hints this by default: LiteLLM's default window, a minute.
+LITELLM_IN_FLIGHT_RETRY_AFTER_S = 60.0
 
 #: Request bodies above this are refused (the sandbox is not a storage service).
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -110,6 +127,25 @@ class Sandbox:
     :param retry_after_value_s: the wait hinted in ``always_429`` mode.
     :param slow_s: how late a ``slow`` fault answers.
     :param clock: the clock of the rate limits and HTTP dates; tests pass a fake one.
+    :param window_requests: requests per model per fixed window of ``window_s`` (instead of
+        ``rpm`` / ``rps``), as gateways count them.
+    :param window_s: the window's length (default a minute).
+    :param window_align: ``first_request`` (a window opens with the first request after the
+        previous one ended, as LiteLLM's proxy) or ``clock`` (``[k*W, (k+1)*W)`` of
+        ``clock.time()``: a calendar minute, as LiteLLM's router).
+    :param window_retry_after: what a window's 429 hints: ``left`` (the time left in it),
+        ``window`` (its length, LiteLLM's inflated value) or ``none`` (no hint and no reset
+        headers), rendered in the ``retry_after`` style.
+    :param token_ratio: the sandbox's tokenizer counts this many times the chars/4 estimate for
+        a prompt, in ``usage.prompt_tokens`` and in the ``tpm`` charge.
+    :param token_window_s: enforce ``tpm`` per fixed window of this length
+        (``tpm * token_window_s / 60`` tokens each) instead of a bucket.
+    :param ratelimit_headers: the header names: one of :data:`HEADER_FAMILIES`.
+    :param in_flight_style: how ``max_in_flight`` 429s are worded: one of
+        :data:`IN_FLIGHT_STYLES`.
+    :param in_flight_retry_after_s: the wait a ``max_in_flight`` 429 hints (default: the
+        latency, at least 0.1 s, in ``openai`` style; a minute in ``litellm`` style).
+    :param overload_style: how bucket-limit 429s are worded: one of :data:`OVERLOAD_STYLES`.
     """
 
     def __init__(
@@ -133,6 +169,16 @@ class Sandbox:
         retry_after_value_s: float = 1.0,
         slow_s: float = 5.0,
         clock: Optional[Clock] = None,
+        window_requests: Optional[int] = None,
+        window_s: Optional[float] = None,
+        window_align: str = "first_request",
+        window_retry_after: str = "left",
+        token_ratio: float = 1.0,
+        token_window_s: Optional[float] = None,
+        ratelimit_headers: str = "openai",
+        in_flight_style: str = "openai",
+        in_flight_retry_after_s: Optional[float] = None,
+        overload_style: str = "openai",
     ) -> None:
         for name, value in (("rpm", rpm), ("rps", rps), ("tpm", tpm), ("burst", burst),
                             ("max_in_flight", max_in_flight)):
@@ -150,6 +196,7 @@ class Sandbox:
             raise ValueError(f"retry_after must be one of {', '.join(RETRY_AFTER_STYLES)}")
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty (pass None for no authentication)")
+        _check_limit_shapes(locals())
         self.port = port
         self.host = host
         self.latency_s = float(latency_s)
@@ -163,21 +210,41 @@ class Sandbox:
             "rpm": rpm, "rps": rps, "tpm": tpm, "burst": burst, "max_in_flight": max_in_flight,
             "latency_s": self.latency_s, "fault_rate": fault_rate, "faults": faults,
             "seed": seed, "retry_after": retry_after, "always_429": always_429,
+            "window_requests": window_requests, "window_s": window_s,
+            "window_align": window_align, "window_retry_after": window_retry_after,
+            "token_ratio": token_ratio, "token_window_s": token_window_s,
+            "ratelimit_headers": ratelimit_headers, "in_flight_style": in_flight_style,
+            "in_flight_retry_after_s": in_flight_retry_after_s, "overload_style": overload_style,
         }
+        self._token_ratio = float(token_ratio)
+        self._in_flight_litellm = in_flight_style == "litellm"
+        self._overload_new_api = overload_style == "new-api"
+        self._max_in_flight = max_in_flight
+        if in_flight_retry_after_s is None:
+            in_flight_retry_after_s = (LITELLM_IN_FLIGHT_RETRY_AFTER_S if self._in_flight_litellm
+                                       else max(self.latency_s, 0.1))
         self._expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
         self._faults = FaultPlan(fault_rate, faults)
         self._random = random.Random(seed)
         self._random_lock = threading.Lock()
         self._limits: Optional[RateLimits] = None
-        if rpm or rps or tpm or max_in_flight:
+        if rpm or rps or tpm or max_in_flight or window_requests:
             self._limits = RateLimits(
                 requests_per_s=rpm / 60.0 if rpm else rps,
                 request_burst=burst,
                 request_limit=rpm if rpm else (rps * 60.0 if rps else None),
                 tpm=tpm,
                 max_in_flight=max_in_flight,
-                in_flight_retry_s=max(self.latency_s, 0.1),
+                in_flight_retry_s=float(in_flight_retry_after_s),
                 monotonic=self.clock.monotonic,
+                window_requests=window_requests,
+                window_s=float(window_s or 60.0),
+                token_window_s=token_window_s,
+                window_align=window_align,
+                window_retry_after=window_retry_after,
+                header_family=ratelimit_headers,
+                reset_on_refusal=retry_after != "none",
+                wall_time=self.clock.time,
             )
         self._counters = Counters()
         self._ids = itertools.count(1)
@@ -243,7 +310,10 @@ class Sandbox:
     def describe(self) -> str:
         """The settings that differ from a plain echo server, for a log line."""
         defaults = {"latency_s": 0.0, "fault_rate": 0.0, "retry_after": "seconds",
-                    "always_429": False}
+                    "always_429": False, "window_align": "first_request",
+                    "window_retry_after": "left", "token_ratio": 1.0,
+                    "ratelimit_headers": "openai", "in_flight_style": "openai",
+                    "overload_style": "openai"}
         parts = [f"{key}={int(value) if isinstance(value, float) and value.is_integer() else value}"
                  for key, value in self._config.items()
                  if value is not None and (key not in defaults or value != defaults[key])]
@@ -261,8 +331,8 @@ class Sandbox:
         Keys: ``attempts``; ``attempts_by_status`` (status code, or ``reset``, ``truncated``,
         ``aborted`` -> count); ``requests_by_model``; ``in_flight``; ``max_in_flight_seen``
         and ``max_in_flight_seen_by_model``; ``connections_accepted``; ``faults_injected``
-        (kind -> count); ``rate_limited`` (``requests``, ``tokens``, ``in_flight``,
-        ``always`` -> count of 429s).
+        (kind -> count); ``rate_limited`` (``requests``, ``tokens``, ``window``,
+        ``in_flight``, ``always`` -> count of 429s).
         """
         return self._counters.snapshot()
 
@@ -337,7 +407,7 @@ class Sandbox:
                                    "your request.", "invalid_request_error")
             try:
                 plan = (responses.plan_chat if kind == "chat"
-                        else responses.plan_embeddings)(document)
+                        else responses.plan_embeddings)(document, self._token_ratio)
             except responses.BadRequest as exc:
                 return self._error(handler, call, 400, str(exc), "invalid_request_error",
                                    param=exc.param)
@@ -401,32 +471,52 @@ class Sandbox:
 
     def _refused(self, handler: _Handler, call: _Call, admission: Admission) -> Outcome:
         self._counters.rate_limited(admission.kind)
-        if admission.kind == "in_flight":
+        hint = admission.hint_s
+        again = "later" if hint is None else f"in {go_duration(hint)}"
+        type_ = "tokens" if admission.kind == "tokens" else "requests"
+        code = "rate_limit_exceeded"
+        if admission.kind == "in_flight" and self._in_flight_litellm:
+            # LiteLLM's parallel-request limiter; clients tell a concurrency cap by this text.
+            message = (f"Max parallel request limit reached. Hit limit for model {call.model}. "
+                       f"rate_limit_type: max_parallel_requests, "
+                       f"limit: {self._max_in_flight}, current: {self._max_in_flight}.")
+            type_, code = "rate_limit_error", "429"
+        elif admission.kind == "in_flight":
             message = f"Too many concurrent requests for model {call.model}."
+        elif self._overload_new_api and not admission.windowed:
+            message = "upstream saturated, please try again later"
+            type_, code = "new_api_error", "insufficient_quota"
+        elif admission.windowed:
+            message = (f"Rate limit reached for {type_} on model {call.model} in the sandbox's "
+                       f"fixed window. Please try again {again}.")
         else:
             message = (f"Rate limit reached for {admission.kind} on model {call.model} in the "
-                       f"sandbox. Please try again in {go_duration(admission.wait_s)}.")
-        headers = admission.headers
-        if self.retry_after == "none":
-            headers = tuple(h for h in headers if not h[0].startswith("x-ratelimit-reset-"))
-        type_ = "tokens" if admission.kind == "tokens" else "requests"
-        return self._too_many(handler, call, type_, admission.wait_s, headers, message)
+                       f"sandbox. Please try again {again}.")
+        return self._too_many(handler, call, type_, hint, admission.headers, message, code)
 
-    def _too_many(self, handler: _Handler, call: _Call, type_: str, wait_s: float,
-                  headers: tuple, message: str) -> Outcome:
-        """A 429 ``rate_limit_exceeded`` with the configured retry hint."""
+    def _too_many(self, handler: _Handler, call: _Call, type_: str, wait_s: Optional[float],
+                  headers: tuple, message: str, code: str = "rate_limit_exceeded") -> Outcome:
+        """A 429 with the configured retry hint for ``wait_s`` (``None``: no hint at all).
+
+        The ``reset`` style puts the hint in the reset header of the limit that refused,
+        replacing the true time left that header would otherwise carry.
+        """
         hint: tuple = ()
         style = self.retry_after
-        if style == "seconds":
+        if wait_s is None:
+            pass
+        elif style == "seconds":
             hint = (("Retry-After", str(max(1, math.ceil(wait_s)))),)
         elif style == "ms":
             hint = (("retry-after-ms", str(max(1, math.ceil(wait_s * 1000)))),)
         elif style == "date":
             when = math.ceil(self.clock.time() + max(wait_s, 1.0))
             hint = (("Retry-After", email.utils.formatdate(when, usegmt=True)),)
-        elif style == "reset" and not any(h[0] == "x-ratelimit-reset-requests" for h in headers):
-            hint = (("x-ratelimit-reset-requests", go_duration(wait_s)),)
-        body = responses.error_body(message, type_, "rate_limit_exceeded")
+        elif style == "reset":
+            name = "x-ratelimit-reset-tokens" if type_ == "tokens" else "x-ratelimit-reset-requests"
+            headers = tuple(h for h in headers if h[0] != name)
+            hint = ((name, go_duration(wait_s)),)
+        body = responses.error_body(message, type_, code)
         return self._send(handler, 429, call, body, headers + hint)
 
     def _inject(self, handler: _Handler, call: _Call, fault: str, plan: Any) -> Outcome:
@@ -616,3 +706,54 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients vanish mid-answer and stop() cuts connections: not worth a traceback.
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+def _check_limit_shapes(arguments: dict) -> None:
+    """Refuse bad or contradictory limit-shape arguments of :class:`Sandbox`, by name.
+
+    :raises ValueError: naming the argument.
+    """
+    def positive(name: str, integer: bool = False) -> None:
+        value = arguments[name]
+        if value is None:
+            return
+        if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+                or not 0 < value < math.inf):
+            kind = "integer" if integer else "finite number"
+            raise ValueError(f"{name} must be a positive {kind}, not {value!r}")
+
+    def one_of(name: str, choices: tuple) -> None:
+        if arguments[name] not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, "
+                             f"not {arguments[name]!r}")
+
+    positive("window_requests", integer=True)
+    for name in ("window_s", "token_window_s", "in_flight_retry_after_s"):
+        positive(name)
+    positive("token_ratio")
+    if arguments["token_ratio"] is None:
+        raise ValueError("token_ratio must be a positive finite number, not None")
+    for name, choices in (("window_align", WINDOW_ALIGNS),
+                          ("window_retry_after", WINDOW_RETRY_AFTERS),
+                          ("ratelimit_headers", HEADER_FAMILIES),
+                          ("in_flight_style", IN_FLIGHT_STYLES),
+                          ("overload_style", OVERLOAD_STYLES)):
+        one_of(name, choices)
+    windows = arguments["window_requests"] is not None or arguments["token_window_s"] is not None
+    if arguments["window_requests"] is not None and (arguments["rpm"] is not None
+                                                     or arguments["rps"] is not None):
+        raise ValueError("give window_requests or rpm/rps, not both")
+    if arguments["window_s"] is not None and arguments["window_requests"] is None:
+        raise ValueError("window_s needs window_requests")
+    if arguments["token_window_s"] is not None and arguments["tpm"] is None:
+        raise ValueError("token_window_s needs tpm")
+    for name, default in (("window_align", "first_request"), ("window_retry_after", "left")):
+        if arguments[name] != default and not windows:
+            raise ValueError(f"{name} needs window_requests or token_window_s")
+    for name, default in (("in_flight_style", "openai"), ("in_flight_retry_after_s", None)):
+        if arguments[name] != default and arguments["max_in_flight"] is None:
+            raise ValueError(f"{name} needs max_in_flight")
+    if arguments["overload_style"] != "openai" and not (
+            arguments["rpm"] or arguments["rps"]
+            or (arguments["tpm"] and arguments["token_window_s"] is None)):
+        raise ValueError("overload_style needs a bucket limit: rpm, rps or tpm")
