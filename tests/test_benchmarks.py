@@ -242,3 +242,25 @@ def test_limits_targets_are_checked_per_client_and_a_timed_out_run_misses_them()
     timed_out = suite.checks[5:]
     assert [c.passed for c in timed_out] == [False, False, False]
     assert "time cap" in timed_out[0].measured
+
+
+def test_token_shape_ideal_charges_what_the_sandbox_counts():
+    """The ideal of the token shape uses the server's own count (1.3x the chars / 4 estimate
+    for the prompt), checked against the usage a real sandbox reports."""
+    import cometkit
+    from cometkit.sandbox import Sandbox
+
+    chars = limits.prompt_chars(5)
+    charges = limits.chat_charges(chars, 1.3)
+    spec = Spec("cometkit", "", 5, 1, prompt_chars=chars)
+    with Sandbox(token_ratio=1.3) as sandbox, \
+            cometkit.Client("sk-bench-test", sandbox.base_url, config={"plugins": {}}) as client:
+        usage = [client.chat.completions.create(model="gpt-4o-mini", messages=spec.messages(i))
+                 .usage.total_tokens for i in range(5)]
+    assert charges == usage
+    assert charges[0] > len(limits.prompt(0, chars[0])) / 4 * 1.3  # prompt and answer
+    shape = next(shape for shape in limits.SHAPES if shape.key == "tpm")
+    rate_per_s = 40_000 / 60
+    assert shape.ideal(60, 0.0) == pytest.approx(limits.bucket_ideal_s(
+        limits.chat_charges(limits.prompt_chars(60), 1.3), rate_per_s, rate_per_s, 0.05))
+    assert shape.ideal(60, 0.0) > 60  # about 90 s of tokens at 40k per minute
