@@ -145,3 +145,14 @@ def test_streams_pass_through_nginx_unbuffered_and_whole(limited):
     assert sandbox.stats()["attempts_by_status"] == {200: calls}
     at_nginx = nginx.statuses(at_least=stats["attempts"])
     assert at_nginx[200] == calls and at_nginx[429] == stats["attempts"] - calls
+
+
+@pytest.mark.parametrize(("upstream", "options", "message"), [
+    ("127.0.0.1:8080", {}, "upstream_url must be http://HOST:PORT"),
+    ("https://127.0.0.1:8080/v1", {}, "upstream_url must be http://HOST:PORT"),
+    ("http://127.0.0.1:8080/v1", {"key": "ip"}, "key must be one of constant, authorization"),
+    ("http://127.0.0.1:8080/v1", {"burst": -1}, "burst must be >= 0"),
+])
+def test_bad_options_are_refused_before_anything_starts(upstream, options, message):
+    with pytest.raises(ValueError, match=message):
+        NginxLimiter(upstream, **options)
