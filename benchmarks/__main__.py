@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import faults, goodput, memory, overhead, scaling
-from .report import checks, machine, results_markdown, table
+from . import faults, goodput, limits, memory, overhead, scaling
+from .report import checks, limits_table, machine, results_markdown, table
 
-#: In the order they run (and appear in the table).
-BENCHMARKS = {module.NAME: module for module in (overhead, goodput, faults, scaling, memory)}
+#: In the order they run (and appear in the tables).
+BENCHMARKS = {module.NAME: module
+              for module in (overhead, goodput, faults, scaling, memory, limits)}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -73,8 +74,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += suite.rows
         results += suite.checks
     elapsed_s = time.perf_counter() - started
-    print(table(rows))
-    print()
+    if any(row.shape is None for row in rows):
+        print(table(rows))
+        print()
+    if limits_table(rows):
+        print(limits_table(rows))
+        print()
     print(checks(results))
     output = args.output
     if output is None and not args.no_write and not args.quick and names == list(BENCHMARKS):

@@ -3,8 +3,9 @@
 Each contender is a factory ``make(spec) -> Contender``. It does its set-up (imports, building
 a client or a session) before the clock starts, so that the measurement is the cost of the
 calls alone. The workload is identical for all of them: ``POST /chat/completions`` for model
-``gpt-4o-mini`` with one user message ``prompt <i>``, the answer decoded from JSON and its
-text checked against the sandbox's echo (``echo: prompt <i>``).
+``gpt-4o-mini`` with one user message ``prompt <i>`` (padded to a given length where a
+benchmark sets ``Spec.prompt_chars``), the answer decoded from JSON and its text checked
+against the sandbox's echo (``echo: prompt <i>...``).
 
 The peers are written the way their documentation shows them, not tuned: a plain
 ``requests.Session`` (whose default pool holds 10 connections), the ``openai`` SDK with its
@@ -34,25 +35,24 @@ GUIDE_ATTEMPTS = 5
 GUIDE_MAX_DELAY_S = 30.0
 #: Connect and read timeouts every client is given (the same as cometkit's defaults).
 TIMEOUT_S = (10.0, 600.0)
+#: What pads a prompt to the length a benchmark asks for (words, so tokenizers see words).
+_FILLER = " lorem ipsum dolor sit amet"
 
 #: What one call returns: ``None`` when it got the expected answer, else a short reason.
 Outcome = Optional[str]
 
 
-def prompt(i: int) -> str:
-    return f"prompt {i}"
+def prompt(i: int, chars: int = 0) -> str:
+    """``prompt <i>``, padded with words to ``chars`` characters when that is longer."""
+    text = f"prompt {i}"
+    if chars > len(text):
+        filler = _FILLER * (chars // len(_FILLER) + 1)
+        text = (text + filler)[:chars]
+    return text
 
 
-def expected_answer(i: int) -> str:
-    return f"echo: {prompt(i)}"
-
-
-def _messages(i: int) -> list:
-    return [{"role": "user", "content": prompt(i)}]
-
-
-def _body(i: int) -> dict:
-    return {"model": MODEL, "messages": _messages(i)}
+def expected_answer(i: int, chars: int = 0) -> str:
+    return f"echo: {prompt(i, chars)}"
 
 
 @dataclass
@@ -71,6 +71,26 @@ class Spec:
     #: How cometkit contenders spread the calls: ``map`` (``client.map``, in input order,
     #: a bounded window) or ``threads`` (a ThreadPoolExecutor of ``threads`` workers).
     driver: str = "map"
+    #: Prompt length in characters of item ``i``: ``prompt_chars[i % len]``; empty for the
+    #: short ``prompt <i>``.
+    prompt_chars: list = field(default_factory=list)
+    #: Wall-clock time (``time.time()``) at which the measured calls start, so that several
+    #: workers start together or a run starts at a given point of a calendar window; 0: at
+    #: once.
+    start_at: float = 0.0
+
+    def chars(self, i: int) -> int:
+        return self.prompt_chars[i % len(self.prompt_chars)] if self.prompt_chars else 0
+
+    def messages(self, i: int) -> list:
+        return [{"role": "user", "content": prompt(i, self.chars(i))}]
+
+    def body(self, i: int) -> dict:
+        return {"model": MODEL, "messages": self.messages(i)}
+
+    def check(self, i: int, content: Any) -> Outcome:
+        """``None`` when ``content`` is the sandbox's echo of item ``i``."""
+        return None if content == expected_answer(i, self.chars(i)) else "WrongAnswer"
 
 
 @dataclass
@@ -83,10 +103,6 @@ class Contender:
     run: Optional[Callable[[Iterable[int]], Iterator[Any]]] = None
     #: Facts worth reporting (plugins in effect, ...).
     info: dict = field(default_factory=dict)
-
-
-def _check(i: int, content: Any) -> Outcome:
-    return None if content == expected_answer(i) else "WrongAnswer"
 
 
 def _http_error(status: int) -> str:
@@ -104,8 +120,8 @@ def _cometkit(spec: Spec) -> Contender:
     create = client.chat.completions.create
 
     def call(i: int) -> Outcome:
-        answer = create(model=MODEL, messages=_messages(i))
-        return _check(i, answer.choices[0].message.content)
+        answer = create(model=MODEL, messages=spec.messages(i))
+        return spec.check(i, answer.choices[0].message.content)
 
     def run(items: Iterable[int]) -> Iterator[Any]:
         return client.map(call, items, return_exceptions=True)
@@ -125,10 +141,10 @@ def _requests_session(spec: Spec) -> Contender:
     headers = {"Authorization": f"Bearer {spec.api_key}"}
 
     def call(i: int) -> Outcome:
-        response = session.post(url, json=_body(i), headers=headers, timeout=TIMEOUT_S)
+        response = session.post(url, json=spec.body(i), headers=headers, timeout=TIMEOUT_S)
         if response.status_code >= 300:
             return _http_error(response.status_code)
-        return _check(i, response.json()["choices"][0]["message"]["content"])
+        return spec.check(i, response.json()["choices"][0]["message"]["content"])
 
     return Contender(call, session.close)
 
@@ -144,11 +160,11 @@ def _requests_adapter(spec: Spec) -> Contender:
     headers = {"Authorization": f"Bearer {spec.api_key}"}
 
     def call(i: int) -> Outcome:
-        prepared = requests.Request("POST", url, json=_body(i), headers=headers).prepare()
+        prepared = requests.Request("POST", url, json=spec.body(i), headers=headers).prepare()
         response = adapter.send(prepared, timeout=TIMEOUT_S)
         if response.status_code >= 300:
             return _http_error(response.status_code)
-        return _check(i, json.loads(response.content)["choices"][0]["message"]["content"])
+        return spec.check(i, json.loads(response.content)["choices"][0]["message"]["content"])
 
     return Contender(call, adapter.close)
 
@@ -162,11 +178,11 @@ def _urllib3(spec: Spec) -> Contender:
     timeout = urllib3.Timeout(connect=TIMEOUT_S[0], read=TIMEOUT_S[1])
 
     def call(i: int) -> Outcome:
-        response = pool.request("POST", url, body=json.dumps(_body(i)).encode(),
+        response = pool.request("POST", url, body=json.dumps(spec.body(i)).encode(),
                                 headers=headers, timeout=timeout, retries=False)
         if response.status >= 300:
             return _http_error(response.status)
-        return _check(i, json.loads(response.data)["choices"][0]["message"]["content"])
+        return spec.check(i, json.loads(response.data)["choices"][0]["message"]["content"])
 
     return Contender(call, pool.clear)
 
@@ -186,8 +202,8 @@ def _openai(spec: Spec) -> Contender:
     create = client.chat.completions.create
 
     def call(i: int) -> Outcome:
-        answer = create(model=MODEL, messages=_messages(i))
-        return _check(i, answer.choices[0].message.content)
+        answer = create(model=MODEL, messages=spec.messages(i))
+        return spec.check(i, answer.choices[0].message.content)
 
     return Contender(call, client.close, info={"max_retries": client.max_retries})
 

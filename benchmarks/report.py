@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from .runner import Check, Row
 
-__all__ = ["machine", "table", "checks", "results_markdown"]
+__all__ = ["machine", "table", "limits_table", "checks", "results_markdown"]
 
 #: Libraries whose versions are part of a result (absent ones are skipped).
 LIBRARIES = ("cometkit", "requests", "urllib3", "pluggy", "openai", "httpx", "httpx2",
@@ -19,6 +19,9 @@ LIBRARIES = ("cometkit", "requests", "urllib3", "pluggy", "openai", "httpx", "ht
 COLUMNS = ("Benchmark", "Client", "Calls", "Threads", "Failed", "Wall s", "Calls/s",
            "x ideal", "CPU ms/call", "CPU x requests", "Attempts", "429s", "Conns",
            "Peak RSS MB")
+#: The "share of the limit achieved" table (rows with a ``shape``).
+LIMITS_COLUMNS = ("Limit shape", "Client", "Calls ok", "Wall s", "Ideal s", "x ideal",
+                  "Attempts", "429s", "429s % of calls")
 
 
 def _cpu_model() -> str:
@@ -98,11 +101,13 @@ def _cells(row: Row, rows: Sequence[Row]) -> list:
             _number(row.rss_mb, 1)]
 
 
-def _markdown(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
-    """A Markdown table padded to line up in a terminal too."""
+def _markdown(header: Sequence[str], body: Iterable[Sequence[str]],
+              text_columns: Sequence[int] = (0, 1, 4)) -> str:
+    """A Markdown table padded to line up in a terminal too; the columns but
+    ``text_columns`` are right-aligned numbers."""
     lines = [list(header), *[list(cells) for cells in body]]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    numeric = [i >= 2 and i != 4 for i in range(len(header))]
+    numeric = [i not in text_columns for i in range(len(header))]
 
     def render(cells: Sequence[str]) -> str:
         padded = (cell.rjust(w) if num else cell.ljust(w)
@@ -115,8 +120,37 @@ def _markdown(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    """One table for every benchmark; ratios are against raw ``requests`` in the same run."""
+    """One table for every benchmark but the limit shapes (see :func:`limits_table`); ratios
+    are against raw ``requests`` in the same run."""
+    rows = [row for row in rows if row.shape is None]
     return _markdown(COLUMNS, (_cells(row, rows) for row in rows))
+
+
+def _calls_ok(row: Row) -> str:
+    if row.timed_out_s is not None:
+        return f"over its {row.timed_out_s:.0f} s cap"
+    kinds = ", ".join(f"{name} {count}" for name, count in sorted(row.errors.items()))
+    return f"{row.ok}/{row.calls}" + (f" ({kinds})" if kinds else "")
+
+
+def _limits_cells(row: Row) -> list:
+    share = None if row.rate_limited is None or not row.calls else row.rate_limited / row.calls
+    return [row.shape or "", row.client, _calls_ok(row), _number(row.wall_s, 2),
+            _number(row.ideal_wall_s, 2),
+            "" if row.timed_out_s is not None else _number(row.vs_ideal, 2),
+            "" if row.attempts is None else str(row.attempts),
+            "" if row.rate_limited is None else str(row.rate_limited),
+            "" if share is None else f"{share:.0%}"]
+
+
+def limits_table(rows: Sequence[Row]) -> str:
+    """The share of the limit achieved: one row per limit shape and client ("" when the run
+    measured no limit shape)."""
+    rows = [row for row in rows if row.shape is not None]
+    if not rows:
+        return ""
+    return _markdown(LIMITS_COLUMNS, (_limits_cells(row) for row in rows),
+                     text_columns=(0, 1, 2))
 
 
 def checks(results: Sequence[Check]) -> str:
@@ -144,8 +178,9 @@ def results_markdown(rows: Sequence[Row], results: Sequence[Check], *, command: 
         "",
         "## Results",
         "",
-        table(rows),
-        "",
+        *([table(rows), ""] if any(row.shape is None for row in rows) else []),
+        *(["## Share of the limit achieved", "", limits_table(rows), ""]
+          if limits_table(rows) else []),
         "## Targets",
         "",
         verdict,

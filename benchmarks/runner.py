@@ -23,7 +23,8 @@ from cometkit.sandbox import SandboxProcess
 
 from .contenders import CONTENDERS, Spec
 
-__all__ = ["BenchmarkError", "Check", "ChildResult", "Row", "Suite", "measure", "run_child"]
+__all__ = ["BenchmarkError", "BenchmarkTimeout", "Check", "ChildResult", "Row", "Suite",
+           "measure", "run_child"]
 
 #: The directory holding the ``benchmarks`` package: children need it on their path.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,14 @@ _POLL_S = 0.02
 
 class BenchmarkError(RuntimeError):
     """A measured program failed; the message holds the end of its stderr."""
+
+
+class BenchmarkTimeout(BenchmarkError):
+    """A measured program outlived its time cap and was killed."""
+
+    def __init__(self, message: str, timeout_s: float) -> None:
+        super().__init__(message)
+        self.timeout_s = timeout_s
 
 
 @dataclass
@@ -63,6 +72,11 @@ class Row:
     #: The raw ``requests.Session`` row other rows of the benchmark are compared with.
     baseline: bool = False
     info: dict = field(default_factory=dict)
+    #: The limit shape of a "share of the limit achieved" row (those have a table of their
+    #: own); ``None`` for every other benchmark.
+    shape: Optional[str] = None
+    #: Set when the run was killed at this time cap: its counts are not known.
+    timed_out_s: Optional[float] = None
 
     @property
     def calls_per_s(self) -> float:
@@ -162,7 +176,7 @@ def run_child(argv: list, *, env: dict, timeout_s: float) -> ChildResult:
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     if killed:
-        raise BenchmarkError(f"{argv[2:4]} did not finish within {timeout_s:.0f} s")
+        raise BenchmarkTimeout(f"{argv[2:4]} did not finish within {timeout_s:.0f} s", timeout_s)
     returncode = os.waitstatus_to_exitcode(status)
     return ChildResult(returncode, stdout, stderr, wall_s, usage.ru_utime + usage.ru_stime,
                        usage.ru_maxrss)
@@ -210,7 +224,8 @@ def measure(sandbox: SandboxProcess, bench: str, key: str, spec: Spec, *,
         wall_s=result["wall_s"], errors=result["errors"], cpu_s=result["cpu_s"],
         system_s=result["system_s"], rss_mb=result["maxrss_kb"] / 1024,
         ideal_wall_s=ideal_wall_s, baseline=baseline,
-        info=result["info"], **server_counts(sandbox.stats(), result["warmup"]),
+        info={**result["info"], "started_at": result["started_at"]},
+        **server_counts(sandbox.stats(), result["warmup"]),
     )
     failures = (f", failed {row.failed} {_errors(row.errors)}" if row.failed else "")
     log(f"[{bench}] {row.client}: {row.calls} calls in {row.wall_s:.2f} s{failures}")

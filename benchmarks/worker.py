@@ -30,6 +30,17 @@ def _reason(outcome: Any) -> str:
     return str(outcome)
 
 
+#: The longest a worker waits for ``Spec.start_at``: a later one is a mistake, not a plan.
+MAX_START_WAIT_S = 120.0
+
+
+def _wait_until(wall_time: float) -> None:
+    """Sleep until ``time.time()`` reaches ``wall_time`` (bounded by MAX_START_WAIT_S)."""
+    deadline = time.monotonic() + min(MAX_START_WAIT_S, max(0.0, wall_time - time.time()))
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.5))
+
+
 def run(spec: Spec) -> dict:
     """Build the contender, warm it up, then time ``spec.calls`` calls and the close."""
     contender = make(spec)
@@ -37,6 +48,9 @@ def run(spec: Spec) -> dict:
         contender.call(-1 - i)
     errors: collections.Counter = collections.Counter()
     ok = 0
+    if spec.start_at:
+        _wait_until(spec.start_at)
+    started_at = time.time()
     cpu_before, wall_before = _cpu_s(), time.perf_counter()
     for outcome in contender.run(range(spec.calls)):
         if outcome is None:
@@ -51,6 +65,7 @@ def run(spec: Spec) -> dict:
         "failed": sum(errors.values()),
         "errors": dict(errors),
         "wall_s": wall_s,
+        "started_at": started_at,
         "cpu_s": user_s + system_s,
         "system_s": system_s,
         "warmup": spec.warmup,
