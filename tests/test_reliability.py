@@ -85,8 +85,8 @@ def pool_threads() -> set:
 @pytest.mark.timeout(60)
 def test_retry_storm_is_bounded_by_the_budget_and_every_call_ends():
     """A server answering 429 to everything: N calls from 16 threads make at most
-    ``N * (1 + budget_ratio) + budget_floor + concurrency`` attempts, all end in RateLimitError, nothing
-    hangs and the client closes."""
+    ``N * (1 + budget_ratio) + budget_floor + concurrency`` attempts, all end in
+    RateLimitError, nothing hangs and the client closes."""
     calls, concurrency = 200, 16
     ratio, floor, window = 0.2, 5, 10.0  # the backoff defaults (not set below)
     before = pool_threads()
