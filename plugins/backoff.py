@@ -357,12 +357,9 @@ class BackoffPolicy:
                 error=_explained(result, f"gave up after {result.attempt} attempts "
                                          f"(max_attempts={self.max_attempts})")))
 
-        if hint is not None and hint > self.max_retry_after:
-            return self._final(result, RetryDecision(
-                False, reason="hint over max_retry_after",
-                error=_explained(
-                    result, f"the server asked to wait {_seconds(hint)} s, over "
-                            f"max_retry_after={self.max_retry_after:g} s", hint)))
+        too_long = self._hint_too_long(result, hint)
+        if too_long is not None:
+            return too_long
         delay = self._delay(result, hint)
         past = self._past_deadline(result, delay)
         if past is not None:
@@ -382,12 +379,9 @@ class BackoffPolicy:
     def _requeue(self, result: AttemptResult, hint: Optional[float],
                  expected_wait_s: Optional[float]) -> RetryDecision:
         """A 429 while the server keeps accepting: wait in the limiter, spend no attempt."""
-        if hint is not None and hint > self.max_retry_after:
-            return self._final(result, RetryDecision(
-                False, reason="hint over max_retry_after",
-                error=_explained(
-                    result, f"the server asked to wait {_seconds(hint)} s, over "
-                            f"max_retry_after={self.max_retry_after:g} s", hint)))
+        too_long = self._hint_too_long(result, hint)
+        if too_long is not None:
+            return too_long
         wait_s = expected_wait_s or 0.0
         past = self._past_deadline(result, wait_s)
         if past is not None:
@@ -398,6 +392,17 @@ class BackoffPolicy:
                      request.model or "-", result.attempt,
                      extra={"request_id": request.request_id})
         return RetryDecision(True, wait_s, "429: waits its turn in the limiter", requeue=True)
+
+    def _hint_too_long(self, result: AttemptResult,
+                       hint: Optional[float]) -> Optional[RetryDecision]:
+        """The final decision when the server asks for a wait over ``max_retry_after``."""
+        if hint is None or hint <= self.max_retry_after:
+            return None
+        return self._final(result, RetryDecision(
+            False, reason="hint over max_retry_after",
+            error=_explained(
+                result, f"the server asked to wait {_seconds(hint)} s, over "
+                        f"max_retry_after={self.max_retry_after:g} s", hint)))
 
     def _past_deadline(self, result: AttemptResult, delay: float) -> Optional[RetryDecision]:
         """The final decision when waiting ``delay`` more would pass ``deadline``."""
