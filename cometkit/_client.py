@@ -269,7 +269,6 @@ class Client:
                             f"{type(path).__name__}")
         _check_mapping("params", params)
         _check_mapping("headers", headers)
-        timeout = _call_timeout(timeout)
         if not path.startswith("/"):
             path = "/" + path
         method = method.upper()
@@ -387,7 +386,7 @@ class Client:
         request = RequestInfo(new_request_id(), operation, method, route, model, stream,
                               body, self._clock.monotonic())
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        timeout_s = (timeout, timeout) if isinstance(timeout, (int, float)) else timeout
+        timeout_s = _call_timeout(timeout)  # checked here, for request() and every resource
         send = self._transport.send
         secrets = self._transport.secrets  # answers come through it already blanked
 

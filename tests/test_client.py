@@ -396,3 +396,18 @@ def test_operation_names_follow_opentelemetry_genai(path, operation):
     from cometkit._engine import operation_for
 
     assert operation_for(path) == operation
+
+
+@pytest.mark.parametrize("timeout, error", [(-1, ValueError), ("soon", ValueError),
+                                            (True, TypeError), (object(), TypeError)])
+def test_every_resource_checks_its_timeout_before_sending(timeout, error):
+    with ScriptedServer(lambda seen: json_reply(200, chat_body("ok"))) as srv:
+        with make_client(srv) as client:
+            with pytest.raises(error, match="timeout"):
+                client.chat.completions.create(model="m", messages=[], timeout=timeout)
+            with pytest.raises(error, match="timeout"):
+                client.embeddings.create(model="m", input="x", timeout=timeout)
+            assert srv.seen == []
+            # the forms the configuration takes are accepted per call too
+            answer = client.chat.completions.create(model="m", messages=[], timeout="30s")
+    assert answer.choices[0].message.content == "ok"
