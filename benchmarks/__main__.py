@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated benchmarks to run (default: all of "
                         f"{', '.join(BENCHMARKS)})")
     p.add_argument("--quick", action="store_true",
-                   help="smaller workloads: about two minutes instead of about seven")
+                   help="smaller workloads: about eight minutes instead of about fifty")
     p.add_argument("--output", type=Path, metavar="FILE",
                    help=f"write the results there (default: {RESULTS.name} next to this "
                         "package, for a full run of every benchmark only)")
