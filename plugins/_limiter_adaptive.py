@@ -217,6 +217,16 @@ class AdaptiveControl:
         self._busy_s = 0.0
         self._busy_mark = now
         self._busy = False
+        #: Learned token rate (tokens per second), from 429s that refuse for tokens; ``None``
+        #: until one taught it. Measured like the send rate, over the tokens the server
+        #: charged for the calls it accepted.
+        self.token_rate_per_s: Optional[float] = None
+        self._token_anchor = 0.0
+        self._token_rate_at_signal: Optional[float] = None
+        self._token_learn_pending = False
+        self._epoch_ok_tokens = 0
+        self._epoch_sent_tokens = 0
+        self._token_epoch_busy_start = 0.0
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -240,12 +250,15 @@ class AdaptiveControl:
             return self.hold_until  # a window's quota goes out together, not paced
         return max(self.hold_until, self._next_send_at)
 
-    def on_admit(self, now: float) -> bool:
-        """An attempt of this lane was admitted at ``now``; ``True`` if it is the probe of a
-        half-open lane (its answer decides whether the lane reopens)."""
+    def on_admit(self, now: float, tokens: int = 0) -> bool:
+        """An attempt of this lane (estimated at ``tokens``) was admitted at ``now``; ``True``
+        if it is the probe of a half-open lane (its answer decides whether the lane reopens)."""
         self._epoch_sent += 1
+        self._epoch_sent_tokens += tokens
         if self._learn_pending and now >= self.hold_until:
             self._learn_rate(now)
+        if self._token_learn_pending and now >= self.hold_until:
+            self._learn_token_rate(now)
         if self.window_s is not None:
             if now >= self._window_end:
                 self._open_window(now)
@@ -299,12 +312,14 @@ class AdaptiveControl:
 
     def on_result(self, result: AttemptResult, now: float,
                   wall_time: Callable[[], float], *, probe: bool = False,
-                  in_flight: Optional[int] = None) -> Optional[str]:
+                  in_flight: Optional[int] = None, charged_tokens: int = 0) -> Optional[str]:
         """Learn from an attempt that ended at ``now``.
 
         :param wall_time: the clock's ``time()`` (HTTP dates, wall-clock minutes).
         :param probe: the attempt was the probe of a half-open lane.
         :param in_flight: attempts of the lane in flight when it ended, itself included.
+        :param charged_tokens: tokens the server charged for it (prompt it counted plus the
+            larger of the reserved ``max_tokens`` and the answer), 0 when unknown.
         :returns: for a 429, the kind of limit it was read as (``rate``, ``window``,
             ``tokens`` or ``concurrency``); else ``None``.
         """
@@ -326,6 +341,7 @@ class AdaptiveControl:
             return self._throttled(result, hints, now, probe, in_flight)
         if status < 400:
             self._succeeded(result, hints, now, probe)
+            self._tokens_accepted(charged_tokens)
         elif probe:  # an error of another kind: the next admission probes again
             pass
         return None
@@ -352,7 +368,11 @@ class AdaptiveControl:
         before = self.allowed()
         # Only a refusal after some acceptance says where the server's rate is: a server that
         # refuses everything (a quota, an outage) must not drive the rate to a crawl.
-        self._learn_pending = self._ok_since_signal > 0 and kind != "window"
+        # A token refusal teaches a token rate, not a request rate.
+        self._learn_pending = self._ok_since_signal > 0 and kind == "rate"
+        if kind == "tokens":
+            self._token_learn_pending = self._ok_since_signal > 0
+            self._token_rate_at_signal = self.token_rate_per_s
         self._signal(now)
         if kind != "window":
             self.limit = max(1.0, self.limit * CONCURRENCY_BACKOFF)
@@ -387,10 +407,16 @@ class AdaptiveControl:
                         "time left after all", hint, self.window_s)
             self.window_s = self.window_quota = None
             self._window_end = -math.inf
-        if repeated and not self._window_configured:
+        # A long hint that ends a run of acceptances is taken for a window's length until a
+        # different hint says otherwise (then it was a time left, and one probe went early).
+        tentative = (self.window_s is None and hint >= MIN_PERIOD_S and not probe
+                     and abs(hint - round(hint)) < 1e-6  # windows are whole seconds
+                     and self._ok_since_signal > 0 and self._run_started_at is not None)
+        if (repeated or tentative) and not self._window_configured:
             if self.window_s != hint:
-                logger.info("the same Retry-After (%g s) on every refusal: a window of that "
-                            "length, counted from its first request", hint)
+                logger.info("Retry-After %g s after a run of acceptances%s: taken for a window "
+                            "of that length, counted from its first request", hint,
+                            " (repeated)" if repeated else "")
             self.window_s, self.window_aligned = hint, False
         if self.window_s is not None and self._run_started_at is not None:
             end = self._run_started_at + self.window_s + WINDOW_SLACK_S
@@ -527,6 +553,41 @@ class AdaptiveControl:
                         "lower one", self.rate_floor_per_s)
             self.rate_floor_per_s = None
 
+    def _tokens_accepted(self, charged: int) -> None:
+        """An accepted call's tokens: measured, and the learned token rate grows by them."""
+        if charged <= 0:
+            return
+        self._epoch_ok_tokens += charged
+        rate = self.token_rate_per_s
+        if rate is not None:  # growth per second of sending, as for the send rate
+            growth_per_s = (RATE_GROWTH_PER_S * self._token_anchor
+                            + RATE_ACCELERATION_PER_S * (rate - self._token_anchor))
+            self.token_rate_per_s = rate + growth_per_s * charged / rate
+
+    def _learn_token_rate(self, now: float) -> None:
+        """Spend tokens at what the server accepted since the token rate was last learned;
+        the same rules as :meth:`_learn_rate`, counted in tokens."""
+        self._token_learn_pending = False
+        self.note_demand(now, self._busy)
+        busy_s = self._busy_s - self._token_epoch_busy_start
+        before = self._token_rate_at_signal
+        measured = (self._epoch_ok_tokens / busy_s
+                    if self._epoch_ok_tokens and busy_s >= MIN_MEASURE_S else None)
+        if measured is not None and (before is None or measured <= before):
+            rate = measured if before is None else max(measured, before * RATE_FLOOR)
+        elif before is not None:
+            rate = before * RATE_BACKOFF
+        elif self._epoch_sent_tokens:
+            rate = RATE_BACKOFF * self._epoch_sent_tokens / max(busy_s, MIN_SENT_SPAN_S)
+        else:
+            return
+        self.token_rate_per_s = self._token_anchor = max(1.0, rate)
+        logger.debug("token rate %.0f/s (measured %s)", self.token_rate_per_s,
+                     "-" if measured is None else f"{measured:.0f}/s")
+        if measured is not None:
+            self._epoch_ok_tokens = self._epoch_sent_tokens = 0
+            self._token_epoch_busy_start = self._busy_s
+
     def _set_rate(self, rate: float) -> None:
         rate = max(MIN_RATE_PER_S, rate)
         if self.rate_floor_per_s is not None:
@@ -554,4 +615,5 @@ class AdaptiveControl:
             "ceiling": self.ceiling,
             "window_s": self.window_s,
             "window_quota": self.window_quota,
+            "token_rate_per_s": self.token_rate_per_s,
         }

@@ -207,7 +207,7 @@ class _Lane:
     """
 
     __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
-                 "control", "token_ratio", "count_tokens")
+                 "control", "token_ratio", "count_tokens", "learned_tokens")
 
     def __init__(self, model: Optional[str], max_concurrency: int,
                  requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
@@ -219,6 +219,8 @@ class _Lane:
         self.requests = requests
         self.tokens = tokens
         self.control = control
+        #: The token rate adaptive mode learned from token refusals, as a bucket.
+        self.learned_tokens: Optional[TokenBucket] = None
         self.token_ratio: Optional[float] = None
         self.count_tokens = count_tokens
 
@@ -543,8 +545,10 @@ class AdmissionLimiter:
                 return _LANE, None
         if lane.requests is not None:
             ready = max(ready, lane.requests.ready_at(1, now))
-        if cost and lane.tokens is not None:
-            ready = max(ready, lane.tokens.ready_at(cost, now))
+        if cost:
+            for bucket in (lane.tokens, lane.learned_tokens):
+                if bucket is not None:
+                    ready = max(ready, bucket.ready_at(cost, now))
         if ready - now > _EPSILON:
             return _LANE, ready
         return None, None
@@ -557,12 +561,12 @@ class AdmissionLimiter:
             if bucket is not None:
                 bucket.take(1, now)
         if cost:
-            for bucket in (self._tokens, lane.tokens):
+            for bucket in (self._tokens, lane.tokens, lane.learned_tokens):
                 if bucket is not None:
                     bucket.take(cost, now)
         probe = False
         if lane.control is not None:
-            probe = lane.control.on_admit(now)
+            probe = lane.control.on_admit(now, cost)
             lane.demand_changed(now)
         return _Permit(lane, cost, parts[1], parts[2], probe)
 
@@ -656,8 +660,13 @@ class AdmissionLimiter:
                 self._learn_stated_limits(lane, hints, now)
             signals = control.signals
             kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
-                                     in_flight=in_flight)
+                                     in_flight=in_flight,
+                                     charged_tokens=self._charged(permit, result) or 0)
             lane.demand_changed(now)
+            if control.token_rate_per_s is not None:
+                self._follow_token_rate(lane, control.token_rate_per_s, now)
+            if kind == "tokens":
+                lane.count_tokens = True
             if kind is not None:
                 if kind in ("rate", "tokens") and control.signals > signals:
                     self._refused_at_configured_rate(lane)
@@ -668,6 +677,29 @@ class AdmissionLimiter:
         if self._queue:
             self._dispatch(now)
         return verdict
+
+    @staticmethod
+    def _charged(permit: _Permit, result: AttemptResult) -> Optional[int]:
+        """What the server charged for an answered call, as providers count it: the prompt
+        it counted plus the larger of the reserved ``max_tokens`` and the answer; ``None``
+        without usage."""
+        if result.input_tokens is None and result.output_tokens is None:
+            return None
+        return (result.input_tokens or 0) + max(permit.answer_reserved,
+                                                result.output_tokens or 0)
+
+    def _follow_token_rate(self, lane: _Lane, rate: float, now: float) -> None:
+        """Keep the lane's learned token bucket at the rate adaptive mode learned (it holds
+        ``burst`` seconds' worth, at least one call's worth of a few thousand tokens)."""
+        bucket = lane.learned_tokens
+        capacity = max(1.0, self.burst * rate)
+        if bucket is None:
+            lane.learned_tokens = TokenBucket(rate, capacity, now)
+            return
+        bucket.ready_at(0, now)  # refill at the old rate up to now
+        bucket.rate_per_s = rate
+        bucket.capacity = capacity
+        bucket.level = min(bucket.level, capacity)
 
     def _refused_at_configured_rate(self, lane: _Lane) -> None:
         """A configured rate was refused: first shrink its burst (one second's worth is more
@@ -716,9 +748,8 @@ class AdmissionLimiter:
         larger of the reserved ``max_tokens`` and the answer (providers reserve
         ``max_tokens``); refund a refused call. Learn the server's tokenizer from ``usage``."""
         lane = permit.lane
-        if result.input_tokens is not None or result.output_tokens is not None:
-            charged = (result.input_tokens or 0) + max(permit.answer_reserved,
-                                                       result.output_tokens or 0)
+        charged = self._charged(permit, result)
+        if charged is not None:
             refund = permit.cost - charged
             if (result.input_tokens is not None
                     and permit.prompt_estimate >= MIN_RATIO_SAMPLE_TOKENS):
@@ -727,7 +758,7 @@ class AdmissionLimiter:
             refund = permit.cost
         else:
             return
-        for bucket in (self._tokens, lane.tokens):
+        for bucket in (self._tokens, lane.tokens, lane.learned_tokens):
             if bucket is not None:
                 bucket.give(refund, now)
 

@@ -599,8 +599,9 @@ def test_a_measurement_far_below_the_refused_rate_is_floored(clock):
     assert relearn(control, clock) == pytest.approx(20.0)
     accept(control, clock, 2, 0.1)
     before = control.rate_per_s
-    # A long hold: 2 accepted over 3.1 busy seconds.
-    assert relearn(control, clock, hold_s=3.0) == pytest.approx(before * RATE_FLOOR)
+    # A long hold: 2 accepted over 3.15 busy seconds (a hint in milliseconds: a time left,
+    # not a window's length).
+    assert relearn(control, clock, hold_s=3.05) == pytest.approx(before * RATE_FLOOR)
 
 
 def test_a_server_refusing_everything_teaches_no_rate(clock):

@@ -247,18 +247,21 @@ def test_the_same_retry_after_on_refusals_apart_is_a_window_from_its_first_reque
     for _ in range(10):
         serve(control, clock, latency=0.4)  # the window's quota, spread over 4 s
     serve(control, clock, 429, headers={"Retry-After": "10"})
-    first_hold_end = control.hold_until
-    assert first_hold_end == pytest.approx(clock.monotonic() + 10)  # trusted, the first time
-    reopened, _ = serve(control, clock, latency=0.4)  # the probe opens the next window
+    # A long hint ending a run of acceptances is taken for the window's length at once: the
+    # hold ends 10 s after the run's first request, not 10 s after the refusal.
+    assert control.window_s == 10.0
+    assert control.hold_until == pytest.approx(start + 10 + WINDOW_SLACK_S)
+    reopened, _ = serve(control, clock, latency=0.4)  # the next window
     for _ in range(9):
         serve(control, clock, latency=0.4)
+    # The window's quota (10) is known now: the eleventh call is not sent into the closed
+    # window to earn a 429, it waits for the next window.
+    assert control.window_quota == 10
+    nxt, kind = serve(control, clock, latency=0.4)
+    assert nxt == pytest.approx(reopened + 10 + WINDOW_SLACK_S) and kind is None
+    # A refusal repeating the same hint keeps the window.
     serve(control, clock, 429, headers={"Retry-After": "10"})
-    # Repeated on refusals seconds apart: a period. The hold ends 10 s after the window's
-    # first request, not 10 s after the refusal.
-    assert control.window_s == 10.0
-    assert control.hold_until == pytest.approx(reopened + 10 + WINDOW_SLACK_S)
-    assert control.hold_until < clock.monotonic() + 10
-    assert start < reopened
+    assert control.window_s == 10.0 and start < reopened
 
 
 def test_a_cap_on_calls_in_flight_cuts_concurrency_to_below_the_refused_level_without_hold(
@@ -437,3 +440,56 @@ def test_history_is_handed_to_the_policy_per_call():
             with pytest.raises(RateLimitError):
                 client.chat.completions.create(model="m", messages=[])
     assert seen == [(1, 0), (2, 1), (3, 2)]
+
+
+def test_a_token_refusal_teaches_a_token_rate_not_a_request_rate(clock):
+    control = AdaptiveControl(16, clock.monotonic())
+    control.note_demand(clock.monotonic(), True)
+    for _ in range(20):  # 20 calls of 500 tokens accepted over 2 busy seconds
+        sent = clock.monotonic()
+        control.on_admit(sent, 500)
+        clock.advance(0.1)
+        control.on_result(answer(200, started_at=sent, clock=clock), clock.monotonic(),
+                          clock.time, charged_tokens=500)
+    _, kind = serve(control, clock, 429, headers={"Retry-After": "1"},
+                    message="Rate limit reached for gpt-x on tokens per min (TPM)")
+    assert kind == "tokens"
+    clock.advance(1.0)
+    control.on_admit(clock.monotonic(), 500)  # the hold is over: the rate is learned now
+    busy_s = 2.0 + 0.01 + 1.0  # the calls, the refused one, the hold
+    assert control.token_rate_per_s == pytest.approx(10_000 / busy_s, rel=0.01)
+    assert control.rate_per_s is None
+
+
+def test_the_limiter_paces_tokens_at_the_learned_token_rate(clock):
+    lim = AdmissionLimiter(max_concurrency=4, burst=0, clock=clock)  # no burst: pure pace
+    body = {"messages": [{"role": "user", "content": "x" * 2000}]}  # 500 tokens estimated
+    for n in range(150):  # accepted for 1.5 busy seconds: 500 tokens each
+        run_attempt(lim, clock, n=n, body=body, input_tokens=500, output_tokens=0)
+    refused_msg = {"Retry-After": "1"}
+    req = request(n=999, body=body, started_at=clock.monotonic())
+    permit = lim.acquire(req)
+    clock.advance(0.01)
+    result = AttemptResult(req, 1, status_code=429, headers=CaseInsensitiveDict(refused_msg),
+                           started_at=clock.monotonic() - 0.01, duration_s=0.01)
+    result.hints = parse_hints(result.headers, clock.time(), "Rate limit reached on tokens")
+    verdict = lim.release(permit, result)
+    assert verdict is not None and verdict.kind == "tokens" and verdict.accepting
+    admitted = [run_attempt(lim, clock, n=1000 + n, body=body, input_tokens=500,
+                            output_tokens=0)[0] for n in range(6)]
+    rate = lim.stats()["models"]["m"]["token_rate_per_s"]
+    assert rate is not None
+    # after the hold, calls of 500 tokens go out about 500 / rate apart, not back to back
+    gaps = [b - a for a, b in zip(admitted[2:], admitted[3:])]
+    assert min(gaps) >= 0.8 * 500 / rate
+
+
+def test_a_long_hint_that_shrinks_on_the_next_refusal_is_a_time_left_after_all(clock):
+    control = AdaptiveControl(16, clock.monotonic())
+    for _ in range(5):
+        serve(control, clock, latency=0.4)
+    serve(control, clock, 429, headers={"Retry-After": "10"})
+    assert control.window_s == 10.0  # tentatively
+    serve(control, clock, 429, headers={"Retry-After": "3"})  # the probe: 3 s left
+    assert control.window_s is None
+    assert control.hold_until == pytest.approx(clock.monotonic() + 3, abs=0.5)
