@@ -207,7 +207,7 @@ class _Lane:
     """
 
     __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
-                 "control", "token_ratio", "count_tokens", "learned_tokens")
+                 "control", "token_ratio", "count_tokens", "learned_tokens", "answer_tokens")
 
     def __init__(self, model: Optional[str], max_concurrency: int,
                  requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
@@ -221,6 +221,10 @@ class _Lane:
         self.control = control
         #: The token rate adaptive mode learned from token refusals, as a bucket.
         self.learned_tokens: Optional[TokenBucket] = None
+        #: Smoothed answer length (``usage.completion_tokens``), reserved for calls that set
+        #: no ``max_tokens``: the server charges the answer too, and reserving nothing for it
+        #: sends twice what the bucket holds.
+        self.answer_tokens: Optional[float] = None
         self.token_ratio: Optional[float] = None
         self.count_tokens = count_tokens
 
@@ -231,7 +235,8 @@ class _Lane:
             return 0, 0, 0
         prompt, answer = estimate_parts(request.json)
         scaled = math.ceil(prompt * self.token_ratio) if self.token_ratio else prompt
-        return scaled + answer, prompt, answer
+        guess = math.ceil(self.answer_tokens) if not answer and self.answer_tokens else 0
+        return scaled + answer + guess, prompt, answer
 
     def allowed(self) -> int:
         if self.control is None:
@@ -754,6 +759,10 @@ class AdmissionLimiter:
             if (result.input_tokens is not None
                     and permit.prompt_estimate >= MIN_RATIO_SAMPLE_TOKENS):
                 self._learn_token_ratio(lane, result.input_tokens / permit.prompt_estimate)
+            if result.output_tokens is not None:
+                output = float(result.output_tokens)
+                lane.answer_tokens = output if lane.answer_tokens is None else (
+                    lane.answer_tokens + TOKEN_RATIO_SMOOTHING * (output - lane.answer_tokens))
         elif result.status_code is not None and result.status_code >= 400:
             refund = permit.cost
         else:

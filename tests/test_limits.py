@@ -493,3 +493,15 @@ def test_a_long_hint_that_shrinks_on_the_next_refusal_is_a_time_left_after_all(c
     serve(control, clock, 429, headers={"Retry-After": "3"})  # the probe: 3 s left
     assert control.window_s is None
     assert control.hold_until == pytest.approx(clock.monotonic() + 3, abs=0.5)
+
+
+def test_calls_without_max_tokens_reserve_the_answers_the_model_gives(clock):
+    lim = AdmissionLimiter(max_concurrency=4, tokens_per_minute=600_000, clock=clock)
+    body = {"messages": [{"role": "user", "content": "x" * 400}]}  # 100 prompt tokens
+    first = lim.acquire(request(body=body))
+    assert first.cost == 100  # nothing known about answers yet: none reserved
+    lim.release(first, answer(input_tokens=100, output_tokens=60))
+    second = lim.acquire(request(body=body, n=2))
+    assert second.cost == 160  # the server will charge the answer too
+    capped = lim.acquire(request(body={**body, "max_tokens": 20}, n=3))
+    assert capped.cost == 120  # an explicit max_tokens is what providers reserve
