@@ -355,12 +355,15 @@ class _Lane:
 class _RedisPermit:
     """A lease in Redis; handed back to :meth:`RedisLimiter.release` once."""
 
-    __slots__ = ("id", "lane", "cost", "admitted_at", "released")
+    __slots__ = ("id", "lane", "cost", "admitted_at", "released", "paced")
 
-    def __init__(self, permit_id: str, lane: _Lane, cost: int, admitted_at: str) -> None:
+    def __init__(self, permit_id: str, lane: _Lane, cost: int, admitted_at: str,
+                 paced: Any = None) -> None:
         self.id = permit_id
         self.lane = lane
         self.cost = cost
+        #: The permit of this process's pacer (adaptive mode), released with the lease.
+        self.paced = paced
         #: Redis' time of admission (ms), to tell a new 429 from an echo of the last cut.
         self.admitted_at = admitted_at
         self.released = False
@@ -504,6 +507,15 @@ class RedisLimiter:
         self._state_lock = threading.Lock()
         self._probe_lock = threading.Lock()
         self._local: Optional[AdmissionLimiter] = None
+        # Adaptive mode learns as the in-process limiter does -- send rate, token rate, holds,
+        # probes, windows, caps on calls in flight -- from this process's own answers: the
+        # same policy, kept per process, on top of the shared hold and concurrency in Redis.
+        # Each process learns the share of the server's limit it gets (as TCP flows sharing a
+        # link do), so a fleet with no rates told does not flood a fast server.
+        self._pacer: Optional[AdmissionLimiter] = (
+            AdmissionLimiter(max_concurrency=self.max_concurrency, burst=self.burst,
+                             safety_margin=self.safety_margin, clock=self.clock)
+            if self.adaptive else None)
         # A stream abandoned to the garbage collector is released by a finalizer, which may
         # run on a thread that is inside this limiter (or redis-py's pool lock) already;
         # such a release is deferred to the end of the outer section (see _guarded).
@@ -544,10 +556,22 @@ class RedisLimiter:
         timeout = self.acquire_timeout if timeout_s is None else timeout_s
         deadline = None if timeout is None else self.clock.monotonic() + timeout
         if self._redis_usable():
+            paced = None
+            if self._pacer is not None:
+                remaining = None if deadline is None else max(0.0, deadline -
+                                                              self.clock.monotonic())
+                paced = self._pacer.acquire(request, remaining)
             try:
-                return self._acquire_shared(request, cost, deadline, timeout)
-            except self._redis_error as exc:
+                permit = self._acquire_shared(request, cost, deadline, timeout)
+            except BaseException as exc:
+                if paced is not None:  # not sent: the pacer learns nothing from it
+                    self._pacer.release(paced, AttemptResult(request, 0, error=exc))
+                if not isinstance(exc, self._redis_error):
+                    raise
                 self._went_down(exc)
+            else:
+                permit.paced = paced
+                return permit
         return self._acquire_without_redis(request, deadline)
 
     def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
@@ -580,8 +604,9 @@ class RedisLimiter:
         renewer = self._renewer
         if renewer is not None and renewer is not threading.current_thread():
             renewer.join(timeout=2 * self.socket_timeout + 1.0)
-        if self._local is not None:
-            self._local.close()
+        for limiter in (self._local, self._pacer):
+            if limiter is not None:
+                limiter.close()
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -687,8 +712,11 @@ class RedisLimiter:
                 return None
             permit.released = True
             self._held.pop(permit.id, None)
+        local = None
+        if permit.paced is not None and self._pacer is not None:
+            local = self._pacer.release(permit.paced, result)
         if self._down_at is not None:
-            return None  # Redis is unreachable: the lease runs out by itself within lease_ttl
+            return local  # Redis is unreachable: the lease runs out by itself within lease_ttl
         lane = permit.lane
         refund = self._refund(permit, result) if self._count_tokens else 0
         outcome, hold_s = "", 0.0
@@ -711,15 +739,19 @@ class RedisLimiter:
                       int(CONTROL_TTL_S * 1000)])
         except self._redis_error as exc:
             self._went_down(exc)
-            return None
+            return local
         if cut == 1:
             logger.info("429 for model=%s: shared concurrency now %d, holding admissions "
                         "%.2f s in every process", lane.label, max(1, int(float(limit))),
                         hold_s)
         if outcome != "429":
-            return None
+            return local
         age_s = float(_text(ok_age_ms)) / 1000.0
-        return Throttle(0 <= age_s <= STORM_HORIZON_S, "rate", hold_s)
+        fleet_accepting = 0 <= age_s <= STORM_HORIZON_S
+        if local is not None:
+            return Throttle(local.accepting or fleet_accepting, local.kind,
+                            local.wait_s if local.wait_s is not None else hold_s)
+        return Throttle(fleet_accepting, "rate", hold_s)
 
     @staticmethod
     def _refund(permit: _RedisPermit, result: AttemptResult) -> int:

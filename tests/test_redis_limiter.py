@@ -199,6 +199,23 @@ def test_a_shared_requests_per_minute_keeps_the_fleets_429s_near_zero(redis_url)
 
 
 @pytest.mark.slow
+def test_a_fleet_told_nothing_loses_no_call_and_learns_not_to_flood_a_fast_server(redis_url):
+    """Two processes, adaptive, no rates told, against 20 calls/s with 10 ms answers: each
+    process learns its share of the rate (the in-process limiter's policy, per process), and
+    a 429 waits out the shared hold instead of failing the call."""
+    calls = 100
+    with SandboxProcess(rps=20, latency_s=0.01) as sandbox:
+        reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 16,
+                             "calls": calls,
+                             "plugins": {"redis_limiter": {"url": redis_url},
+                                         "backoff": {"max_attempts": 2}}}, 2)
+        stats = sandbox.stats()
+    assert [r["errors"] for r in reports] == [[]] * 2
+    assert stats["attempts_by_status"].get(200) == 2 * calls
+    assert stats["attempts_by_status"].get(429, 0) <= 0.25 * 2 * calls, stats
+
+
+@pytest.mark.slow
 def test_a_429_in_one_process_holds_admissions_in_the_others(redis_url, rdb):
     hold_s = 5
     hold_key = f"cometkit:{fingerprint()}:model:m1:hold"
