@@ -37,8 +37,8 @@ out. A server can refuse for several reasons, and each is met differently:
 
 Every refusal of a rate **holds** the lane: for the server's hint (measured from the start of
 the current window when the hint is a period), or, with no hint, for :data:`DEFAULT_HOLD_S`,
-doubled after each refused probe and never past the next wall-clock minute (where calendar
-minutes reopen). When the hold ends the lane is *half-open*: one probe goes out, and the
+eight times longer after each refused probe and never past the next wall-clock minute
+(where calendar minutes reopen). When the hold ends the lane is *half-open*: one probe goes out, and the
 others wait for its answer, so a closed limit sees one attempt per hold, not one per waiting
 call. A refused probe holds again; an accepted one reopens the lane, and the first admissions
 after it go out **paced** (one every ``latency / allowed concurrency``) unless a window is known.
@@ -101,9 +101,13 @@ INITIAL_LIMIT = 4
 PACING_HEADROOM = 2.0
 #: Never cut a learned rate below this share of the rate that was refused in one step.
 RATE_FLOOR = 0.5
-#: First hold after a 429 that carries no usable hint, in seconds; doubled after each refused
-#: probe (a limit that stays closed is probed ever more rarely).
+#: First hold after a 429 that carries no usable hint, in seconds; :data:`HOLD_GROWTH` times
+#: longer after each refused probe (a limit that stays closed is probed ever more rarely).
 DEFAULT_HOLD_S = 0.25
+#: Growth of a hint-less hold per refused probe: 0.25 s, 2 s, 16 s, then the turn of the
+#: minute -- a calendar minute costs about four refusals, a smooth bucket (whose first probe
+#: after 0.25 s is accepted) never meets the growth.
+HOLD_GROWTH = 8.0
 #: Longest hold, whatever the server says: the retry policy decides whether a call waits
 #: longer; other calls should not queue for minutes behind one hint.
 MAX_HOLD_S = 60.0
@@ -390,13 +394,13 @@ class AdaptiveControl:
             self._failed_probes += 1
         if hint is None:
             self._last_hint = None
-            hold = min(MAX_HOLD_S, DEFAULT_HOLD_S * 2.0 ** min(self._failed_probes, 16))
+            hold = min(MAX_HOLD_S, DEFAULT_HOLD_S * HOLD_GROWTH ** min(self._failed_probes, 8))
             to_minute = 60.0 - wall % 60.0 + MINUTE_SLACK_S
             self._minute_probe = to_minute <= hold
             return min(hold, to_minute), ("window" if self.window_s is not None else kind)
         if probe and self._failed_probes > 1:
             # A probe refused again: the hint was not enough; probe ever more rarely.
-            hint = max(hint, DEFAULT_HOLD_S * 2.0 ** min(self._failed_probes - 1, 16))
+            hint = max(hint, DEFAULT_HOLD_S * HOLD_GROWTH ** min(self._failed_probes - 1, 8))
         repeated = (self._last_hint is not None and abs(hint - self._last_hint) < 1e-3
                     and now - self._last_hint_at >= PERIOD_EVIDENCE_S
                     and hint >= MIN_PERIOD_S)
