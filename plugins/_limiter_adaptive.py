@@ -38,8 +38,8 @@ out. A server can refuse for several reasons, and each is met differently:
 Every refusal of a rate **holds** the lane: for the server's hint (measured from the start of
 the current window when the hint is a period), or, with no hint, for :data:`DEFAULT_HOLD_S`,
 eight times longer after each refused probe and never past the next wall-clock minute
-(where calendar minutes reopen). When the hold ends the lane is *half-open*: one probe goes out, and the
-others wait for its answer, so a closed limit sees one attempt per hold, not one per waiting
+(where calendar minutes reopen). When the hold ends the lane is *half-open*: one probe goes
+out, and the others wait for its answer, so a closed limit sees one attempt per hold, not one per waiting
 call. A refused probe holds again; an accepted one reopens the lane, and the first admissions
 after it go out **paced** (one every ``latency / allowed concurrency``) unless a window is known.
 
