@@ -39,9 +39,10 @@ Every refusal of a rate **holds** the lane: for the server's hint (measured from
 the current window when the hint is a period), or, with no hint, for :data:`DEFAULT_HOLD_S`,
 eight times longer after each refused probe and never past the next wall-clock minute
 (where calendar minutes reopen). When the hold ends the lane is *half-open*: one probe goes
-out, and the others wait for its answer, so a closed limit sees one attempt per hold, not one per waiting
-call. A refused probe holds again; an accepted one reopens the lane, and the first admissions
-after it go out **paced** (one every ``latency / allowed concurrency``) unless a window is known.
+out, and the others wait for its answer, so a closed limit sees one attempt per hold, not one
+per waiting call. A refused probe holds again; an accepted one reopens the lane, and the first
+admissions after it go out **paced** (one every ``latency / allowed concurrency``) unless a
+window is known.
 
 A success whose remaining requests (any header family the core reads) are at most
 :data:`LOW_REMAINING_FRACTION` of the limit is a *soft* signal: the rate drops by
