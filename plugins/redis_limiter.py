@@ -45,6 +45,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from importlib import resources
 from random import Random
 from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import quote, urlsplit
@@ -146,151 +147,21 @@ OPTIONS = {
 }
 
 # -------------------------------------------------------------------------------------------
-# Lua scripts. Times are Redis' ``TIME`` in milliseconds (with fractions); numbers that go
-# back into Redis are formatted explicitly, Lua's default keeps only 14 digits.
+# Lua scripts: plugins/redis_lua/*.lua, each prefixed with common.lua (times are Redis' TIME in
+# milliseconds; the comment at the top of each file says its KEYS, ARGV and answer).
 # -------------------------------------------------------------------------------------------
 
-_COMMON_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local function fmt(x) return string.format('%.3f', x) end
--- A GCRA key holds the theoretical arrival time (TAT); absent or past means a full bucket.
-local function tat_of(key)
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then tat = now end
-  return tat
-end
-local function set_tat(key, tat)
-  if tat <= now then
-    redis.call('DEL', key)
-  else
-    redis.call('SET', key, fmt(tat), 'PX', math.ceil(tat - now) + 1000)
-  end
-end
-"""
 
-#: KEYS: client slots, client rpm, client tpm, lane slots, lane rpm, lane tpm, lane hold,
-#: lane control. ARGV: permit id, lease ms, client max, client rpm interval ms and capacity,
-#: client tpm interval ms and capacity, lane max (0: no lane slots), lane rpm interval and
-#: capacity, lane tpm interval and capacity, tokens, adaptive (1/0), initial limit.
-#: Returns {1, admitted at, lane limit} or {0, wait ms (-1: a slot), reason}.
-ACQUIRE_LUA = _COMMON_LUA + """
-local lease = tonumber(ARGV[2])
-local cost = tonumber(ARGV[13])
-local adaptive = ARGV[14] == '1'
-if adaptive then
-  local hold = redis.call('PTTL', KEYS[7])
-  if hold > 0 then return {0, hold, 'hold'} end
-end
-local function full(key, limit)
-  if limit <= 0 then return false end
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  return redis.call('ZCARD', key) >= limit
-end
--- Milliseconds until `amount` fits; more than a whole bucket goes when the bucket is full
--- and leaves a debt, as the in-process token bucket does.
-local function wait_for(key, interval, capacity, amount)
-  if interval <= 0 or amount <= 0 then return 0 end
-  return tat_of(key) - now - (capacity - math.min(amount, capacity)) * interval
-end
-local function charge(key, interval, amount)
-  if interval <= 0 or amount <= 0 then return end
-  set_tat(key, tat_of(key) + amount * interval)
-end
-local lane_limit = tonumber(ARGV[8])
-if adaptive and lane_limit > 0 then
-  local learned = tonumber(redis.call('HGET', KEYS[8], 'limit')) or tonumber(ARGV[15])
-  lane_limit = math.min(lane_limit, math.max(1, math.floor(learned)))
-end
-if full(KEYS[1], tonumber(ARGV[3])) or full(KEYS[4], lane_limit) then
-  return {0, -1, 'slots'}
-end
-local wait = math.max(
-  wait_for(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), 1),
-  wait_for(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]), cost),
-  wait_for(KEYS[5], tonumber(ARGV[9]), tonumber(ARGV[10]), 1),
-  wait_for(KEYS[6], tonumber(ARGV[11]), tonumber(ARGV[12]), cost))
-if wait > 0 then return {0, math.ceil(wait), 'rate'} end
-charge(KEYS[2], tonumber(ARGV[4]), 1)
-charge(KEYS[3], tonumber(ARGV[6]), cost)
-charge(KEYS[5], tonumber(ARGV[9]), 1)
-charge(KEYS[6], tonumber(ARGV[11]), cost)
-local expiry = fmt(now + lease)
-redis.call('ZADD', KEYS[1], expiry, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], 2 * lease)
-if lane_limit > 0 then
-  redis.call('ZADD', KEYS[4], expiry, ARGV[1])
-  redis.call('PEXPIRE', KEYS[4], 2 * lease)
-end
-return {1, fmt(now), lane_limit}
-"""
+def _lua(name: str) -> str:
+    """The text of one script, with the shared prelude in front."""
+    folder = resources.files("cometkit_plugins") / "redis_lua"
+    return (folder / "common.lua").read_text(encoding="utf-8") + (
+        folder / f"{name}.lua").read_text(encoding="utf-8")
 
-#: KEYS: client slots, lane slots, client tpm, lane tpm, lane hold, lane control.
-#: ARGV: permit id, token refund (negative: charge more), client and lane tpm interval ms,
-#: outcome ('429', 'ok' or ''), hold ms, admitted at, lane max, initial limit, backoff factor,
-#: control ttl ms. Returns {lease was held (1/0), shared limit (-1: unchanged), cut (1/0),
-#: ms since any process last saw an acceptance of this model (-1: never)}.
-RELEASE_LUA = _COMMON_LUA + """
-local held = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-local refund = tonumber(ARGV[2])
-if refund ~= 0 then
-  for i, key in ipairs({KEYS[3], KEYS[4]}) do
-    local interval = tonumber(ARGV[2 + i])
-    if interval > 0 then set_tat(key, tat_of(key) - refund * interval) end
-  end
-end
-local outcome = ARGV[5]
-local limit, cut = -1, 0
-if outcome == '429' then
-  local hold = tonumber(ARGV[6])
-  if hold > 0 and redis.call('PTTL', KEYS[5]) < hold then
-    redis.call('SET', KEYS[5], '1', 'PX', hold)
-  end
-  local state = redis.call('HMGET', KEYS[6], 'limit', 'cut_at')
-  limit = tonumber(state[1]) or tonumber(ARGV[9])
-  -- An attempt admitted before the last cut is an echo of the burst already acted on.
-  if tonumber(ARGV[7]) >= (tonumber(state[2]) or 0) then
-    limit = math.max(1, limit * tonumber(ARGV[10]))
-    redis.call('HSET', KEYS[6], 'limit', string.format('%.6f', limit), 'cut_at', fmt(now),
-               'ok', 0, 'slow', 0)
-    cut = 1
-  end
-elseif outcome == 'ok' then
-  local state = redis.call('HMGET', KEYS[6], 'limit', 'ok', 'slow')
-  limit = tonumber(state[1]) or tonumber(ARGV[9])
-  local ok = (tonumber(state[2]) or 0) + 1
-  if state[3] ~= '0' or ok >= limit then
-    ok = 0
-    limit = math.min(tonumber(ARGV[8]), limit + 1)
-  end
-  redis.call('HSET', KEYS[6], 'limit', string.format('%.6f', limit), 'ok', ok,
-             'last_ok', fmt(now))
-end
-if outcome ~= '' then redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[11])) end
-local last_ok = tonumber(redis.call('HGET', KEYS[6], 'last_ok'))
-local age = -1
-if last_ok then age = math.max(0, now - last_ok) end
-return {held, string.format('%.6f', limit), cut, fmt(age)}
-"""
 
-#: KEYS: sorted sets; ARGV[1]: lease ms; ARGV[i + 1]: the permit id leased in KEYS[i].
-#: Returns the ids whose lease was gone (reaped after expiring).
-RENEW_LUA = _COMMON_LUA + """
-local lease = tonumber(ARGV[1])
-local expiry = fmt(now + lease)
-local lost = {}
-for i, key in ipairs(KEYS) do
-  local id = ARGV[i + 1]
-  if redis.call('ZSCORE', key, id) then
-    redis.call('ZADD', key, expiry, id)
-    redis.call('PEXPIRE', key, 2 * lease)
-  else
-    lost[#lost + 1] = id
-  end
-end
-return lost
-"""
+ACQUIRE_LUA = _lua("acquire")
+RELEASE_LUA = _lua("release")
+RENEW_LUA = _lua("renew")
 
 
 def _import_redis() -> Any:
