@@ -216,6 +216,22 @@ def test_a_fleet_told_nothing_loses_no_call_and_learns_not_to_flood_a_fast_serve
 
 
 @pytest.mark.slow
+def test_a_fleet_told_nothing_learns_a_token_limit_without_losing_a_call(redis_url):
+    """Two processes against 60k tokens per minute counted by the server's own tokenizer
+    (1.3x the client's estimate): each learns its share of the token rate from token 429s."""
+    calls = 16
+    with SandboxProcess(tpm=60_000, token_ratio=1.3, latency_s=0.02) as sandbox:
+        reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 8,
+                             "calls": calls, "prompt_chars": 1600,
+                             "plugins": {"redis_limiter": {"url": redis_url},
+                                         "backoff": {"max_attempts": 2}}}, 2)
+        stats = sandbox.stats()
+    assert [r["errors"] for r in reports] == [[]] * 2
+    assert stats["attempts_by_status"].get(200) == 2 * calls
+    assert stats["rate_limited"].get("tokens", 0) == stats["attempts_by_status"].get(429, 0)
+
+
+@pytest.mark.slow
 def test_a_429_in_one_process_holds_admissions_in_the_others(redis_url, rdb):
     hold_s = 5
     hold_key = f"cometkit:{fingerprint()}:model:m1:hold"
