@@ -32,7 +32,8 @@ from cometkit import (
 from cometkit._docgen import extract_block, reference_markdown
 from cometkit.options import validate_section
 from cometkit_plugins import limiter as limiter_plugin
-from cometkit_plugins._limiter_adaptive import (
+from cometkit_plugins.limiter import OPTIONS, AdmissionLimiter, estimate_tokens
+from cometkit_plugins.limiting.adaptive import (
     CONCURRENCY_BACKOFF,
     DEFAULT_HOLD_S,
     INITIAL_LIMIT,
@@ -42,7 +43,6 @@ from cometkit_plugins._limiter_adaptive import (
     SOFT_BACKOFF,
     AdaptiveControl,
 )
-from cometkit_plugins.limiter import OPTIONS, AdmissionLimiter, estimate_tokens
 
 JOIN_S = 10.0
 
@@ -502,7 +502,7 @@ def test_after_a_hold_one_probe_goes_then_the_waiters_are_paced_not_a_herd(clock
 
 
 def test_while_the_probe_is_out_nobody_else_is_admitted(clock):
-    from cometkit_plugins._limiter_adaptive import PROBE_TIMEOUT_S
+    from cometkit_plugins.limiting.adaptive import PROBE_TIMEOUT_S
 
     lim = AdmissionLimiter(max_concurrency=16, clock=clock)
     attempt(lim, clock, 200)

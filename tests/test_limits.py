@@ -20,14 +20,14 @@ import cometkit
 from cometkit import AttemptResult, RateLimitError, RequestInfo, RetryDecision, Throttle
 from cometkit.hints import parse_hints, refusal_kind
 from cometkit.sandbox import Sandbox
-from cometkit_plugins._limiter_adaptive import (
+from cometkit_plugins.backoff import BackoffPolicy
+from cometkit_plugins.limiter import AdmissionLimiter
+from cometkit_plugins.limiting.adaptive import (
     DEFAULT_HOLD_S,
     MINUTE_SLACK_S,
     WINDOW_SLACK_S,
     AdaptiveControl,
 )
-from cometkit_plugins.backoff import BackoffPolicy
-from cometkit_plugins.limiter import AdmissionLimiter
 
 NOW = 1_700_000_000.0
 

@@ -23,12 +23,8 @@ from scripted_server import wait_until
 import cometkit
 from cometkit import AttemptResult, RateLimitError, RequestInfo
 from cometkit.sandbox import Sandbox, SandboxProcess
-from cometkit_plugins.redis_limiter import (
-    CONCURRENCY_BACKOFF,
-    DEFAULT_URL,
-    INITIAL_LIMIT,
-    RedisLimiter,
-)
+from cometkit_plugins.limiting.adaptive import CONCURRENCY_BACKOFF, INITIAL_LIMIT
+from cometkit_plugins.redis_limiter import DEFAULT_URL, RedisLimiter
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install "
                                             "'cometkit[redis]'")
@@ -297,8 +293,9 @@ def test_one_burst_of_429s_cuts_the_shared_limit_once_and_successes_grow_it(redi
 def test_tokens_are_charged_once_with_a_weight_and_corrected_from_usage(redis_url, rdb):
     limiter = RedisLimiter(url=redis_url, namespace="ns", max_concurrency=4,
                            tokens_per_minute=600, adaptive=False)  # 9.8 tokens/s, bucket 9.8
+    # 100 tokens estimated from the prompt (no max_tokens: nothing the provider keeps)
     big = RequestInfo("ck-big", "chat", "POST", "/chat/completions", model="m1",
-                      json={"messages": MESSAGES, "max_tokens": 100})
+                      json={"messages": [{"role": "user", "content": "x" * 400}]})
     small = RequestInfo("ck-small", "chat", "POST", "/chat/completions", model="m1",
                         json={"messages": MESSAGES, "max_tokens": 1})
     try:
@@ -307,7 +304,7 @@ def test_tokens_are_charged_once_with_a_weight_and_corrected_from_usage(redis_ur
             limiter.acquire(small, 0.2)
         # One key per limit, whatever the weight: not one entry per token.
         assert sorted(rdb.keys("*")) == ["cometkit:ns:all:slots", "cometkit:ns:all:tpm"]
-        # The answer used 2 tokens, not 101: the debt is given back.
+        # The server counted 2 tokens, not 100: the debt is given back.
         limiter.release(permit, AttemptResult(big, 1, status_code=200, input_tokens=1,
                                               output_tokens=1))
         limiter.release(limiter.acquire(small, 0.2), result(200))

@@ -1,0 +1,636 @@
+"""The in-process store of the limiting plan: :class:`AdmissionLimiter`.
+
+Every attempt waits here for a slot before it is sent and gives the slot back when it ends
+(the core sleeps between retries *without* a slot). A call needs a slot of the client
+(``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``) and one of its model's
+lane (the ``models:`` overrides, and what adaptive mode learned for that model), so a model
+that is refused slows down alone. Rates are token buckets holding ``burst`` seconds' worth,
+not a minute's: a minute's burst at start-up is exactly what earns 429s.
+
+Waiters are admitted first come, first served (per model: a call whose model is at its limit
+does not block calls for other models, but nothing overtakes an older call of its own model
+or an older call waiting for the client's own limits). Nobody polls: waiters sleep on a
+condition, and the oldest one sleeps with a timeout computed for the next instant anything
+may change (a bucket refilling, a hold ending). With an injected clock other than the system
+clock, that timed wait is ``clock.sleep()``, so a fake clock jumps straight there.
+
+Options and the adaptive algorithm are documented in ``docs/plugins/limiter.md``; the
+algorithm itself lives in :mod:`.adaptive`, the options and arithmetic in :mod:`.plan`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Mapping, Optional
+
+from cometkit import (
+    AttemptResult,
+    Clock,
+    ConfigError,
+    RateLimitError,
+    RequestInfo,
+    SystemClock,
+    Throttle,
+)
+from cometkit.options import validate_section
+
+from .adaptive import (
+    MAX_HOLD_S,
+    AdaptiveControl,
+)
+from .buckets import TokenBucket
+from .plan import OPTIONS, charged_tokens, estimate_parts, factory_kwargs, lane_cap, paced_rate
+
+__all__ = ["AdmissionLimiter", "PLUGIN_NAME"]
+
+logger = logging.getLogger("cometkit.limiter")
+
+#: The configuration section (and the name in messages) of this store.
+PLUGIN_NAME = "limiter"
+
+#: Longest single wait on a condition. Waiters are always notified when their turn may have
+#: come; this only bounds the damage should a wake-up ever be lost.
+_MAX_WAIT_S = 30.0
+_EPSILON = 1e-9
+
+# -------------------------------------------------------------------------------------------
+# The limiter
+# -------------------------------------------------------------------------------------------
+
+
+#: Weight of the newest observation in a lane's learned server-tokens / estimate ratio.
+TOKEN_RATIO_SMOOTHING = 0.3
+#: A prompt estimated below this many tokens says too little about the server's tokenizer.
+MIN_RATIO_SAMPLE_TOKENS = 16
+#: The learned tokenizer ratio stays within these bounds.
+TOKEN_RATIO_BOUNDS = (0.2, 5.0)
+
+
+class _Lane:
+    """The calls of one model: its slots, its buckets and what adaptive mode learned.
+
+    ``token_ratio`` is the server's token count over the client's estimate, learned from
+    ``usage``.
+    """
+
+    __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
+                 "control", "token_ratio", "count_tokens", "learned_tokens", "answer_tokens")
+
+    def __init__(self, model: Optional[str], max_concurrency: int,
+                 requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
+                 control: Optional[AdaptiveControl], count_tokens: bool) -> None:
+        self.model = model
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0
+        self.waiting = 0
+        self.requests = requests
+        self.tokens = tokens
+        self.control = control
+        #: The token rate adaptive mode learned from token refusals, as a bucket.
+        self.learned_tokens: Optional[TokenBucket] = None
+        #: Smoothed answer length (``usage.completion_tokens``), reserved for calls that set
+        #: no ``max_tokens``: the server charges the answer too, and reserving nothing for it
+        #: sends twice what the bucket holds.
+        self.answer_tokens: Optional[float] = None
+        self.token_ratio: Optional[float] = None
+        self.count_tokens = count_tokens
+
+    def cost(self, request: RequestInfo) -> tuple[int, int, int]:
+        """``(cost, prompt estimate, reserved answer)`` in tokens of an attempt of this lane,
+        the prompt estimate scaled by what the server's tokenizer was seen to count."""
+        if not self.count_tokens:
+            return 0, 0, 0
+        prompt, answer = estimate_parts(request.json)
+        scaled = math.ceil(prompt * self.token_ratio) if self.token_ratio else prompt
+        guess = math.ceil(self.answer_tokens) if not answer and self.answer_tokens else 0
+        return scaled + answer + guess, prompt, answer
+
+    def allowed(self) -> int:
+        if self.control is None:
+            return self.max_concurrency
+        return min(self.max_concurrency, self.control.allowed())
+
+    def demand_changed(self, now: float) -> None:
+        if self.control is not None:
+            self.control.note_demand(now, self.in_flight + self.waiting > 0)
+
+
+class _Permit:
+    """Handed out by :meth:`AdmissionLimiter.acquire`; given back once to ``release``."""
+
+    __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "released")
+
+    def __init__(self, lane: _Lane, cost: int, prompt_estimate: int = 0,
+                 answer_reserved: int = 0, probe: bool = False) -> None:
+        self.lane = lane
+        self.cost = cost
+        self.prompt_estimate = prompt_estimate
+        self.answer_reserved = answer_reserved
+        #: The probe of a half-open lane: its answer decides whether the lane reopens.
+        self.probe = probe
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<limiter permit model={self.lane.model or '-'} tokens={self.cost} {state}>"
+
+
+class _Waiter:
+    __slots__ = ("lane", "cost", "parts", "cond", "permit", "since")
+
+    def __init__(self, lane: _Lane, cost: tuple[int, int, int], cond: threading.Condition,
+                 since: float) -> None:
+        self.lane = lane
+        self.cost = cost[0]
+        self.parts = cost
+        self.cond = cond
+        self.permit: Optional[_Permit] = None
+        #: When the call began: a call back from a 429 keeps its place among the oldest.
+        self.since = since
+
+
+# What blocks a waiter: the client's own limits (nobody behind it may pass) or its lane's
+# (later calls of other models may).
+_CLIENT = "client"
+_LANE = "lane"
+
+
+def _rate_bucket(per_minute: Optional[float], burst: float, margin: float,
+                 now: float) -> Optional[TokenBucket]:
+    paced = paced_rate(per_minute, burst, margin)
+    return None if paced is None else TokenBucket(*paced, now)
+
+
+class AdmissionLimiter:
+    """Admits attempts under the configured limits and what adaptive mode learns.
+
+    Implements :class:`cometkit.Limiter`. Thread-safe; one per client.
+
+    :param max_concurrency: attempts in flight at once, all models together.
+    :param requests_per_minute: client-wide request rate, or ``None``.
+    :param tokens_per_minute: client-wide token rate, or ``None``.
+    :param burst: seconds' worth of each rate the buckets hold.
+    :param adaptive: learn from 429s and rate-limit headers (see
+        :mod:`cometkit_plugins.limiting.adaptive`).
+    :param safety_margin: share of the configured rates left unused.
+    :param acquire_timeout: default seconds :meth:`acquire` waits before raising
+        ``RateLimitError`` (``None``: no limit).
+    :param models: per-model ``max_concurrency`` / ``requests_per_minute`` /
+        ``tokens_per_minute``.
+    :param clock: the clock to read and wait on.
+    :raises ConfigError: a value out of range.
+    """
+
+    DEFAULT_BURST = 1.0
+    DEFAULT_SAFETY_MARGIN = 0.02
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: Optional[int],
+        requests_per_minute: Optional[float] = None,
+        tokens_per_minute: Optional[float] = None,
+        burst: float = DEFAULT_BURST,
+        adaptive: bool = True,
+        safety_margin: float = DEFAULT_SAFETY_MARGIN,
+        acquire_timeout: Optional[float] = None,
+        models: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        window: Optional[float] = None,
+        window_align: str = "first_request",
+        clock: Optional[Clock] = None,
+    ) -> None:
+        # The schema the configuration is checked against checks direct construction too.
+        validate_section(OPTIONS, {
+            "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute, "burst": burst, "adaptive": adaptive,
+            "safety_margin": safety_margin, "acquire_timeout": acquire_timeout,
+            "models": dict(models or {}), "window": window, "window_align": window_align,
+        }, where="<AdmissionLimiter>", key_path=PLUGIN_NAME)
+        if window is not None and requests_per_minute is None:
+            raise ConfigError(f"{PLUGIN_NAME}.window: needs requests_per_minute (the window's "
+                              "quota is requests_per_minute * window / 60)", key="window")
+        if max_concurrency is None:
+            raise ConfigError(f"{PLUGIN_NAME}.max_concurrency: AdmissionLimiter needs a number "
+                              "(from_options() turns null into the client's concurrency)",
+                              key="max_concurrency")
+        self.max_concurrency = int(max_concurrency)
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.burst = float(burst)
+        self.adaptive = bool(adaptive)
+        self.safety_margin = float(safety_margin)
+        self.acquire_timeout = acquire_timeout
+        self.models = {name: dict(section) for name, section in (models or {}).items()}
+        self.window = window
+        self.window_align = window_align
+        self.clock: Clock = clock or SystemClock()
+        # Condition waits measure real time; any other clock is waited on with its own sleep.
+        self._real_time = self.clock.monotonic is time.monotonic
+        now = self.clock.monotonic()
+        # With a configured window the quota goes out together: the rate is the window's.
+        self._requests = (None if window is not None else
+                          _rate_bucket(requests_per_minute, self.burst, self.safety_margin, now))
+        self._tokens = _rate_bucket(tokens_per_minute, self.burst, self.safety_margin, now)
+        self._count_tokens = tokens_per_minute is not None or any(
+            section.get("tokens_per_minute") is not None for section in self.models.values())
+        # Reentrant, because a stream abandoned to the garbage collector is released by a
+        # finalizer, which may run inside this limiter's own critical section on the same
+        # thread (any allocation can start a collection): a plain lock would deadlock there.
+        # Such a release is deferred (``_deferred``) while the state is being changed
+        # (``_mutating``) and applied before the section ends.
+        self._lock = threading.RLock()
+        self._mutating = False
+        self._deferred: deque[tuple[_Permit, AttemptResult]] = deque()
+        self._queue: deque[_Waiter] = deque()
+        self._lanes: dict[Optional[str], _Lane] = {}
+        self._in_flight = 0
+        self._closed = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, concurrency: int,
+                     clock: Optional[Clock] = None) -> AdmissionLimiter:
+        """Build from a validated ``plugins.limiter`` section; a null ``max_concurrency``
+        means ``concurrency`` (the client's pool size)."""
+        return cls(**factory_kwargs(options, OPTIONS, concurrency), clock=clock)
+
+    def __repr__(self) -> str:
+        return (f"AdmissionLimiter(max_concurrency={self.max_concurrency!r}, "
+                f"requests_per_minute={self.requests_per_minute!r}, "
+                f"tokens_per_minute={self.tokens_per_minute!r}, burst={self.burst!r}, "
+                f"adaptive={self.adaptive!r}, models={sorted(self.models)!r})")
+
+    # -- Limiter protocol ----------------------------------------------------------------------
+
+    def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> _Permit:
+        """Wait, first come first served, until the attempt may go out; return its permit.
+
+        :param timeout_s: longest wait; ``None`` means ``acquire_timeout``.
+        :raises RateLimitError: the wait would exceed the timeout.
+        :raises RuntimeError: the limiter is (or gets) closed.
+        """
+        timeout = self.acquire_timeout if timeout_s is None else timeout_s
+        with self._lock:
+            self._mutating = True
+            waiter: Optional[_Waiter] = None
+            try:
+                if self._closed:
+                    raise RuntimeError("this limiter is closed")
+                now = self.clock.monotonic()
+                lane = self._lanes.get(request.model) or self._new_lane(request.model, now)
+                cost = lane.cost(request)
+                if not self._queue and self._blocked(lane, cost[0], now)[0] is None:
+                    return self._grant(lane, cost, now)
+                waiter = _Waiter(lane, cost, threading.Condition(self._lock),
+                                 request.started_at)
+                self._enqueue(waiter)
+                lane.waiting += 1
+                lane.demand_changed(now)
+                deadline = None if timeout is None else now + timeout
+                return self._wait(waiter, request, deadline, timeout)
+            finally:
+                if waiter is not None and waiter.permit is None:  # timed out, closed, interrupted
+                    now = self.clock.monotonic()
+                    self._queue.remove(waiter)
+                    waiter.lane.waiting -= 1
+                    waiter.lane.demand_changed(now)
+                    self._dispatch(now)
+                self._settle()
+
+    def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
+        """The attempt ended: free its slot, settle its tokens, learn from ``result``.
+
+        :returns: for a 429 with adaptive mode on, the :class:`cometkit.Throttle` the retry
+            policy reads (``accepting`` while the server keeps accepting other calls).
+        """
+        if not isinstance(permit, _Permit):
+            logger.debug("release() of something that is not a permit of this limiter: %r",
+                         permit)
+            return None
+        with self._lock:
+            if self._mutating:  # a finalizer inside our own critical section: apply it later
+                self._deferred.append((permit, result))
+                return None
+            self._mutating = True
+            try:
+                return self._release(permit, result)
+            finally:
+                self._settle()
+
+    def close(self) -> None:
+        """Refuse new attempts and wake every waiter (each raises ``RuntimeError``)."""
+        with self._lock:
+            self._mutating = True
+            try:
+                self._closed = True
+                for waiter in list(self._queue):
+                    waiter.cond.notify()
+            finally:
+                self._settle()
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Current state: slots in use, waiters, and per model what adaptive mode learned
+        (``limit``, ``rate_per_s``, ``hold_remaining_s``, ``latency_s``, ``throttled``,
+        ``signals``). Keys of ``models`` are model names (``None`` for calls without one)."""
+        with self._lock:
+            now = self.clock.monotonic()
+            models = {}
+            for model, lane in self._lanes.items():
+                entry: dict[str, Any] = {"in_flight": lane.in_flight, "waiting": lane.waiting,
+                                         "max_concurrency": lane.max_concurrency}
+                if lane.token_ratio is not None:
+                    entry["token_ratio"] = lane.token_ratio
+                if lane.control is not None:
+                    entry.update(lane.control.snapshot(now))
+                else:
+                    entry["limit"] = lane.max_concurrency
+                models[model] = entry
+            return {"in_flight": self._in_flight, "waiting": len(self._queue),
+                    "max_concurrency": self.max_concurrency, "closed": self._closed,
+                    "models": models}
+
+    # -- internals (called with the lock held) -------------------------------------------------
+
+    def _new_lane(self, model: Optional[str], now: float) -> _Lane:
+        section = self.models.get(model, {}) if model is not None else {}
+        cap = lane_cap(self.max_concurrency, self.models, model)
+        requests = _rate_bucket(section.get("requests_per_minute"), self.burst,
+                                self.safety_margin, now)
+        control = None
+        if self.adaptive:
+            # A configured rate is a floor adaptive learning does not undercut (until the
+            # server keeps refusing at it); a configured window is known from the start.
+            rates = [b.rate_per_s for b in (self._requests, requests) if b is not None]
+            quota = None
+            if self.window is not None and self.requests_per_minute is not None:
+                quota = max(1, int(self.requests_per_minute * self.window / 60.0))
+            control = AdaptiveControl(
+                cap, now, rate_floor_per_s=min(rates) if rates else None,
+                window_s=self.window, window_aligned=self.window_align == "clock",
+                window_quota=quota)
+        lane = _Lane(
+            model, cap, requests,
+            _rate_bucket(section.get("tokens_per_minute"), self.burst, self.safety_margin, now),
+            control, self._count_tokens)
+        self._lanes[model] = lane
+        return lane
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        """Queue a waiter by the age of its call: first come, first served, and a call sent
+        back by a 429 keeps its place ahead of calls that began after it."""
+        queue = self._queue
+        if not queue or queue[-1].since <= waiter.since:
+            queue.append(waiter)
+            return
+        for index, other in enumerate(queue):
+            if other.since > waiter.since:
+                queue.insert(index, waiter)
+                return
+        queue.append(waiter)
+
+    def _blocked(self, lane: _Lane, cost: int, now: float) -> tuple[Optional[str],
+                                                                     Optional[float]]:
+        """``(None, None)`` if an attempt of ``lane`` costing ``cost`` may go now, else who
+        blocks it (:data:`_CLIENT` or :data:`_LANE`) and when that may change (``None``: only
+        a release can change it)."""
+        if self._in_flight >= self.max_concurrency:
+            return _CLIENT, None
+        ready = now
+        if self._requests is not None:
+            ready = self._requests.ready_at(1, now)
+        if cost and self._tokens is not None:
+            ready = max(ready, self._tokens.ready_at(cost, now))
+        if ready - now > _EPSILON:
+            return _CLIENT, ready
+        if lane.in_flight >= lane.allowed():
+            return _LANE, None
+        if lane.control is not None:
+            ready = max(ready, lane.control.ready_at(now))
+            if math.isinf(ready):  # a probe is out: only its answer reopens the lane
+                return _LANE, None
+        if lane.requests is not None:
+            ready = max(ready, lane.requests.ready_at(1, now))
+        if cost:
+            for bucket in (lane.tokens, lane.learned_tokens):
+                if bucket is not None:
+                    ready = max(ready, bucket.ready_at(cost, now))
+        if ready - now > _EPSILON:
+            return _LANE, ready
+        return None, None
+
+    def _grant(self, lane: _Lane, parts: tuple[int, int, int], now: float) -> _Permit:
+        cost = parts[0]
+        self._in_flight += 1
+        lane.in_flight += 1
+        for bucket in (self._requests, lane.requests):
+            if bucket is not None:
+                bucket.take(1, now)
+        if cost:
+            for bucket in (self._tokens, lane.tokens, lane.learned_tokens):
+                if bucket is not None:
+                    bucket.take(cost, now)
+        probe = False
+        if lane.control is not None:
+            probe = lane.control.on_admit(now, cost)
+            lane.demand_changed(now)
+        return _Permit(lane, cost, parts[1], parts[2], probe)
+
+    def _dispatch(self, now: float) -> Optional[float]:
+        """Admit every waiter that may go now, oldest first; return when to look again
+        (``None``: not before a release). Wakes the oldest remaining waiter, which keeps time
+        for everyone."""
+        if self._closed:
+            return None
+        next_check: Optional[float] = None
+        blocked_lanes: set[int] = set()
+        for waiter in list(self._queue):
+            lane = waiter.lane
+            if id(lane) in blocked_lanes:
+                continue  # an older call of this model is still waiting
+            scope, ready = self._blocked(lane, waiter.cost, now)
+            if ready is not None:
+                next_check = ready if next_check is None else min(next_check, ready)
+            if scope is None:
+                self._queue.remove(waiter)
+                lane.waiting -= 1
+                waiter.permit = self._grant(lane, waiter.parts, now)
+                waiter.cond.notify()
+            elif scope is _CLIENT:
+                break
+            else:
+                blocked_lanes.add(id(lane))
+        if self._queue:
+            self._queue[0].cond.notify()
+        return next_check
+
+    def _wait(self, waiter: _Waiter, request: RequestInfo, deadline: Optional[float],
+              timeout: Optional[float]) -> _Permit:
+        while True:
+            now = self.clock.monotonic()
+            next_check = self._dispatch(now)
+            if waiter.permit is not None:  # admitted by this dispatch or an earlier one
+                return waiter.permit
+            if self._closed:
+                raise RuntimeError("the limiter was closed while this attempt waited")
+            if deadline is not None and now >= deadline:
+                raise self._timeout_error(request, timeout)
+            wake = deadline
+            if next_check is not None and self._queue[0] is waiter:  # the timekeeper
+                wake = next_check if wake is None else min(wake, next_check)
+            if self._settle():  # deferred releases changed the picture: look again first
+                self._mutating = True
+                continue
+            try:
+                if wake is None:
+                    waiter.cond.wait(_MAX_WAIT_S)
+                elif self._real_time:
+                    waiter.cond.wait(min(_MAX_WAIT_S, max(0.0, wake - now)))
+                else:
+                    self._lock.release()
+                    try:
+                        self.clock.sleep(max(0.0, wake - now))
+                    finally:
+                        self._lock.acquire()
+            finally:
+                self._mutating = True
+
+    def _timeout_error(self, request: RequestInfo, timeout: Optional[float]) -> RateLimitError:
+        lane = self._lanes.get(request.model)
+        learned = ""
+        if lane is not None and lane.control is not None:
+            learned = f", allowed concurrency {lane.allowed()}"
+            if lane.control.rate_per_s is not None:
+                learned += f", send rate {lane.control.rate_per_s:.2f}/s"
+        return RateLimitError(
+            f"the limiter did not admit {request.method} {request.route} "
+            f"model={request.model or '-'} within acquire_timeout={timeout:g} s "
+            f"({self._in_flight} in flight, {len(self._queue)} waiting{learned})",
+            status_code=429)
+
+    def _release(self, permit: _Permit, result: AttemptResult) -> Optional[Throttle]:
+        if permit.released:
+            logger.debug("permit released twice: %r", permit)
+            return None
+        permit.released = True
+        now = self.clock.monotonic()
+        lane = permit.lane
+        in_flight = lane.in_flight
+        self._in_flight -= 1
+        lane.in_flight -= 1
+        verdict = None
+        control = lane.control
+        if control is not None:
+            hints = result.hints
+            if hints is not None and result.status_code is not None:
+                self._learn_stated_limits(lane, hints, now)
+            signals = control.signals
+            charged = charged_tokens(result, permit.answer_reserved) or 0
+            kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
+                                     in_flight=in_flight, charged_tokens=charged)
+            lane.demand_changed(now)
+            if control.token_rate_per_s is not None:
+                self._follow_token_rate(lane, control.token_rate_per_s, now)
+            if kind == "tokens":
+                lane.count_tokens = True
+            if kind is not None:
+                if kind in ("rate", "tokens") and control.signals > signals:
+                    self._refused_at_configured_rate(lane)
+                verdict = Throttle(control.accepting(now), kind,
+                                   control.hold_remaining_s(now))
+        if lane.count_tokens:
+            self._settle_tokens(permit, result, now)
+        if self._queue:
+            self._dispatch(now)
+        return verdict
+
+    def _follow_token_rate(self, lane: _Lane, rate: float, now: float) -> None:
+        """Keep the lane's learned token bucket at the rate adaptive mode learned (it holds
+        ``burst`` seconds' worth, at least one call's worth of a few thousand tokens)."""
+        bucket = lane.learned_tokens
+        capacity = max(1.0, self.burst * rate)
+        if bucket is None:
+            lane.learned_tokens = TokenBucket(rate, capacity, now)
+            return
+        bucket.ready_at(0, now)  # refill at the old rate up to now
+        bucket.rate_per_s = rate
+        bucket.capacity = capacity
+        bucket.level = min(bucket.level, capacity)
+
+    def _refused_at_configured_rate(self, lane: _Lane) -> None:
+        """A configured rate was refused: first shrink its burst (one second's worth is more
+        than some servers hold); only when it refuses at the smallest burst may adaptive mode
+        send below the configured rate."""
+        shrunk = False
+        for bucket in (self._requests, lane.requests):
+            if bucket is not None and bucket.capacity > 1.0:
+                bucket.capacity = max(1.0, bucket.capacity / 2.0)
+                bucket.level = min(bucket.level, bucket.capacity)
+                shrunk = True
+        if shrunk:
+            logger.info("429 at the configured rate for model=%s: burst halved",
+                        lane.model or "-")
+        elif lane.control is not None:
+            lane.control.refused_at_floor()
+
+    def _learn_stated_limits(self, lane: _Lane, hints: Any, now: float) -> None:
+        """An answer saying that no request (or token) remains holds the lane until the
+        server's reset -- or, for a per-minute limit, until one more is due (``60 / limit``
+        seconds), whichever comes first -- instead of spending a 429 to learn it. The stated
+        limit is not used as a pace: gateways state a window's quota in the same headers."""
+        control = lane.control
+        if control is None:
+            return
+        for remaining, limit, reset in (
+                (hints.remaining_requests, hints.limit_requests, hints.reset_requests_s),
+                (hints.remaining_tokens, hints.limit_tokens, hints.reset_tokens_s)):
+            if remaining == 0 and reset is not None:
+                wait = min(reset, 60.0 / limit) if limit else reset
+                control.hold_until = max(control.hold_until, now + min(wait, MAX_HOLD_S))
+        if hints.limit_tokens is not None:
+            lane.count_tokens = True
+
+    def _settle(self) -> bool:
+        """End a change of state: apply the releases deferred meanwhile, then mark the state
+        consistent (a finalizer may now release directly). Whether any was applied."""
+        applied = bool(self._deferred)
+        while self._deferred:
+            self._release(*self._deferred.popleft())
+        self._mutating = False
+        return applied
+
+    def _settle_tokens(self, permit: _Permit, result: AttemptResult, now: float) -> None:
+        """Replace the estimate with what the server charged: the prompt it counted plus the
+        larger of the reserved ``max_tokens`` and the answer (providers reserve
+        ``max_tokens``); refund a refused call. Learn the server's tokenizer from ``usage``."""
+        lane = permit.lane
+        charged = charged_tokens(result, permit.answer_reserved)
+        if charged is not None:
+            refund = permit.cost - charged
+            if (result.input_tokens is not None
+                    and permit.prompt_estimate >= MIN_RATIO_SAMPLE_TOKENS):
+                self._learn_token_ratio(lane, result.input_tokens / permit.prompt_estimate)
+            if result.output_tokens is not None:
+                output = float(result.output_tokens)
+                lane.answer_tokens = output if lane.answer_tokens is None else (
+                    lane.answer_tokens + TOKEN_RATIO_SMOOTHING * (output - lane.answer_tokens))
+        elif result.status_code is not None and result.status_code >= 400:
+            refund = permit.cost
+        else:
+            return
+        for bucket in (self._tokens, lane.tokens, lane.learned_tokens):
+            if bucket is not None:
+                bucket.give(refund, now)
+
+    @staticmethod
+    def _learn_token_ratio(lane: _Lane, observed: float) -> None:
+        low, high = TOKEN_RATIO_BOUNDS
+        observed = min(high, max(low, observed))
+        if lane.token_ratio is None:
+            lane.token_ratio = observed
+        else:
+            lane.token_ratio += TOKEN_RATIO_SMOOTHING * (observed - lane.token_ratio)

@@ -1,0 +1,177 @@
+"""The limiting plan both stores carry out: its options, its token estimate, and the arithmetic
+of its rates, lane caps and token charges.
+
+The in-process store (:mod:`.local`) and the Redis store (:mod:`.redis_store`) enforce the same
+plan, and adaptive mode is one policy (:mod:`.adaptive`) in both; what differs is only where
+the state lives. Anything both stores compute is computed here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+from cometkit import AttemptResult, Option
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "OPTIONS",
+    "estimate_parts",
+    "estimate_tokens",
+    "paced_rate",
+    "lane_cap",
+    "charged_tokens",
+    "factory_kwargs",
+]
+
+#: Characters per token in the pre-call estimate (OpenAI's rule of thumb for English).
+CHARS_PER_TOKEN = 4
+
+_MODEL_OPTIONS = {
+    "max_concurrency": Option(
+        "int", minimum=1, nullable=True,
+        help="Attempts of this model in flight at once (within the client's max_concurrency)."),
+    "requests_per_minute": Option(
+        "float", minimum=1, nullable=True,
+        help="Requests per minute for this model, on top of the client-wide limit."),
+    "tokens_per_minute": Option(
+        "float", minimum=1, nullable=True,
+        help="Tokens per minute for this model (estimated before the call, corrected after)."),
+}
+
+#: The ``plugins.limiter`` section.
+OPTIONS = {
+    "max_concurrency": Option(
+        "int", None, minimum=1, nullable=True,
+        help="Attempts in flight at once; null means the client's concurrency."),
+    "requests_per_minute": Option(
+        "float", None, minimum=1, nullable=True,
+        help="Requests per minute for the whole client, spread evenly; null means no limit.",
+        example=1200),
+    "tokens_per_minute": Option(
+        "float", None, minimum=1, nullable=True,
+        help="Tokens per minute (prompt characters / 4 + max_tokens before the call, "
+             "corrected from usage after); null means no limit.", example=200000),
+    "burst": Option(
+        "float", 1.0, minimum=0, maximum=60,
+        help="Seconds' worth of requests_per_minute / tokens_per_minute that may go out at "
+             "once after a quiet spell."),
+    "adaptive": Option(
+        "bool", True,
+        help="Learn the server's limits from 429s and rate-limit headers: cut concurrency "
+             "and send rate, hold for Retry-After, grow back slowly."),
+    "safety_margin": Option(
+        "float", 0.02, minimum=0, maximum=0.5,
+        help="Share of requests_per_minute / tokens_per_minute kept unused, so timing "
+             "jitter against the server's bucket does not earn 429s."),
+    "window": Option(
+        "float", None, minimum=0.001, maximum=86400, nullable=True,
+        help="Seconds of a fixed window the server counts requests_per_minute in (its quota, "
+             "requests_per_minute * window / 60, goes out together when a window opens); null "
+             "means a smooth rate. Adaptive mode recognises windows by itself.", example=60),
+    "window_align": Option(
+        "str", "first_request", choices=("first_request", "clock"),
+        help="'first_request': a window opens with the first request after the last one "
+             "ended (LiteLLM's proxy); 'clock': windows follow the wall clock (a calendar "
+             "minute for window: 60)."),
+    "acquire_timeout": Option(
+        "float", None, minimum=0, nullable=True,
+        help="Seconds an attempt may wait for admission before failing with "
+             "RateLimitError; null waits as long as it takes.", example=60),
+    "models": Option(
+        "mapping", {}, children=_MODEL_OPTIONS,
+        help="Per-model limits, by model name; a call must fit both its model's and the "
+             "client's.", example={"gpt-4o": {"requests_per_minute": 500}}),
+}
+
+
+# -------------------------------------------------------------------------------------------
+# Token estimate
+# -------------------------------------------------------------------------------------------
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of prompt text in a message ``content``, ``input`` or ``prompt`` value."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):  # a token id (embeddings input may be token arrays)
+        return CHARS_PER_TOKEN
+    if isinstance(value, list):
+        return sum(_text_chars(item) for item in value)
+    if isinstance(value, Mapping):  # a content part: {"type": "text", "text": ...}
+        return _text_chars(value.get("text"))
+    return 0
+
+
+def estimate_parts(body: Optional[Mapping[str, Any]]) -> tuple[int, int]:
+    """``(prompt tokens, reserved answer tokens)`` a request may cost, before it is sent.
+
+    Prompt text is the ``content`` of every message (strings or text parts), ``input``
+    (embeddings, responses) and ``prompt`` (completions), at :data:`CHARS_PER_TOKEN`
+    characters per token. ``max_tokens`` (or ``max_completion_tokens``, ``max_output_tokens``)
+    is reserved for the answer, as providers reserve it; without it the answer is not reserved
+    and the correction from ``usage`` after the call takes it out of the bucket instead.
+    """
+    if not isinstance(body, Mapping):
+        return 0, 0
+    chars = _text_chars(body.get("input")) + _text_chars(body.get("prompt"))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, Mapping):
+                chars += _text_chars(message.get("content"))
+    answer = body.get("max_tokens", body.get("max_completion_tokens",
+                                             body.get("max_output_tokens")))
+    if isinstance(answer, bool) or not isinstance(answer, int) or answer < 0:
+        answer = 0
+    return math.ceil(chars / CHARS_PER_TOKEN), answer
+
+
+def estimate_tokens(body: Optional[Mapping[str, Any]]) -> int:
+    """Tokens a request may cost before it is sent: :func:`estimate_parts`, summed."""
+    prompt, answer = estimate_parts(body)
+    return prompt + answer
+
+
+# -------------------------------------------------------------------------------------------
+# Arithmetic both stores share
+# -------------------------------------------------------------------------------------------
+
+
+def paced_rate(per_minute: Optional[float], burst: float,
+               margin: float) -> Optional[tuple[float, float]]:
+    """``(rate per second, capacity)`` of a configured per-minute rate: less ``margin``, a
+    bucket of ``burst`` seconds' worth and at least one whole request (or token), or nothing
+    could ever be admitted. ``None`` for no limit."""
+    if per_minute is None:
+        return None
+    rate = per_minute / 60.0 * (1.0 - margin)
+    return rate, max(1.0, burst * rate)
+
+
+def lane_cap(max_concurrency: int, models: Mapping[str, Mapping[str, Any]],
+             model: Optional[str]) -> int:
+    """Attempts of ``model`` allowed in flight: its ``models:`` cap, within the client's."""
+    section = models.get(model, {}) if model is not None else {}
+    return min(max_concurrency, section.get("max_concurrency") or max_concurrency)
+
+
+def charged_tokens(result: AttemptResult, answer_reserved: int) -> Optional[int]:
+    """What the server charged for an answered call, as providers count it: the prompt it
+    counted plus the larger of the reserved ``max_tokens`` and the answer; ``None`` without
+    ``usage``."""
+    if result.input_tokens is None and result.output_tokens is None:
+        return None
+    return (result.input_tokens or 0) + max(answer_reserved, result.output_tokens or 0)
+
+
+def factory_kwargs(options: Mapping[str, Any], schema: Mapping[str, Option],
+                   concurrency: int) -> dict[str, Any]:
+    """Constructor keywords from a validated section: its own keys only, and a null
+    ``max_concurrency`` meaning ``concurrency`` (the client's pool size)."""
+    kwargs = {key: value for key, value in options.items() if key in schema}
+    if kwargs.get("max_concurrency") is None:
+        kwargs["max_concurrency"] = concurrency
+    return kwargs

@@ -1,0 +1,792 @@
+"""The Redis store of the limiting plan: :class:`RedisLimiter`, one admission limit shared by
+every process and host that uses an API key.
+
+The in-process ``limiter`` sees only its own process's traffic; a provider's limit is one
+number for every gunicorn or Celery worker on every host. This plugin keeps the state in Redis
+instead, with the ``limiter``'s options (plus where Redis is and what to do when it is not):
+
+- **Concurrency** is a set of *leases*: a sorted set per scope (the client, each model) whose
+  members are permit ids scored by their expiry. Acquiring reaps expired leases, then adds one
+  if the set holds fewer than the limit; releasing removes it. A background thread renews the
+  leases of attempts still running every ``lease_ttl / 3``, so a process killed with SIGKILL
+  loses its slots within ``lease_ttl`` while a long call keeps its own.
+- **Rates** (``requests_per_minute``, ``tokens_per_minute``, per client and per model) are GCRA:
+  one key per limit holding a *theoretical arrival time*, charged once per attempt with a
+  weight (1 request, or the token estimate), so no per-token or per-request entries pile up.
+  It is the ``limiter``'s token bucket (``burst`` seconds' worth, less ``safety_margin``) in
+  one number; the token estimate is corrected from ``usage`` on release.
+- **Adaptive** mode is shared per model: a 429 seen by any process sets a *hold* key that
+  expires after the server's ``Retry-After`` (every process waits it out before admitting), and
+  cuts the model's shared concurrency limit multiplicatively -- once per burst: a 429 for an
+  attempt admitted before the last cut is an echo of it. Successes grow the limit back by one
+  per window (slow start until the first cut), as the in-process limiter does.
+
+Every change of state is one Lua script (``EVALSHA``), atomic in Redis and timed by Redis'
+own ``TIME``, so the hosts' clocks need not agree. Keys are ``<key_prefix>:<sha256 of the API
+key, 16 hex digits>:...``: never the key itself.
+
+Waiting does not spin: a refused attempt sleeps for the exact time Redis says (a hold, a rate)
+or, when it waits for a slot another process holds, polls with a backoff from 5 to 50 ms
+(with jitter). Admission across processes is not first come, first served.
+
+When Redis cannot be reached (``on_redis_error``) attempts fall back to an in-process
+``AdmissionLimiter`` built from the same options (``local``, the default), go out unlimited
+(``fail_open``) or fail with ``RateLimitError`` (``fail_closed``); Redis is tried again every
+few seconds. Socket timeouts bound every Redis call, so a dead Redis never hangs a call.
+
+Needs the ``redis`` extra (``pip install 'cometkit[redis]'``); the library is imported only
+when a client enables the plugin. Documented in ``docs/deployment.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from importlib import resources
+from random import Random
+from typing import Any, Iterator, Mapping, Optional
+from urllib.parse import quote, urlsplit
+
+from cometkit import (
+    AttemptResult,
+    Clock,
+    ConfigError,
+    Option,
+    PluginError,
+    RateLimitError,
+    RequestInfo,
+    SystemClock,
+    Throttle,
+)
+from cometkit.hints import retry_after_s
+from cometkit.options import validate_section
+
+from .adaptive import (
+    CONCURRENCY_BACKOFF,
+    DEFAULT_HOLD_S,
+    INITIAL_LIMIT,
+    MAX_HOLD_S,
+    STORM_HORIZON_S,
+)
+from .local import AdmissionLimiter
+from .plan import OPTIONS as LIMITER_OPTIONS
+from .plan import charged_tokens, estimate_parts, factory_kwargs, lane_cap, paced_rate
+
+__all__ = [
+    "RedisLimiter",
+    "OPTIONS",
+    "DEFAULT_URL",
+]
+
+logger = logging.getLogger("cometkit.redis_limiter")
+
+PLUGIN_NAME = "redis_limiter"
+
+#: Where Redis is when ``url`` is null and ``$REDIS_URL`` is unset or empty.
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+URL_VARIABLE = "REDIS_URL"
+
+MISSING_LIBRARY = ("redis_limiter needs the redis extra: pip install 'cometkit[redis]' "
+                   "(the redis package)")
+
+#: Shortest and longest sleep between two tries while waiting for a slot held elsewhere.
+POLL_MIN_S = 0.005
+POLL_MAX_S = 0.05
+#: Longest single sleep on a wait Redis computed (a rate, a hold): look again at least this
+#: often, so a change of picture (a refund, a closed client) is noticed.
+MAX_SLEEP_S = 1.0
+#: While Redis is unreachable, try it again after this many seconds.
+RECONNECT_INTERVAL_S = 5.0
+
+#: A model's shared adaptive state is forgotten after this long without an answer.
+CONTROL_TTL_S = 3600.0
+
+_OWN_OPTIONS = {
+    "url": Option(
+        "str", None, nullable=True, secret=True,
+        help="Redis URL (redis://, rediss:// or unix://; a password in it is redacted "
+             "wherever configuration is shown). null means $REDIS_URL, else "
+             f"{DEFAULT_URL}.", example="redis://redis.internal:6379/0"),
+    "key_prefix": Option(
+        "str", "cometkit",
+        help="First part of every Redis key; the second is a hash of the API key (never the "
+             "key itself), so clients with the same key share limits."),
+    "lease_ttl": Option(
+        "float", 30.0, minimum=0.3, maximum=3600,
+        help="Seconds a slot stays taken unless its process renews it (every lease_ttl / 3 "
+             "while the attempt runs): how long a killed process can keep slots."),
+    "on_redis_error": Option(
+        "str", "local", choices=("local", "fail_open", "fail_closed"),
+        help="When Redis cannot be reached: local (the in-process limiter with these options, "
+             "a warning, Redis retried every few seconds), fail_open (admit) or fail_closed "
+             "(raise RateLimitError)."),
+    "socket_timeout": Option(
+        "float", 0.5, minimum=0.01, maximum=60,
+        help="Seconds any one Redis connect or command may take before Redis counts as "
+             "unreachable."),
+}
+
+#: The ``plugins.redis_limiter`` section: the ``limiter``'s options, shared by the fleet, plus
+#: where Redis is.
+OPTIONS = {
+    # A configured window is in-process only for now: the shared store keeps smooth rates.
+    **{key: option for key, option in LIMITER_OPTIONS.items()
+       if key not in ("window", "window_align")},
+    "max_concurrency": Option(
+        "int", None, minimum=1, nullable=True,
+        help="Attempts in flight at once across every process using this Redis and API key; "
+             "null means this client's concurrency (set it for a fleet).", example=16),
+    **_OWN_OPTIONS,
+}
+
+# -------------------------------------------------------------------------------------------
+# Lua scripts: limiting/lua/*.lua, each prefixed with common.lua (times are Redis' TIME in
+# milliseconds; the comment at the top of each file says its KEYS, ARGV and answer).
+# -------------------------------------------------------------------------------------------
+
+
+def _lua(name: str) -> str:
+    """The text of one script, with the shared prelude in front."""
+    folder = resources.files("cometkit_plugins.limiting") / "lua"
+    return (folder / "common.lua").read_text(encoding="utf-8") + (
+        folder / f"{name}.lua").read_text(encoding="utf-8")
+
+
+ACQUIRE_LUA = _lua("acquire")
+RELEASE_LUA = _lua("release")
+RENEW_LUA = _lua("renew")
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError as exc:
+        raise PluginError(MISSING_LIBRARY) from exc
+    return redis
+
+
+def resolve_url(url: Optional[str], environ: Optional[Mapping[str, str]] = None) -> str:
+    """``url``, or (null) ``$REDIS_URL`` when set and not empty, or :data:`DEFAULT_URL`."""
+    if url:
+        return url
+    env = os.environ if environ is None else environ
+    return env.get(URL_VARIABLE) or DEFAULT_URL
+
+
+def shown_url(url: str) -> str:
+    """``url`` without user name or password, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable Redis URL>"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _gcra(per_minute: Optional[float], burst: float, margin: float) -> tuple[float, float]:
+    """``(emission interval in ms, capacity)`` of a rate: the in-process bucket's numbers
+    (:func:`.plan.paced_rate`); ``(0, 0)`` for no limit."""
+    paced = paced_rate(per_minute, burst, margin)
+    if paced is None:
+        return 0.0, 0.0
+    rate_per_s, capacity = paced
+    return 1000.0 / rate_per_s, capacity
+
+
+class _Lane:
+    """One model's keys and limits (the calls without a model share one lane)."""
+
+    __slots__ = ("model", "label", "slots", "rpm", "tpm", "hold", "control", "max_concurrency",
+                 "rpm_gcra", "tpm_gcra")
+
+    def __init__(self, base: str, model: Optional[str], max_concurrency: int,
+                 rpm_gcra: tuple[float, float], tpm_gcra: tuple[float, float]) -> None:
+        self.model = model
+        self.label = model or "-"
+        # "*" for calls without a model: a model of that name would be quoted to %2A.
+        scope = f"{base}:model:{'*' if model is None else quote(model, safe='')}"
+        self.slots = f"{scope}:slots"
+        self.rpm = f"{scope}:rpm"
+        self.tpm = f"{scope}:tpm"
+        self.hold = f"{scope}:hold"
+        self.control = f"{scope}:control"
+        #: 0 when the lane needs no slots of its own (no model limit, not adaptive).
+        self.max_concurrency = max_concurrency
+        self.rpm_gcra = rpm_gcra
+        self.tpm_gcra = tpm_gcra
+
+
+class _RedisPermit:
+    """A lease in Redis; handed back to :meth:`RedisLimiter.release` once."""
+
+    __slots__ = ("id", "lane", "cost", "answer_reserved", "admitted_at", "released", "paced")
+
+    def __init__(self, permit_id: str, lane: _Lane, cost: int, admitted_at: str,
+                 paced: Any = None, answer_reserved: int = 0) -> None:
+        self.id = permit_id
+        self.lane = lane
+        self.cost = cost
+        #: ``max_tokens`` of the request: providers charge at least that for the answer.
+        self.answer_reserved = answer_reserved
+        #: The permit of this process's pacer (adaptive mode), released with the lease.
+        self.paced = paced
+        #: Redis' time of admission (ms), to tell a new 429 from an echo of the last cut.
+        self.admitted_at = admitted_at
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<redis_limiter lease model={self.lane.label} tokens={self.cost} {state}>"
+
+
+class _LocalPermit:
+    """A permit of the in-process fallback limiter, admitted while Redis was unreachable."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+
+class _OpenPermit:
+    """Admitted without limits (``fail_open`` while Redis was unreachable)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<redis_limiter open permit>"
+
+
+_OPEN = _OpenPermit()
+
+
+class RedisLimiter:
+    """Admits attempts under limits shared through Redis by every client with the same API
+    key, ``key_prefix`` and Redis. Implements :class:`cometkit.Limiter`; thread-safe.
+
+    :param url: Redis URL; ``None`` means ``$REDIS_URL`` or :data:`DEFAULT_URL`.
+    :param key_prefix: first part of every key.
+    :param namespace: second part: the client's ``api_key_fingerprint``.
+    :param lease_ttl: seconds a slot stays taken without renewal.
+    :param on_redis_error: ``local``, ``fail_open`` or ``fail_closed``.
+    :param socket_timeout: seconds for any one Redis connect or command.
+    :param reconnect_interval_s: while Redis is unreachable, seconds between tries.
+    :param clock: the clock waits are timed and slept on (Redis times the limits).
+    :param rng: randomness for the polling jitter.
+    :param redis_client: a ready ``redis.Redis`` to use instead of one built from ``url``
+        (its timeouts are then the caller's business).
+
+    The other keywords are the ``limiter``'s (see
+    :class:`cometkit_plugins.limiter.AdmissionLimiter`); ``max_concurrency`` is required here.
+    :raises ConfigError: a value out of range.
+    :raises PluginError: the ``redis`` package is not installed.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: Optional[int],
+        url: Optional[str] = None,
+        key_prefix: str = "cometkit",
+        namespace: str = "",
+        lease_ttl: float = 30.0,
+        on_redis_error: str = "local",
+        socket_timeout: float = 0.5,
+        requests_per_minute: Optional[float] = None,
+        tokens_per_minute: Optional[float] = None,
+        burst: float = AdmissionLimiter.DEFAULT_BURST,
+        adaptive: bool = True,
+        safety_margin: float = AdmissionLimiter.DEFAULT_SAFETY_MARGIN,
+        acquire_timeout: Optional[float] = None,
+        models: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        reconnect_interval_s: float = RECONNECT_INTERVAL_S,
+        clock: Optional[Clock] = None,
+        rng: Optional[Random] = None,
+        redis_client: Any = None,
+    ) -> None:
+        self.options = validate_section(OPTIONS, {
+            "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute, "burst": burst, "adaptive": adaptive,
+            "safety_margin": safety_margin, "acquire_timeout": acquire_timeout,
+            "models": dict(models or {}), "url": url, "key_prefix": key_prefix,
+            "lease_ttl": lease_ttl, "on_redis_error": on_redis_error,
+            "socket_timeout": socket_timeout,
+        }, where="<RedisLimiter>", key_path=PLUGIN_NAME)
+        if max_concurrency is None:
+            raise ConfigError(f"{PLUGIN_NAME}.max_concurrency: RedisLimiter needs a number "
+                              "(from_options() turns null into the client's concurrency)",
+                              key="max_concurrency")
+        redis = _import_redis()
+        # What a dead or stuck Redis raises (redis-py wraps most socket errors, not all).
+        self._redis_error: tuple = (redis.RedisError, OSError)
+        self.url = resolve_url(url)
+        self.url_shown = shown_url(self.url)
+        self.key_prefix = key_prefix
+        self.namespace = namespace or "nokey"
+        self.base_key = f"{key_prefix}:{self.namespace}"
+        self.max_concurrency = int(max_concurrency)
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.burst = float(burst)
+        self.adaptive = bool(adaptive)
+        self.safety_margin = float(safety_margin)
+        self.acquire_timeout = acquire_timeout
+        self.models = {name: dict(section) for name, section in (models or {}).items()}
+        self.lease_ttl = float(lease_ttl)
+        self.on_redis_error = on_redis_error
+        self.socket_timeout = float(socket_timeout)
+        self.reconnect_interval_s = float(reconnect_interval_s)
+        self.clock: Clock = clock or SystemClock()
+        self.random = rng or Random()
+        self._real_time = self.clock.sleep is time.sleep
+        if redis_client is None:
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # No retries inside redis-py: a dead Redis must cost one timeout, not several
+            # with backoff in between; the fallback and the reconnect interval take over.
+            redis_client = redis.Redis.from_url(
+                self.url, socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout, retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False, health_check_interval=0)
+        self._redis = redis_client
+        self._acquire_script = redis_client.register_script(ACQUIRE_LUA)
+        self._release_script = redis_client.register_script(RELEASE_LUA)
+        self._renew_script = redis_client.register_script(RENEW_LUA)
+        self._lease_ms = int(round(self.lease_ttl * 1000))
+        self._client_slots = f"{self.base_key}:all:slots"
+        self._client_rpm = f"{self.base_key}:all:rpm"
+        self._client_tpm = f"{self.base_key}:all:tpm"
+        self._client_rpm_gcra = _gcra(requests_per_minute, self.burst, self.safety_margin)
+        self._client_tpm_gcra = _gcra(tokens_per_minute, self.burst, self.safety_margin)
+        self._count_tokens = tokens_per_minute is not None or any(
+            section.get("tokens_per_minute") is not None for section in self.models.values())
+        self._lanes: dict[Optional[str], _Lane] = {}
+        self._lock = threading.Lock()
+        self._held: dict[str, _RedisPermit] = {}
+        self._renewer: Optional[threading.Thread] = None
+        self._closing = threading.Event()
+        self._closed = False
+        self._pid = os.getpid()
+        # Reachability: None while Redis answers, else clock.monotonic() of the last failure.
+        self._down_at: Optional[float] = None
+        self._state_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._local: Optional[AdmissionLimiter] = None
+        # Adaptive mode learns as the in-process limiter does -- send rate, token rate, holds,
+        # probes, windows, caps on calls in flight -- from this process's own answers: the
+        # same policy, kept per process, on top of the shared hold and concurrency in Redis.
+        # Each process learns the share of the server's limit it gets (as TCP flows sharing a
+        # link do), so a fleet with no rates told does not flood a fast server.
+        self._pacer: Optional[AdmissionLimiter] = (
+            AdmissionLimiter(max_concurrency=self.max_concurrency, burst=self.burst,
+                             safety_margin=self.safety_margin, clock=self.clock)
+            if self.adaptive else None)
+        # A stream abandoned to the garbage collector is released by a finalizer, which may
+        # run on a thread that is inside this limiter (or redis-py's pool lock) already;
+        # such a release is deferred to the end of the outer section (see _guarded).
+        self._tls = threading.local()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, concurrency: int, namespace: str = "",
+                     clock: Optional[Clock] = None, rng: Optional[Random] = None
+                     ) -> RedisLimiter:
+        """Build from a validated ``plugins.redis_limiter`` section; a null
+        ``max_concurrency`` means ``concurrency``."""
+        return cls(**factory_kwargs(options, OPTIONS, concurrency), namespace=namespace,
+                   clock=clock, rng=rng)
+
+    def __repr__(self) -> str:
+        return (f"RedisLimiter({self.url_shown!r}, key={self.base_key!r}, "
+                f"max_concurrency={self.max_concurrency!r}, "
+                f"requests_per_minute={self.requests_per_minute!r}, "
+                f"tokens_per_minute={self.tokens_per_minute!r}, adaptive={self.adaptive!r}, "
+                f"on_redis_error={self.on_redis_error!r})")
+
+    # -- Limiter protocol ----------------------------------------------------------------------
+
+    def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> Any:
+        """Wait until the attempt may go out under the shared limits; return its permit.
+
+        :param timeout_s: longest wait; ``None`` means ``acquire_timeout``.
+        :raises RateLimitError: the wait would exceed the timeout, or Redis is unreachable
+            with ``on_redis_error: fail_closed``.
+        :raises RuntimeError: the limiter is (or gets) closed.
+        """
+        if self._closed:
+            raise RuntimeError("this limiter is closed")
+        self._after_fork()
+        prompt, answer = estimate_parts(request.json) if self._count_tokens else (0, 0)
+        cost = prompt + answer
+        timeout = self.acquire_timeout if timeout_s is None else timeout_s
+        deadline = None if timeout is None else self.clock.monotonic() + timeout
+        if self._redis_usable():
+            paced = None
+            if self._pacer is not None:
+                remaining = None if deadline is None else max(0.0, deadline -
+                                                              self.clock.monotonic())
+                paced = self._pacer.acquire(request, remaining)
+            try:
+                permit = self._acquire_shared(request, cost, deadline, timeout)
+            except BaseException as exc:
+                if paced is not None:  # not sent: the pacer learns nothing from it
+                    self._pacer.release(paced, AttemptResult(request, 0, error=exc))
+                if not isinstance(exc, self._redis_error):
+                    raise
+                self._went_down(exc)
+            else:
+                permit.paced = paced
+                permit.answer_reserved = answer
+                return permit
+        return self._acquire_without_redis(request, deadline)
+
+    def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
+        """The attempt ended: give its slot back, settle its tokens, share what a 429 says.
+
+        :returns: for a 429 in adaptive mode, a :class:`cometkit.Throttle` that is
+            ``accepting`` while *any* process of the fleet saw this model accepted within
+            the storm horizon: the refused call waits out the shared hold instead of spending
+            its attempts.
+        """
+        if isinstance(permit, _LocalPermit):
+            if self._local is not None:
+                return self._local.release(permit.inner, result)
+            return None
+        if not isinstance(permit, _RedisPermit):
+            if permit is not _OPEN:
+                logger.debug("release() of something that is not a permit of this limiter: %r",
+                             permit)
+            return None
+        if getattr(self._tls, "depth", 0):  # a finalizer inside our own section: later
+            self._tls.deferred.append((permit, result))
+            return None
+        with self._guarded():
+            return self._release(permit, result)
+
+    def close(self) -> None:
+        """Refuse new attempts and stop renewing leases (attempts in flight still release)."""
+        self._closed = True
+        self._closing.set()
+        renewer = self._renewer
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join(timeout=2 * self.socket_timeout + 1.0)
+        for limiter in (self._local, self._pacer):
+            if limiter is not None:
+                limiter.close()
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Current state: ``backend`` (``redis``, or while Redis is unreachable the
+        ``on_redis_error`` mode), ``held`` (leases of this process), ``in_flight`` (leases of
+        the whole fleet, ``None`` when Redis does not answer), ``max_concurrency``, and under
+        ``models`` each lane this process used: fleet ``in_flight``, shared ``limit`` and
+        ``hold_remaining_s``."""
+        with self._lock:
+            held = len(self._held)
+            lanes = list(self._lanes.values())
+        out: dict[str, Any] = {
+            "backend": "redis" if self._down_at is None else self.on_redis_error,
+            "held": held, "in_flight": None, "max_concurrency": self.max_concurrency,
+            "closed": self._closed, "models": {},
+        }
+        if self._down_at is not None:
+            return out
+        try:
+            with self._guarded():
+                seconds, micros = self._redis.time()
+                now_ms = seconds * 1000 + micros / 1000
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.zcount(self._client_slots, now_ms, "+inf")
+                for lane in lanes:
+                    pipe.zcount(lane.slots, now_ms, "+inf")
+                    pipe.hget(lane.control, "limit")
+                    pipe.pttl(lane.hold)
+                values = pipe.execute()
+        except self._redis_error as exc:
+            self._went_down(exc)
+            out["backend"] = self.on_redis_error
+            return out
+        out["in_flight"] = values[0]
+        for index, lane in enumerate(lanes):
+            in_flight, limit, hold_ms = values[1 + 3 * index: 4 + 3 * index]
+            allowed = self._lane_cap(lane.model)
+            if self.adaptive:
+                learned = float(limit) if limit is not None else float(INITIAL_LIMIT)
+                allowed = min(allowed, max(1, int(learned)))
+            out["models"][lane.model] = {"in_flight": in_flight, "limit": allowed,
+                                         "hold_remaining_s": max(0, hold_ms) / 1000.0}
+        return out
+
+    # -- shared admission ----------------------------------------------------------------------
+
+    def _lane_cap(self, model: Optional[str]) -> int:
+        return lane_cap(self.max_concurrency, self.models, model)
+
+    def _lane(self, model: Optional[str]) -> _Lane:
+        with self._lock:
+            lane = self._lanes.get(model)
+            if lane is None:
+                section = self.models.get(model, {}) if model is not None else {}
+                own_cap = section.get("max_concurrency") is not None
+                lane = _Lane(
+                    self.base_key, model,
+                    self._lane_cap(model) if (self.adaptive or own_cap) else 0,
+                    _gcra(section.get("requests_per_minute"), self.burst, self.safety_margin),
+                    _gcra(section.get("tokens_per_minute"), self.burst, self.safety_margin))
+                self._lanes[model] = lane
+            return lane
+
+    def _acquire_shared(self, request: RequestInfo, cost: int, deadline: Optional[float],
+                        timeout: Optional[float]) -> _RedisPermit:
+        lane = self._lane(request.model)
+        permit_id = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
+        keys = [self._client_slots, self._client_rpm, self._client_tpm, lane.slots, lane.rpm,
+                lane.tpm, lane.hold, lane.control]
+        args = [permit_id, self._lease_ms, self.max_concurrency, *self._client_rpm_gcra,
+                *self._client_tpm_gcra, lane.max_concurrency, *lane.rpm_gcra, *lane.tpm_gcra,
+                cost, 1 if self.adaptive else 0, min(lane.max_concurrency or 1, INITIAL_LIMIT)]
+        backoff = POLL_MIN_S
+        while True:
+            with self._guarded():
+                granted, value, detail = self._acquire_script(keys=keys, args=args)
+                if granted == 1:
+                    permit = _RedisPermit(permit_id, lane, cost, _text(value))
+                    with self._lock:
+                        self._held[permit_id] = permit
+                    self._ensure_renewer()
+                    return permit
+            now = self.clock.monotonic()
+            if deadline is not None and now >= deadline:
+                raise self._timeout_error(request, timeout, _text(detail))
+            if value >= 0:  # Redis knows when: a hold ending, a rate refilling
+                wait = min(MAX_SLEEP_S, value / 1000.0)
+            else:  # a slot held elsewhere: poll, backing off, with jitter
+                wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
+                backoff = min(POLL_MAX_S, backoff * 2)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self._sleep(max(0.0, wait))
+            if self._closed:
+                raise RuntimeError("the limiter was closed while this attempt waited")
+
+    def _release(self, permit: _RedisPermit, result: AttemptResult) -> Optional[Throttle]:
+        with self._lock:
+            if permit.released:
+                logger.debug("permit released twice: %r", permit)
+                return None
+            permit.released = True
+            self._held.pop(permit.id, None)
+        local = None
+        if permit.paced is not None and self._pacer is not None:
+            local = self._pacer.release(permit.paced, result)
+        if self._down_at is not None:
+            return local  # Redis is unreachable: the lease runs out by itself within lease_ttl
+        lane = permit.lane
+        refund = self._refund(permit, result) if self._count_tokens else 0
+        outcome, hold_s = "", 0.0
+        if self.adaptive and result.status_code is not None:
+            if result.status_code == 429:
+                hints = result.hints
+                hint = (hints.wait_s if hints is not None else
+                        retry_after_s(result.headers, self.clock.time()) if result.headers
+                        else None)
+                outcome, hold_s = "429", min(MAX_HOLD_S, DEFAULT_HOLD_S if hint is None else hint)
+            elif result.status_code < 400:
+                outcome = "ok"
+        try:
+            _held, limit, cut, ok_age_ms = self._release_script(
+                keys=[self._client_slots, lane.slots, self._client_tpm, lane.tpm, lane.hold,
+                      lane.control],
+                args=[permit.id, refund, self._client_tpm_gcra[0], lane.tpm_gcra[0], outcome,
+                      int(round(hold_s * 1000)), permit.admitted_at, lane.max_concurrency,
+                      min(lane.max_concurrency or 1, INITIAL_LIMIT), CONCURRENCY_BACKOFF,
+                      int(CONTROL_TTL_S * 1000)])
+        except self._redis_error as exc:
+            self._went_down(exc)
+            return local
+        if cut == 1:
+            logger.info("429 for model=%s: shared concurrency now %d, holding admissions "
+                        "%.2f s in every process", lane.label, max(1, int(float(limit))),
+                        hold_s)
+        if outcome != "429":
+            return local
+        age_s = float(_text(ok_age_ms)) / 1000.0
+        fleet_accepting = 0 <= age_s <= STORM_HORIZON_S
+        if local is not None:
+            return Throttle(local.accepting or fleet_accepting, local.kind,
+                            local.wait_s if local.wait_s is not None else hold_s)
+        return Throttle(fleet_accepting, "rate", hold_s)
+
+    @staticmethod
+    def _refund(permit: _RedisPermit, result: AttemptResult) -> int:
+        """Tokens to give back: the estimate less what the server charged (negative: it
+        charged more), as the in-process store settles; the whole estimate for an error
+        answer without usage."""
+        charged = charged_tokens(result, permit.answer_reserved)
+        if charged is not None:
+            return permit.cost - charged
+        if result.status_code is not None and result.status_code >= 400:
+            return permit.cost
+        return 0
+
+    def _timeout_error(self, request: RequestInfo, timeout: Optional[float],
+                       reason: str) -> RateLimitError:
+        waiting_for = {"hold": "a shared hold after a 429", "rate": "a shared rate limit",
+                       "slots": "a shared concurrency slot"}.get(reason, reason)
+        return RateLimitError(
+            f"redis_limiter did not admit {request.method} {request.route} "
+            f"model={request.model or '-'} within acquire_timeout={timeout:g} s "
+            f"(waiting for {waiting_for}; Redis {self.url_shown}, key {self.base_key})",
+            status_code=429)
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def _ensure_renewer(self) -> None:
+        with self._lock:
+            if self._renewer is not None and self._renewer.is_alive():
+                return
+            self._renewer = threading.Thread(target=self._renew_loop, daemon=True,
+                                             name=f"cometkit-redis-leases-{self.namespace}")
+            self._renewer.start()
+
+    def _renew_loop(self) -> None:
+        """Extend the leases of running attempts every ``lease_ttl / 3`` (real time: the
+        leases expire in Redis' time, whatever clock the client was given)."""
+        while not self._closing.wait(self.lease_ttl / 3.0):
+            with self._lock:
+                permits = list(self._held.values())
+            if not permits or self._down_at is not None:
+                continue
+            keys: list[str] = []
+            args: list[Any] = [self._lease_ms]
+            for permit in permits:
+                keys.append(self._client_slots)
+                args.append(permit.id)
+                if permit.lane.max_concurrency:
+                    keys.append(permit.lane.slots)
+                    args.append(permit.id)
+            try:
+                with self._guarded():
+                    lost = {_text(item) for item in self._renew_script(keys=keys, args=args)}
+            except self._redis_error as exc:
+                self._went_down(exc)
+                continue
+            with self._lock:
+                expired = [self._held[i] for i in lost if i in self._held]
+            for permit in expired:
+                logger.warning("the lease of a running attempt (%r) had expired before it was "
+                               "renewed: this process stalled for more than lease_ttl=%g s, and "
+                               "its slot may have been given to another", permit,
+                               self.lease_ttl)
+
+    # -- Redis unreachable ---------------------------------------------------------------------
+
+    def _redis_usable(self) -> bool:
+        """Whether to use Redis for this attempt: it answered last time, or it is time to try
+        again (one thread tries; the others keep to the fallback meanwhile)."""
+        if self._down_at is None:
+            return True
+        if self.clock.monotonic() - self._down_at < self.reconnect_interval_s:
+            return False
+        if not self._probe_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._down_at is None:
+                return True
+            try:
+                with self._guarded():
+                    self._redis.ping()
+            except self._redis_error as exc:
+                with self._state_lock:
+                    self._down_at = self.clock.monotonic()
+                logger.debug("Redis at %s is still unreachable: %s: %s", self.url_shown,
+                             type(exc).__name__, exc)
+                return False
+            with self._state_lock:
+                self._down_at = None
+            logger.warning("Redis at %s answers again: shared limits apply again",
+                           self.url_shown)
+            return True
+        finally:
+            self._probe_lock.release()
+
+    def _went_down(self, exc: BaseException) -> None:
+        with self._state_lock:
+            first = self._down_at is None
+            self._down_at = self.clock.monotonic()
+        if not first:
+            return
+        instead = {
+            "local": "this process applies the limits alone (in-process limiter)",
+            "fail_open": "attempts go out without limits",
+            "fail_closed": "attempts fail with RateLimitError",
+        }[self.on_redis_error]
+        logger.warning("Redis at %s is unreachable (%s: %s): %s until it answers again "
+                       "(tried every %g s)", self.url_shown, type(exc).__name__, exc, instead,
+                       self.reconnect_interval_s)
+
+    def _acquire_without_redis(self, request: RequestInfo, deadline: Optional[float]) -> Any:
+        if self.on_redis_error == "fail_open":
+            return _OPEN
+        if self.on_redis_error == "fail_closed":
+            raise RateLimitError(
+                f"redis_limiter: Redis at {self.url_shown} is unreachable and on_redis_error "
+                f"is fail_closed: {request.method} {request.route} "
+                f"model={request.model or '-'} was not sent", status_code=429)
+        with self._state_lock:
+            if self._local is None:
+                self._local = AdmissionLimiter.from_options(
+                    self.options, concurrency=self.max_concurrency, clock=self.clock)
+            local = self._local
+        remaining = None if deadline is None else max(0.0, deadline - self.clock.monotonic())
+        return _LocalPermit(local.acquire(request, remaining))
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Mark this thread as inside the limiter; releases by finalizers meanwhile wait for
+        the end of the outermost section (a redis-py pool lock could otherwise deadlock)."""
+        tls = self._tls
+        depth = getattr(tls, "depth", 0)
+        if depth == 0:
+            tls.deferred = []
+        tls.depth = depth + 1
+        try:
+            yield
+        finally:
+            tls.depth = depth
+            if depth == 0:
+                while tls.deferred:
+                    permit, result = tls.deferred.pop(0)
+                    self.release(permit, result)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._real_time:
+            self._closing.wait(seconds)  # close() cuts the wait short
+        else:
+            self.clock.sleep(seconds)
+
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn --preload): the parent's leases and renewal thread are
+        not this process's; redis-py reconnects by itself."""
+        pid = os.getpid()
+        if pid == self._pid:
+            return
+        self._pid = pid
+        self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._held = {}
+        self._renewer = None
+        self._tls = threading.local()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
