@@ -506,3 +506,15 @@ def test_calls_without_max_tokens_reserve_the_answers_the_model_gives(clock):
     assert second.cost == 160  # the server will charge the answer too
     capped = lim.acquire(request(body={**body, "max_tokens": 20}, n=3))
     assert capped.cost == 120  # an explicit max_tokens is what providers reserve
+
+
+def test_a_configured_clock_window_is_aligned_from_the_first_call(clock):
+    """``window: 60, window_align: clock``: 20 per calendar minute, the first minute included
+    (the fake wall clock is 20 s into a minute here)."""
+    clock.advance(20.0)
+    lim = AdmissionLimiter(max_concurrency=16, requests_per_minute=20, window=60,
+                           window_align="clock", clock=clock)
+    admitted = [run_attempt(lim, clock, n=n)[0] for n in range(21)]
+    assert admitted[19] - admitted[0] < 1.0  # the minute's quota goes out together
+    assert (clock.epoch + admitted[20]) % 60 == pytest.approx(WINDOW_SLACK_S, abs=0.01)
+    assert admitted[20] - admitted[0] == pytest.approx(40.0 + WINDOW_SLACK_S, abs=0.3)

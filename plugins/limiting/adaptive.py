@@ -162,11 +162,14 @@ class AdaptiveControl:
     :param window_s: a configured window: its quota goes out together when it opens.
     :param window_aligned: the configured window is aligned to the wall clock (calendar).
     :param window_quota: calls per configured window.
+    :param wall_offset: ``clock.time() - clock.monotonic()``, so that a window following the
+        wall clock is aligned from the first call (else it is known after the first answer).
     """
 
     def __init__(self, max_limit: int, now: float, *, rate_floor_per_s: Optional[float] = None,
                  window_s: Optional[float] = None, window_aligned: bool = False,
-                 window_quota: Optional[int] = None) -> None:
+                 window_quota: Optional[int] = None,
+                 wall_offset: Optional[float] = None) -> None:
         self.max_limit = int(max_limit)
         #: Allowed concurrency (a float so that repeated cuts and growth stay exact).
         self.limit = float(min(self.max_limit, INITIAL_LIMIT))
@@ -192,8 +195,8 @@ class AdaptiveControl:
         self._window_configured = window_s is not None
         self._window_end = -math.inf
         self._window_admitted = 0
-        #: ``time() - monotonic()``, for wall-clock minutes (known after the first answer).
-        self._wall_offset: Optional[float] = None
+        #: ``time() - monotonic()``, for wall-clock minutes.
+        self._wall_offset = wall_offset
         self._slow_start = True
         self._next_send_at = -math.inf
         self._last_signal_at = -math.inf

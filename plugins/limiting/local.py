@@ -372,7 +372,7 @@ class AdmissionLimiter:
             control = AdaptiveControl(
                 cap, now, rate_floor_per_s=min(rates) if rates else None,
                 window_s=self.window, window_aligned=self.window_align == "clock",
-                window_quota=quota)
+                window_quota=quota, wall_offset=self.clock.time() - now)
         lane = _Lane(
             model, cap, requests,
             _rate_bucket(section.get("tokens_per_minute"), self.burst, self.safety_margin, now),
