@@ -518,3 +518,15 @@ def test_a_configured_clock_window_is_aligned_from_the_first_call(clock):
     assert admitted[19] - admitted[0] < 1.0  # the minute's quota goes out together
     assert (clock.epoch + admitted[20]) % 60 == pytest.approx(WINDOW_SLACK_S, abs=0.01)
     assert admitted[20] - admitted[0] == pytest.approx(40.0 + WINDOW_SLACK_S, abs=0.3)
+
+
+def test_a_stated_token_limit_paces_tokens_before_any_429(clock):
+    lim = AdmissionLimiter(max_concurrency=16, burst=0, safety_margin=0, clock=clock)
+    body = {"messages": [{"role": "user", "content": "x" * 4000}]}  # 1000 tokens estimated
+    stated = {"x-ratelimit-limit-tokens": "60000", "x-ratelimit-remaining-tokens": "59000"}
+    run_attempt(lim, clock, headers=stated, body=body, input_tokens=1000, output_tokens=0)
+    assert lim.stats()["models"]["m"]["token_rate_per_s"] == pytest.approx(1000.0)
+    admitted = [run_attempt(lim, clock, n=n, headers=stated, body=body, input_tokens=1000,
+                            output_tokens=0)[0] for n in range(4)]
+    gaps = [b - a for a, b in zip(admitted, admitted[1:])]
+    assert gaps == pytest.approx([1.0] * 3, abs=0.02)  # 1000 tokens at 1000 per second

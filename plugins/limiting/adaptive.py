@@ -232,6 +232,7 @@ class AdaptiveControl:
         self._token_anchor = 0.0
         self._token_rate_at_signal: Optional[float] = None
         self._token_learn_pending = False
+        self._stated_token_rate: Optional[float] = None
         self._epoch_ok_tokens = 0
         self._epoch_sent_tokens = 0
         self._token_epoch_busy_start = 0.0
@@ -561,6 +562,15 @@ class AdaptiveControl:
                         "lower one", self.rate_floor_per_s)
             self.rate_floor_per_s = None
 
+    def adopt_token_rate(self, rate_per_s: float) -> None:
+        """The server states its token limit: spend tokens at that rate from now on (a token
+        refusal can still teach a lower one). A stated value seen again changes nothing."""
+        if self._stated_token_rate is not None and abs(rate_per_s - self._stated_token_rate) \
+                <= 1e-6 * rate_per_s:
+            return
+        self._stated_token_rate = rate_per_s
+        self.token_rate_per_s = self._token_anchor = rate_per_s
+
     def _tokens_accepted(self, charged: int) -> None:
         """An accepted call's tokens: measured, and the learned token rate grows by them."""
         if charged <= 0:
@@ -570,7 +580,10 @@ class AdaptiveControl:
         if rate is not None:  # growth per second of sending, as for the send rate
             growth_per_s = (RATE_GROWTH_PER_S * self._token_anchor
                             + RATE_ACCELERATION_PER_S * (rate - self._token_anchor))
-            self.token_rate_per_s = rate + growth_per_s * charged / rate
+            rate += growth_per_s * charged / rate
+            if self._stated_token_rate is not None:  # what the server states is a ceiling
+                rate = min(rate, self._stated_token_rate)
+            self.token_rate_per_s = rate
 
     def _learn_token_rate(self, now: float) -> None:
         """Spend tokens at what the server accepted since the token rate was last learned;

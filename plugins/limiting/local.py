@@ -580,8 +580,9 @@ class AdmissionLimiter:
     def _learn_stated_limits(self, lane: _Lane, hints: Any, now: float) -> None:
         """An answer saying that no request (or token) remains holds the lane until the
         server's reset -- or, for a per-minute limit, until one more is due (``60 / limit``
-        seconds), whichever comes first -- instead of spending a 429 to learn it. The stated
-        limit is not used as a pace: gateways state a window's quota in the same headers."""
+        seconds), whichever comes first -- instead of spending a 429 to learn it. A stated
+        token limit becomes the lane's token rate; a stated request limit is not used as a
+        pace (gateways state a window's quota in the same headers)."""
         control = lane.control
         if control is None:
             return
@@ -591,8 +592,11 @@ class AdmissionLimiter:
             if remaining == 0 and reset is not None:
                 wait = min(reset, 60.0 / limit) if limit else reset
                 control.hold_until = max(control.hold_until, now + min(wait, MAX_HOLD_S))
-        if hints.limit_tokens is not None:
+        if hints.limit_tokens:
+            # A stated token limit is per minute in every header family (unlike requests,
+            # which gateways state per window): spend tokens at it before a 429 says so.
             lane.count_tokens = True
+            control.adopt_token_rate(hints.limit_tokens / 60.0 * (1.0 - self.safety_margin))
 
     def _settle(self) -> bool:
         """End a change of state: apply the releases deferred meanwhile, then mark the state
