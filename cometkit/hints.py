@@ -30,6 +30,8 @@ __all__ = [
     "RateLimitHints",
     "parse_hints",
     "refusal_kind",
+    "QUOTA_CODES",
+    "WAIT_WORDS",
     "ABSURD_HINT_S",
 ]
 
@@ -182,6 +184,21 @@ class RateLimitHints:
 
 _NO_HINTS = RateLimitHints()
 
+#: Error codes of a 429 that mean a spent quota or balance (or a request too large for any
+#: limit): no limit to wait for. The default of ``backoff.give_up_codes``.
+QUOTA_CODES = frozenset({
+    "insufficient_quota",
+    "insufficient_user_quota",
+    "insufficient_balance",
+    "billing_hard_limit_reached",
+    "quota_exceeded",
+    "context_length_exceeded",
+    "request_too_large",
+})
+#: Words of a 429 message that mean "try later" even under a quota code: gateways built on
+#: new-api word an upstream overload as ``insufficient_quota`` with "saturated, please try
+#: again later". The default of ``backoff.wait_despite``.
+WAIT_WORDS = ("saturated", "饱和", "try again later", "retry later")
 #: Wording of a 429 that refuses for the number of calls in flight rather than their rate.
 _CONCURRENCY_WORDS = ("parallel", "concurren", "in flight", "in-flight", "simultaneous")
 _TOKEN_WORDS = ("token",)
@@ -298,11 +315,15 @@ def parse_hints(headers: Optional[Mapping[str, str]], now_epoch_s: float,
 
 
 def refusal_kind(message: Any) -> Optional[str]:
-    """``concurrency`` or ``tokens`` when a 429's message says which limit refused, else
-    ``None`` (a plain rate limit, or wording this does not know)."""
+    """``quota`` (a spent quota: no limit to wait for), ``concurrency`` or ``tokens`` when a
+    429's words say which limit refused, else ``None`` (a plain rate limit, or wording this
+    does not know)."""
     if not isinstance(message, str) or not message:
         return None
     text = message.lower()
+    words = set(re.findall(r"[a-z_]+", text))
+    if words & QUOTA_CODES and not any(wait in text for wait in WAIT_WORDS):
+        return "quota"
     if any(word in text for word in _CONCURRENCY_WORDS):
         return "concurrency"
     if any(word in text for word in _TOKEN_WORDS):

@@ -32,7 +32,7 @@ from cometkit import (
     SystemClock,
     hookimpl,
 )
-from cometkit.hints import retry_after_s
+from cometkit.hints import QUOTA_CODES, WAIT_WORDS, retry_after_s
 
 __all__ = [
     "BackoffPolicy",
@@ -56,19 +56,10 @@ NEVER_RETRIED_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 #: Provider error codes (``error.code`` or ``error.type`` of the body) on which waiting cannot
 #: help: the quota or balance is spent, or the request is larger than any limit allows.
 #: A 429 carrying one of these fails at once (the default of ``give_up_codes``).
-HOPELESS_ERROR_CODES = frozenset({
-    "insufficient_quota",
-    "insufficient_user_quota",
-    "insufficient_balance",
-    "billing_hard_limit_reached",
-    "quota_exceeded",
-    "context_length_exceeded",
-    "request_too_large",
-})
-#: Words of a 429 message that mean "try later" even under a quota code: gateways built on
-#: new-api answer an upstream overload as ``insufficient_quota`` with "saturated, please try
-#: again later" (the default of ``wait_despite``; matched case-insensitively).
-WAIT_DESPITE_CODE = ("saturated", "饱和", "try again later", "retry later")
+HOPELESS_ERROR_CODES = QUOTA_CODES
+#: Words of a 429 message that mean "try later" even under a quota code (the default of
+#: ``wait_despite``; matched case-insensitively).
+WAIT_DESPITE_CODE = WAIT_WORDS
 #: OpenAI answers a single request above the tokens-per-minute limit with a 429 whose code is
 #: the ordinary ``rate_limit_exceeded``; only the message tells it apart.
 _TOO_LARGE_MESSAGE = "request too large"

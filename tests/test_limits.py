@@ -94,6 +94,8 @@ def test_every_header_family_is_read_and_the_tightest_descriptor_wins():
      "concurrency"),
     ("Rate limit reached for gpt-4o on tokens per min (TPM): Limit 30000", "tokens"),
     ("Rate limit reached for gpt-4o on requests per min (RPM)", None),
+    ("You exceeded your current quota. insufficient_quota", "quota"),
+    ("insufficient_quota: upstream saturated, please try again later", None),
     ("", None),
 ])
 def test_the_wording_of_a_429_says_which_limit_refused(message, kind):
@@ -530,3 +532,19 @@ def test_a_stated_token_limit_paces_tokens_before_any_429(clock):
                             output_tokens=0)[0] for n in range(4)]
     gaps = [b - a for a, b in zip(admitted, admitted[1:])]
     assert gaps == pytest.approx([1.0] * 3, abs=0.02)  # 1000 tokens at 1000 per second
+
+
+def test_a_quota_429_neither_holds_the_limiter_nor_waits_in_its_queue(clock):
+    lim = AdmissionLimiter(max_concurrency=4, clock=clock)
+    run_attempt(lim, clock)
+    req = request(n=2, started_at=clock.monotonic())
+    permit = lim.acquire(req)
+    result = AttemptResult(req, 1, status_code=429, headers=CaseInsensitiveDict(),
+                           started_at=clock.monotonic(), duration_s=0.01)
+    result.hints = parse_hints(result.headers, clock.time(),
+                               "You exceeded your current quota insufficient_quota")
+    verdict = lim.release(permit, result)
+    assert verdict is not None and verdict.kind == "quota" and not verdict.accepting
+    before = clock.monotonic()
+    admitted, _ = run_attempt(lim, clock, n=3)
+    assert admitted == pytest.approx(before, abs=0.005)  # no hold: others go on at once

@@ -362,6 +362,8 @@ class AdaptiveControl:
             self._first_refusal_at = now
         if hints.refusal == "concurrency":
             return self._capped(result, in_flight)
+        if hints.refusal == "quota":  # a spent quota: no limit to hold or learn from
+            return "quota"
         kind = "tokens" if hints.refusal == "tokens" else "rate"
         echo = result.started_at < self._last_signal_at and not probe
         if echo:

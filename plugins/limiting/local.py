@@ -540,7 +540,9 @@ class AdmissionLimiter:
             if kind is not None:
                 if kind in ("rate", "tokens") and control.signals > signals:
                     self._refused_at_configured_rate(lane)
-                verdict = Throttle(control.accepting(now), kind,
+                # A spent quota is no limit to wait for in the queue: the retry policy's
+                # own rules (and budget) decide, should it be told to retry quota errors.
+                verdict = Throttle(control.accepting(now) and kind != "quota", kind,
                                    control.hold_remaining_s(now))
         if lane.count_tokens:
             self._settle_tokens(permit, result, now)
