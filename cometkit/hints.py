@@ -26,7 +26,6 @@ from typing import Any, Mapping, Optional
 __all__ = [
     "parse_duration",
     "retry_after_s",
-    "ratelimit_remaining",
     "RateLimitHints",
     "parse_hints",
     "refusal_kind",
@@ -122,20 +121,6 @@ def _explicit_retry_after(headers: Mapping[str, str], now_epoch_s: float) -> Opt
         if hint is not None:
             return hint
     return None
-
-
-def ratelimit_remaining(headers: Optional[Mapping[str, str]]) -> Optional[tuple[int, int]]:
-    """``(remaining, limit)`` of requests from ``x-ratelimit-*-requests`` headers, if both sane."""
-    if not headers:
-        return None
-    try:
-        remaining = int(headers["x-ratelimit-remaining-requests"])
-        limit = int(headers["x-ratelimit-limit-requests"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if remaining < 0 or limit <= 0:
-        return None
-    return remaining, limit
 
 
 # -------------------------------------------------------------------------------------------
