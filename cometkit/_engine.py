@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .hints import parse_hints
+from .hints import DEFAULT_REFUSALS, RefusalRules, parse_hints, refusal_text
 from .records import (
     AttemptRecord,
     AttemptResult,
@@ -83,18 +83,6 @@ class Sent:
 AttemptFn = Callable[[AttemptResult], Sent]
 
 
-def _refusal_text(error: Optional[BaseException]) -> str:
-    """The words of an error answer that say which limit refused: the body's ``error``
-    message, type and code (or the raw body text)."""
-    body = getattr(error, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            return " ".join(str(inner.get(key) or "") for key in ("message", "type", "code"))
-        return str(inner)
-    return body if isinstance(body, str) else ""
-
-
 class CallEngine:
     """Runs calls through a client's retry policy, limiter and sinks. Thread-safe."""
 
@@ -103,6 +91,9 @@ class CallEngine:
                  server_address: str) -> None:
         self.clock = clock
         self.policy = policy
+        rules = getattr(policy, "refusal_rules", None)
+        #: Which 429s are a spent quota: the retry policy's lists, so policy and limiter agree.
+        self._refusals = rules if isinstance(rules, RefusalRules) else DEFAULT_REFUSALS
         self.limiter = limiter
         self.sinks = sinks
         self.server_address = server_address
@@ -275,7 +266,8 @@ class CallEngine:
         error = result.error
         refused = result.status_code == 429
         hints = result.hints = parse_hints(result.headers, self.clock.time(),
-                                           _refusal_text(error) if refused else None)
+                                           refusal_text(error) if refused else None,
+                                           self._refusals)
         if error is not None and getattr(error, "retry_after_s", 0) is None:
             error.retry_after_s = hints.wait_s  # type: ignore[attr-defined]
 

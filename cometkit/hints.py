@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 __all__ = [
     "parse_duration",
@@ -29,6 +29,10 @@ __all__ = [
     "RateLimitHints",
     "parse_hints",
     "refusal_kind",
+    "refusal_text",
+    "RefusalRules",
+    "DEFAULT_REFUSALS",
+    "TOO_LARGE_WORDS",
     "QUOTA_CODES",
     "WAIT_WORDS",
     "ABSURD_HINT_S",
@@ -184,9 +188,70 @@ QUOTA_CODES = frozenset({
 #: new-api word an upstream overload as ``insufficient_quota`` with "saturated, please try
 #: again later". The default of ``backoff.wait_despite``.
 WAIT_WORDS = ("saturated", "饱和", "try again later", "retry later")
+#: OpenAI's words for a request larger than the whole limit ("Request too large for gpt-4o
+#: ... on tokens per min"): no wait makes it fit.
+TOO_LARGE_WORDS = "request too large"
 #: Wording of a 429 that refuses for the number of calls in flight rather than their rate.
 _CONCURRENCY_WORDS = ("parallel", "concurren", "in flight", "in-flight", "simultaneous")
 _TOKEN_WORDS = ("token",)
+
+
+@dataclass(frozen=True)
+class RefusalRules:
+    """Which 429s mean "do not wait": a spent quota or balance, or a request too large for any
+    limit. One value, read by the one parse of every answer (:func:`parse_hints`), so the retry
+    policy and the limiters agree on it: a policy that gives up on a 429 never has the limiter
+    hold its lane for it, and one that waits has the limiter treat it as a limit.
+
+    The retry policy owns the lists (``backoff.give_up_codes`` / ``backoff.wait_despite`` in
+    YAML) and hands them to the core as its ``refusal_rules`` attribute.
+
+    :ivar quota_codes: lower-case error codes (the body's ``code``/``type``, or a word of its
+        message) that mean a spent quota.
+    :ivar wait_words: lower-case words of the message that mean "try later" even under one of
+        ``quota_codes`` (gateways built on new-api say ``insufficient_quota`` for an overload).
+    """
+
+    quota_codes: frozenset = QUOTA_CODES
+    wait_words: tuple = WAIT_WORDS
+
+    @classmethod
+    def of(cls, quota_codes: Iterable[Any], wait_words: Iterable[Any]) -> RefusalRules:
+        """Rules from configured lists (any case; empty words dropped)."""
+        return cls(frozenset(str(code).lower() for code in quota_codes),
+                   tuple(str(words).lower() for words in wait_words if words))
+
+    def quota_reason(self, message: Any) -> Optional[str]:
+        """The quota code (or ``request too large``) that makes this 429 hopeless, ``None``
+        when it names none or says to try later."""
+        if not isinstance(message, str) or not message:
+            return None
+        text = message.lower()
+        if any(wait in text for wait in self.wait_words):
+            return None
+        if TOO_LARGE_WORDS in text:
+            return TOO_LARGE_WORDS
+        return next((word for word in re.findall(r"[a-z_]+", text)
+                     if word in self.quota_codes), None)
+
+    def kind(self, message: Any) -> Optional[str]:
+        """``quota`` (a spent quota: no limit to wait for), ``concurrency`` or ``tokens`` when
+        a 429's words say which limit refused, else ``None`` (a plain rate limit, or wording
+        this does not know)."""
+        if not isinstance(message, str) or not message:
+            return None
+        if self.quota_reason(message) is not None:
+            return "quota"
+        text = message.lower()
+        if any(word in text for word in _CONCURRENCY_WORDS):
+            return "concurrency"
+        if any(word in text for word in _TOKEN_WORDS):
+            return "tokens"
+        return None
+
+
+#: The rules with the default lists.
+DEFAULT_REFUSALS = RefusalRules()
 
 
 def _int(value: Optional[str]) -> Optional[int]:
@@ -223,15 +288,17 @@ def _tighter(current: Optional[tuple[int, Optional[int]]], remaining: Optional[i
 
 
 def parse_hints(headers: Optional[Mapping[str, str]], now_epoch_s: float,
-                message: Optional[str] = None) -> RateLimitHints:
+                message: Optional[str] = None,
+                rules: RefusalRules = DEFAULT_REFUSALS) -> RateLimitHints:
     """Parse every rate-limit header of an answer (and, for a 429, its error ``message``).
 
     :param headers: a case-insensitive mapping of the answer's headers.
     :param now_epoch_s: the wall-clock time, for HTTP-date and timestamp values.
     :param message: the error message of a 429 body, to tell which limit refused.
+    :param rules: which 429s mean a spent quota (the retry policy's lists).
     """
     if not headers:
-        return _NO_HINTS if message is None else RateLimitHints(refusal=refusal_kind(message))
+        return _NO_HINTS if message is None else RateLimitHints(refusal=rules.kind(message))
     requests: Optional[tuple[int, Optional[int]]] = None
     tokens: Optional[tuple[int, Optional[int]]] = None
     reset_requests = reset_tokens = None
@@ -281,7 +348,7 @@ def parse_hints(headers: Optional[Mapping[str, str]], now_epoch_s: float,
         else:
             tokens = _tighter(tokens, remaining, limit)
     hint = _explicit_retry_after(headers, now_epoch_s)
-    refusal = refusal_kind(message) if message is not None else None
+    refusal = rules.kind(message) if message is not None else None
     if refusal is None and message is not None:
         if tokens is not None and tokens[0] == 0 and (requests is None or requests[0] > 0):
             refusal = "tokens"
@@ -299,18 +366,18 @@ def parse_hints(headers: Optional[Mapping[str, str]], now_epoch_s: float,
         refusal=refusal)
 
 
-def refusal_kind(message: Any) -> Optional[str]:
-    """``quota`` (a spent quota: no limit to wait for), ``concurrency`` or ``tokens`` when a
-    429's words say which limit refused, else ``None`` (a plain rate limit, or wording this
-    does not know)."""
-    if not isinstance(message, str) or not message:
-        return None
-    text = message.lower()
-    words = set(re.findall(r"[a-z_]+", text))
-    if words & QUOTA_CODES and not any(wait in text for wait in WAIT_WORDS):
-        return "quota"
-    if any(word in text for word in _CONCURRENCY_WORDS):
-        return "concurrency"
-    if any(word in text for word in _TOKEN_WORDS):
-        return "tokens"
-    return None
+def refusal_text(error: Optional[BaseException]) -> str:
+    """The words of an error answer that say which limit refused: the body's ``error``
+    message, type and code (or the raw body text)."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return " ".join(str(inner.get(key) or "") for key in ("message", "type", "code"))
+        return str(inner)
+    return body if isinstance(body, str) else ""
+
+
+def refusal_kind(message: Any, rules: RefusalRules = DEFAULT_REFUSALS) -> Optional[str]:
+    """:meth:`RefusalRules.kind` under ``rules`` (the default lists unless told)."""
+    return rules.kind(message)

@@ -262,6 +262,10 @@ class RetryPolicy(Protocol):
     """Decides, after a failed attempt, whether to try again and how long to wait.
 
     One object serves every thread of a client, so it must be thread-safe.
+
+    A policy may also have a ``refusal_rules`` attribute (a :class:`cometkit.hints.RefusalRules`):
+    which 429s it takes for a spent quota. The core parses every answer with it, so the limiter
+    reads each 429 as the policy does; without one, the default lists apply.
     """
 
     def on_call_start(self, request: RequestInfo) -> None:

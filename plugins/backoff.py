@@ -32,7 +32,7 @@ from cometkit import (
     SystemClock,
     hookimpl,
 )
-from cometkit.hints import QUOTA_CODES, WAIT_WORDS, retry_after_s
+from cometkit.hints import QUOTA_CODES, WAIT_WORDS, RefusalRules, refusal_text, retry_after_s
 
 __all__ = [
     "BackoffPolicy",
@@ -60,9 +60,6 @@ HOPELESS_ERROR_CODES = QUOTA_CODES
 #: Words of a 429 message that mean "try later" even under a quota code (the default of
 #: ``wait_despite``; matched case-insensitively).
 WAIT_DESPITE_CODE = WAIT_WORDS
-#: OpenAI answers a single request above the tokens-per-minute limit with a 429 whose code is
-#: the ordinary ``rate_limit_exceeded``; only the message tells it apart.
-_TOO_LARGE_MESSAGE = "request too large"
 
 #: Jitter added on top of a server hint: uniform in [0, this share of the hint], so clients
 #: told the same value do not all wake together.
@@ -179,31 +176,6 @@ class RetryBudget:
 # -------------------------------------------------------------------------------------------
 
 
-def _hopeless_code(result: AttemptResult, give_up_codes: frozenset,
-                   wait_despite: tuple) -> Optional[str]:
-    """The provider code (or ``request too large``) that says waiting cannot fix this 429,
-    unless the message says to try later (``wait_despite``)."""
-    codes = [result.error_code]
-    error = result.error
-    body = getattr(error, "body", None)
-    inner_message = ""
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            codes += [inner.get("code"), inner.get("type")]
-            inner_message = str(inner.get("message") or "")
-    message = str(getattr(error, "message", None) or "").lower()
-    if _TOO_LARGE_MESSAGE in message:
-        return _TOO_LARGE_MESSAGE
-    for code in codes:
-        if isinstance(code, str) and code.lower() in give_up_codes:
-            said = (inner_message or message).lower()
-            if any(words in said for words in wait_despite):
-                return None
-            return code
-    return None
-
-
 def _explained(result: AttemptResult, explanation: str,
                hint_s: Optional[float] = None) -> Optional[BaseException]:
     """The attempt's error again, of the same class, with why the policy gave up in front.
@@ -304,8 +276,9 @@ class BackoffPolicy:
         self.clock: Clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self.budget = RetryBudget(budget_ratio, budget_floor, budget_window, self.clock)
-        self.give_up_codes = frozenset(str(code).lower() for code in give_up_codes)
-        self.wait_despite = tuple(str(words).lower() for words in wait_despite if words)
+        #: Which 429s are hopeless: the core reads this too, so the limiter never holds its
+        #: lane for a 429 this policy gives up on (nor ignores one it waits for).
+        self.refusal_rules = RefusalRules.of(give_up_codes, wait_despite)
         # Only decides whether to log a warning: an unguarded race costs at most a second line.
         self._budget_exhausted = False
 
@@ -422,7 +395,7 @@ class BackoffPolicy:
         if status not in self.retry_on:  # never one of NEVER_RETRIED_STATUSES
             return False, f"{status} is not retried"
         if status == 429:
-            code = _hopeless_code(result, self.give_up_codes, self.wait_despite)
+            code = self.refusal_rules.quota_reason(refusal_text(result.error))
             if code is not None:
                 return False, f"429 with {code!r}: waiting cannot fix it"
         return True, str(status)

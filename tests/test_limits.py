@@ -548,3 +548,37 @@ def test_a_quota_429_neither_holds_the_limiter_nor_waits_in_its_queue(clock):
     before = clock.monotonic()
     admitted, _ = run_attempt(lim, clock, n=3)
     assert admitted == pytest.approx(before, abs=0.005)  # no hold: others go on at once
+
+
+@pytest.mark.parametrize("wait_despite, quota", [(None, False), ([], True)])
+def test_the_policys_quota_lists_are_the_limiters_too(wait_despite, quota):
+    """A new-api overload ("insufficient_quota ... saturated, please try again later") is a
+    limit to wait for under the default lists, a spent quota once ``wait_despite`` is empty:
+    the limiter reads the 429 exactly as the retry policy does, whichever lists it has."""
+    refusals: list = []
+
+    class Recording(AdmissionLimiter):
+        def release(self, permit: Any, result: AttemptResult) -> Any:
+            if result.status_code == 429:
+                refusals.append(result.hints.refusal if result.hints else None)
+            return super().release(permit, result)
+
+    class Plugin:
+        @cometkit.hookimpl(tryfirst=True)
+        def cometkit_make_limiter(self, ctx: Any) -> AdmissionLimiter:
+            return Recording(max_concurrency=4, adaptive=True)
+
+    backoff: dict = {} if wait_despite is None else {"wait_despite": wait_despite}
+    with Sandbox(rpm=600, burst=1, overload_style="new-api") as sb:
+        with cometkit.Client("k", sb.base_url, concurrency=4, extra_plugins=[Plugin()],
+                             plugins={"backoff": backoff}) as client:
+            results = many(client, 12)
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert refusals, "the sandbox's burst of 1 refuses some of 4 calls at once"
+    if quota:
+        assert set(refusals) == {"quota"}
+        assert len(failed) == len(refusals)  # each fails at its first 429: nothing to wait for
+        assert all(isinstance(r, RateLimitError) and r.code == "insufficient_quota"
+                   for r in failed)
+    else:
+        assert "quota" not in refusals and not failed
