@@ -448,7 +448,7 @@ class Client:
         if stream:  # answered whole (already recorded): the completion as one chunk
             return Stream(sent.response, _nothing_to_finish, monotonic=self._clock.monotonic,
                           started_at=result.started_at, request_id=sent.provider_request_id,
-                          preloaded=[completion_as_chunk(sent.value)])
+                          preloaded=[completion_as_chunk(sent.value)], defer=self._engine.defer)
         return self._wrap(sent.value, sent.provider_request_id)
 
     @staticmethod

@@ -178,10 +178,6 @@ class _Anchor:
         self.closer = closer
 
 
-def _run_now(fn: Callable[..., None], *args: Any) -> None:
-    fn(*args)
-
-
 def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilter,
             defer: Defer, monotonic: Callable[[], float], started_at: float,
             request_id: Optional[str], preloaded: Optional[list]) -> Iterator[ApiObject]:
@@ -260,13 +256,13 @@ class Stream:
         started_at: float,
         request_id: Optional[str] = None,
         secrets: Optional[SecretFilter] = None,
-        defer: Optional[Defer] = None,
+        defer: Defer,
         preloaded: Optional[list] = None,
     ) -> None:
         """
         :param secrets: blanks the API key out of every event line.
         :param defer: how an abandoned stream's ending is handed over (the client's engine
-            queue); without one it runs at once.
+            queue): never run from the finalizer itself.
         :param preloaded: chunks (dicts) already read, for an answer that was not an event
             stream; the response is then not read again.
         """
@@ -274,7 +270,6 @@ class Stream:
         self.request_id = request_id
         closer = self._closer = _Closer(response, finisher)
         anchor = self._anchor = _Anchor(closer)
-        defer = defer or _run_now
         self._finalizer = weakref.finalize(anchor, defer, closer, APIConnectionError(
             "stream abandoned before its end", request_id=request_id, stage="read"))
         self._finalizer.atexit = False

@@ -27,7 +27,6 @@ from cometkit import (
     ConfigError,
     RateLimitError,
     RequestInfo,
-    SystemClock,
 )
 from cometkit._docgen import extract_block, reference_markdown
 from cometkit.options import validate_section
@@ -395,30 +394,6 @@ def test_close_wakes_waiters_and_refuses_new_attempts():
     with pytest.raises(RuntimeError, match="closed"):
         lim.acquire(request())
     assert lim.stats()["closed"] is True
-
-
-def test_release_from_a_finalizer_inside_the_limiter_does_not_deadlock():
-    """An abandoned stream is released by a finalizer, which the garbage collector may run
-    inside the limiter's own critical section; simulated here by a clock that releases."""
-    lim = AdmissionLimiter(max_concurrency=1, adaptive=False)
-    held_req = request(n=1)
-    held = lim.acquire(held_req)
-
-    class FinalizingClock(SystemClock):
-        armed = True
-
-        def monotonic(self) -> float:
-            if FinalizingClock.armed:
-                FinalizingClock.armed = False
-                lim.release(held, result(held_req))
-            return time.monotonic()
-
-    lim.clock = FinalizingClock()
-    got: list[Any] = []
-    thread = start(lambda: got.append(lim.acquire(request(n=2), JOIN_S)))
-    thread.join(JOIN_S)
-    assert not thread.is_alive() and len(got) == 1
-    assert lim.stats()["in_flight"] == 1 and lim.stats()["waiting"] == 0
 
 
 # -- adaptive ----------------------------------------------------------------------------------

@@ -237,14 +237,10 @@ class AdmissionLimiter:
         self._tokens = _rate_bucket(tokens_per_minute, self.burst, self.safety_margin, now)
         self._count_tokens = tokens_per_minute is not None or any(
             section.get("tokens_per_minute") is not None for section in self.models.values())
-        # Reentrant, because a stream abandoned to the garbage collector is released by a
-        # finalizer, which may run inside this limiter's own critical section on the same
-        # thread (any allocation can start a collection): a plain lock would deadlock there.
-        # Such a release is deferred (``_deferred``) while the state is being changed
-        # (``_mutating``) and applied before the section ends.
-        self._lock = threading.RLock()
-        self._mutating = False
-        self._deferred: deque[tuple[_Permit, AttemptResult]] = deque()
+        # A plain lock: nothing calls back in while it is held. (A stream abandoned to the
+        # garbage collector does not release from its finalizer, which may run inside any
+        # critical section: the core queues that release and makes it on a normal thread.)
+        self._lock = threading.Lock()
         self._queue: deque[_Waiter] = deque()
         self._lanes: dict[Optional[str], _Lane] = {}
         self._in_flight = 0
@@ -274,7 +270,6 @@ class AdmissionLimiter:
         """
         timeout = self.acquire_timeout if timeout_s is None else timeout_s
         with self._lock:
-            self._mutating = True
             waiter: Optional[_Waiter] = None
             try:
                 if self._closed:
@@ -298,7 +293,6 @@ class AdmissionLimiter:
                     waiter.lane.waiting -= 1
                     waiter.lane.demand_changed(now)
                     self._dispatch(now)
-                self._settle()
 
     def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
         """The attempt ended: free its slot, settle its tokens, learn from ``result``.
@@ -311,25 +305,14 @@ class AdmissionLimiter:
                          permit)
             return None
         with self._lock:
-            if self._mutating:  # a finalizer inside our own critical section: apply it later
-                self._deferred.append((permit, result))
-                return None
-            self._mutating = True
-            try:
-                return self._release(permit, result)
-            finally:
-                self._settle()
+            return self._release(permit, result)
 
     def close(self) -> None:
         """Refuse new attempts and wake every waiter (each raises ``RuntimeError``)."""
         with self._lock:
-            self._mutating = True
-            try:
-                self._closed = True
-                for waiter in list(self._queue):
-                    waiter.cond.notify()
-            finally:
-                self._settle()
+            self._closed = True
+            for waiter in list(self._queue):
+                waiter.cond.notify()
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -482,22 +465,16 @@ class AdmissionLimiter:
             wake = deadline
             if next_check is not None and self._queue[0] is waiter:  # the timekeeper
                 wake = next_check if wake is None else min(wake, next_check)
-            if self._settle():  # deferred releases changed the picture: look again first
-                self._mutating = True
-                continue
-            try:
-                if wake is None:
-                    waiter.cond.wait(_MAX_WAIT_S)
-                elif self._real_time:
-                    waiter.cond.wait(min(_MAX_WAIT_S, max(0.0, wake - now)))
-                else:
-                    self._lock.release()
-                    try:
-                        self.clock.sleep(max(0.0, wake - now))
-                    finally:
-                        self._lock.acquire()
-            finally:
-                self._mutating = True
+            if wake is None:
+                waiter.cond.wait(_MAX_WAIT_S)
+            elif self._real_time:
+                waiter.cond.wait(min(_MAX_WAIT_S, max(0.0, wake - now)))
+            else:
+                self._lock.release()
+                try:
+                    self.clock.sleep(max(0.0, wake - now))
+                finally:
+                    self._lock.acquire()
 
     def _timeout_error(self, request: RequestInfo, timeout: Optional[float]) -> RateLimitError:
         lane = self._lanes.get(request.model)
@@ -599,15 +576,6 @@ class AdmissionLimiter:
             # which gateways state per window): spend tokens at it before a 429 says so.
             lane.count_tokens = True
             control.adopt_token_rate(hints.limit_tokens / 60.0 * (1.0 - self.safety_margin))
-
-    def _settle(self) -> bool:
-        """End a change of state: apply the releases deferred meanwhile, then mark the state
-        consistent (a finalizer may now release directly). Whether any was applied."""
-        applied = bool(self._deferred)
-        while self._deferred:
-            self._release(*self._deferred.popleft())
-        self._mutating = False
-        return applied
 
     def _settle_tokens(self, permit: _Permit, result: AttemptResult, now: float) -> None:
         """Replace the estimate with what the server charged: the prompt it counted plus the
