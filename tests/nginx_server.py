@@ -46,16 +46,34 @@ STARTUP_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 #: ``limit_req_zone`` keys: every request in one bucket, or one bucket per API key.
 KEYS = {"constant": '"all"', "authorization": "$http_authorization"}
+#: ``limit_conn_zone`` keys: a variable, never empty (an empty key is not counted); every
+#: client here is 127.0.0.1, so the address is one key for everyone.
+CONN_KEYS = {"constant": "$binary_remote_addr", "authorization": "$http_authorization"}
 _POLL_S = 0.02
 
 
 def render_config(*, directory: str, port: int, upstream_host: str, upstream_port: int,
-                  rate: str, burst: int, nodelay: bool, status: int, key: str) -> str:
+                  rate: Optional[str], burst: int, nodelay: bool, status: int, key: str,
+                  connections: Optional[int] = None) -> str:
     """The whole ``nginx.conf``: every path nginx writes is inside ``directory``."""
     def inside(name: str) -> str:
         return str(Path(directory) / name)
 
     delay = " nodelay" if nodelay else ""
+    zones: list = []
+    location: list = []
+    if rate is not None:
+        zones += [f"limit_req_zone {KEYS[key]} zone=cometkit:1m rate={rate};",
+                  f"limit_req_status {status};", "limit_req_log_level warn;"]
+        location.append(f"limit_req zone=cometkit burst={burst}{delay};")
+    if connections is not None:
+        # limit_conn counts requests being processed per key: a cap on calls in flight,
+        # refused with the same bare status and no Retry-After.
+        zones += [f"limit_conn_zone {CONN_KEYS[key]} zone=conns:1m;",
+                  f"limit_conn_status {status};", "limit_conn_log_level warn;"]
+        location.append(f"limit_conn conns {connections};")
+    zone_lines = "".join(f"    {line}\n" for line in zones)
+    location_lines = "".join(f"            {line}\n" for line in location)
     return f"""\
 daemon off;
 master_process off;
@@ -77,10 +95,7 @@ http {{
     scgi_temp_path {inside("scgi")};
     client_max_body_size 64m;
 
-    limit_req_zone {KEYS[key]} zone=cometkit:1m rate={rate};
-    limit_req_status {status};
-    limit_req_log_level warn;
-
+{zone_lines}
     upstream sandbox {{
         server {upstream_host}:{upstream_port};
         keepalive 32;
@@ -89,8 +104,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location /v1/ {{
-            limit_req zone=cometkit burst={burst}{delay};
-            proxy_pass http://sandbox;
+{location_lines}            proxy_pass http://sandbox;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
@@ -123,12 +137,14 @@ class NginxLimiter:
     :param nodelay: serve the burst at once (``True``) or spread it at the rate (``False``).
     :param status: the status of a refusal (``limit_req_status``); nginx adds no Retry-After.
     :param key: ``constant`` (one bucket for everyone) or ``authorization`` (one per API key).
+    :param connections: also (or, with ``rate=None``, only) ``limit_conn``: at most this many
+        requests in flight per key, the rest refused with ``status``.
     :param port: where nginx listens; a free port by default.
     """
 
-    def __init__(self, upstream_url: str, *, rate: str = "20r/s", burst: int = 5,
+    def __init__(self, upstream_url: str, *, rate: Optional[str] = "20r/s", burst: int = 5,
                  nodelay: bool = True, status: int = 429, key: str = "constant",
-                 port: Optional[int] = None) -> None:
+                 connections: Optional[int] = None, port: Optional[int] = None) -> None:
         if NGINX is None:
             raise RuntimeError("nginx is not installed (apt-get install nginx)")
         upstream = urlsplit(upstream_url)
@@ -138,6 +154,11 @@ class NginxLimiter:
             raise ValueError(f"key must be one of {', '.join(KEYS)}, not {key!r}")
         if burst < 0:
             raise ValueError(f"burst must be >= 0, not {burst!r}")
+        if connections is not None and connections < 1:
+            raise ValueError(f"connections must be >= 1, not {connections!r}")
+        if rate is None and connections is None:
+            raise ValueError("nothing to limit: give a rate, connections or both")
+        self.connections = connections
         self.upstream_host = upstream.hostname
         self.upstream_port = upstream.port
         self.rate = rate
@@ -165,7 +186,8 @@ class NginxLimiter:
         (Path(directory) / "nginx.conf").write_text(render_config(
             directory=directory, port=self.port, upstream_host=self.upstream_host,
             upstream_port=self.upstream_port, rate=self.rate, burst=self.burst,
-            nodelay=self.nodelay, status=self.status, key=self.key), encoding="utf-8")
+            nodelay=self.nodelay, status=self.status, key=self.key,
+            connections=self.connections), encoding="utf-8")
         self._process = subprocess.Popen(
             [NGINX, "-p", directory, "-c", "nginx.conf", "-e", "error.log"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -23,6 +23,7 @@ from cometkit.sandbox import Sandbox
 from cometkit_plugins.backoff import BackoffPolicy
 from cometkit_plugins.limiter import AdmissionLimiter
 from cometkit_plugins.limiting.adaptive import (
+    CAP_EVIDENCE,
     DEFAULT_HOLD_S,
     MINUTE_SLACK_S,
     WINDOW_SLACK_S,
@@ -282,6 +283,32 @@ def test_a_cap_on_calls_in_flight_cuts_concurrency_to_below_the_refused_level_wi
     for _ in range(30):  # successes do not grow past the remembered ceiling
         serve(control, clock)
     assert control.allowed() == 4
+
+
+def test_an_unworded_cap_on_calls_in_flight_is_told_by_the_levels_it_refuses(clock):
+    """nginx ``limit_conn`` answers a bare 429: refusals only ever above the most calls in
+    flight that were accepted, signal after signal, are a cap; the next one sets the ceiling
+    and holds nothing."""
+    control = AdaptiveControl(16, clock.monotonic())
+    for level in (1, 2, 3, 4, 4, 4, 3, 4):
+        serve(control, clock, in_flight=level)
+    kinds = [serve(control, clock, 429, in_flight=5)[1] for _ in range(CAP_EVIDENCE)]
+    assert kinds[:-1] == ["rate"] * (CAP_EVIDENCE - 1) and kinds[-1] == "concurrency"
+    assert control.ceiling == 4 and control.allowed() <= 4
+    held_until = control.hold_until
+    assert serve(control, clock, 429, in_flight=5)[1] == "concurrency"  # known: no more holds
+    assert control.hold_until == held_until
+
+
+def test_a_rate_limit_refusing_at_levels_it_accepts_is_never_taken_for_a_cap(clock):
+    control = AdaptiveControl(16, clock.monotonic())
+    for level in (1, 2, 3, 4):
+        serve(control, clock, in_flight=level)
+    for _ in range(3 * CAP_EVIDENCE):
+        assert serve(control, clock, 429, in_flight=5)[1] == "rate"  # above, once
+        assert serve(control, clock, 429, in_flight=2)[1] == "rate"  # ... and where it accepts
+        serve(control, clock, in_flight=1)
+    assert control.ceiling is None
 
 
 def test_the_server_counts_as_accepting_only_within_the_storm_horizon(clock):

@@ -16,6 +16,7 @@ from nginx_server import NGINX, NginxLimiter
 
 import cometkit
 from cometkit.sandbox import Sandbox
+from cometkit_plugins.limiter import AdmissionLimiter
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -106,6 +107,40 @@ def test_defaults_answer_every_call_through_nginx_limit_req(limited):
     assert sum(at_nginx.values()) == stats["attempts"]
     assert at_nginx[429] == stats["attempts"] - CALLS
     assert stats["calls"] == CALLS and stats["failures"] == 0
+
+
+@pytest.mark.slow
+def test_defaults_learn_an_unworded_cap_on_calls_in_flight_from_nginx_limit_conn():
+    """nginx ``limit_conn 4`` answers a bare 429 (no wording, no Retry-After) above four
+    requests in flight: the limiter tells that cap from a rate by the levels it refuses at,
+    keeps below it, and every call is answered."""
+    calls, cap = 200, 4
+    with Sandbox(latency_s=0.1) as sandbox, \
+            NginxLimiter(sandbox.base_url, rate=None, connections=cap) as nginx:
+        limiter = AdmissionLimiter(max_concurrency=THREADS)  # the defaults, kept at hand
+
+        class Plugin:
+            @cometkit.hookimpl(tryfirst=True)
+            def cometkit_make_limiter(self, ctx: Any) -> AdmissionLimiter:
+                return limiter
+
+        with cometkit.Client(KEY, nginx.base_url, concurrency=THREADS,
+                             extra_plugins=[Plugin()]) as client:
+            results = list(client.map(
+                lambda i: client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"call {i}"}]),
+                range(calls), return_exceptions=True))
+            lane = limiter.stats()["models"]["gpt-4o-mini"]
+            stats = client.stats
+        at_nginx = nginx.statuses(at_least=stats["attempts"])
+        seen = sandbox.stats()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert answered(results) == calls
+    assert seen["max_in_flight_seen"] <= cap
+    assert lane["ceiling"] in (cap, cap + 1)  # the refused level less one (or one probe up)
+    assert lane["rate_per_s"] is None  # what the refusals seemed to teach about a rate: undone
+    assert at_nginx[200] == calls and at_nginx[429] == stats["attempts"] - calls
+    assert at_nginx[429] <= 0.05 * calls, at_nginx  # a few refusals, then none
 
 
 @pytest.mark.slow

@@ -15,7 +15,9 @@ out. A server can refuse for several reasons, and each is met differently:
   ``max_parallel_requests``): not a rate at all, and its ``Retry-After`` is typically a window
   length that has nothing to do with the wait. The allowed concurrency drops to one below the
   level that was refused and stays there (the *ceiling*, raised by one only after
-  :data:`CEILING_PROBE_OKS` successes); there is no hold.
+  :data:`CEILING_PROBE_OKS` successes); there is no hold. An unworded cap is told by where it
+  refuses: :data:`CAP_EVIDENCE` refusals in a row, each sent with more calls in flight than any
+  accepted call ever had (a rate limit also refuses at levels it accepts).
 - **Send rate**: a server that answers in 10 ms still receives 100 calls/s at concurrency 1, so
   when the server's limit is a rate, concurrency alone cannot meet it. After a 429 the control
   measures what the server *accepted* since it last learned (successes per second of busy
@@ -147,6 +149,10 @@ STORM_HORIZON_S = 65.0
 FIRST_EVIDENCE_S = 2.0
 #: Successes without a concurrency refusal after which a remembered ceiling rises by one.
 CEILING_PROBE_OKS = 100
+#: Refusals in a row, none worded, each sent with more calls in flight than any accepted call
+#: had, before the lane takes the limit for a cap on calls in flight (nginx ``limit_conn``
+#: says nothing but "429"). A rate limit refuses at levels it also accepts, which resets it.
+CAP_EVIDENCE = 2
 #: Refusals at a configured rate, with the burst already at its smallest, before adaptive mode
 #: may send below that rate.
 FLOOR_REFUSALS = 2
@@ -175,6 +181,12 @@ class AdaptiveControl:
         self.limit = float(min(self.max_limit, INITIAL_LIMIT))
         #: The concurrency a cap on calls in flight refused, less one; ``None`` until one did.
         self.ceiling: Optional[int] = None
+        #: The most calls in flight (at its admission) that an accepted attempt had, and the
+        #: unworded refusals in a row above that level (evidence of a cap on calls in flight).
+        self._max_ok_level = 0
+        self._cap_evidence = 0
+        self._cap_inferred = False
+        self._rate_before_evidence: Optional[float] = None
         #: Learned send rate in calls per second; ``None`` until a signal taught one.
         self.rate_per_s: Optional[float] = None
         self.rate_floor_per_s = rate_floor_per_s
@@ -326,7 +338,7 @@ class AdaptiveControl:
 
         :param wall_time: the clock's ``time()`` (HTTP dates, wall-clock minutes).
         :param probe: the attempt was the probe of a half-open lane.
-        :param in_flight: attempts of the lane in flight when it ended, itself included.
+        :param in_flight: attempts of the lane in flight when it was admitted, itself included.
         :param charged_tokens: tokens the server charged for it (prompt it counted plus the
             larger of the reserved ``max_tokens`` and the answer), 0 when unknown.
         :returns: for a 429, the kind of limit it was read as (``rate``, ``window``,
@@ -349,6 +361,8 @@ class AdaptiveControl:
         if status == 429:
             return self._throttled(result, hints, now, probe, in_flight)
         if status < 400:
+            if in_flight is not None and in_flight > self._max_ok_level:
+                self._max_ok_level = in_flight
             self._succeeded(result, hints, now, probe)
             self._tokens_accepted(charged_tokens)
         elif probe:  # an error of another kind: the next admission probes again
@@ -366,6 +380,8 @@ class AdaptiveControl:
             return "quota"
         kind = "tokens" if hints.refusal == "tokens" else "rate"
         echo = result.started_at < self._last_signal_at and not probe
+        if self._above_accepted(hints, in_flight, now, echo):
+            return self._capped(result, in_flight)
         if echo:
             return "window" if self.window_s is not None else kind
         hold_s, kind = self._hold_for(hints.wait_s, now, probe, kind)
@@ -435,6 +451,40 @@ class AdaptiveControl:
                 self._window_end = end
                 return min(MAX_HOLD_S, end - now), "window"
         return min(MAX_HOLD_S, hint), kind
+
+    def _above_accepted(self, hints: RateLimitHints, in_flight: Optional[int],
+                        now: float, echo: bool) -> bool:
+        """Whether this unworded 429 reads as a cap on calls in flight: sent with more in
+        flight than any accepted call had, for the :data:`CAP_EVIDENCE`-th signal in a row (or
+        once such a cap was inferred), while the server accepts fewer. Echoes of one burst
+        count once: a slow start meets any limit at its highest level so far."""
+        if hints.refusal is not None or in_flight is None or self._max_ok_level < 1:
+            return False
+        if in_flight <= self._max_ok_level or not self.accepting(now):
+            self._cap_evidence = 0  # refused where it also accepts: a rate, not a cap
+            return False
+        if not echo:
+            if self._cap_evidence == 0:
+                self._rate_before_evidence = self.rate_per_s
+            self._cap_evidence += 1
+        if self._cap_inferred:
+            return True
+        if self._cap_evidence < CAP_EVIDENCE:
+            return False
+        logger.info("429s only with more than %d calls in flight: taken for a cap on calls "
+                    "in flight", self._max_ok_level)
+        self._cap_inferred = True
+        # The refusals so far were read as a rate: undo what they taught (a send rate, a
+        # hold, the cuts) and keep just below the refused level instead.
+        self.rate_per_s = self._rate_before_evidence
+        if self.rate_per_s is None:
+            self.rate_per_s = self.rate_floor_per_s
+        self._anchor_rate = self.rate_per_s or 0.0
+        self._learn_pending = False
+        self.hold_until = min(self.hold_until, now)
+        self._half_open = False
+        self.limit = float(max(self.limit, self._max_ok_level))
+        return True
 
     def _capped(self, result: AttemptResult, in_flight: Optional[int]) -> str:
         """A cap on calls in flight refused: stay one below the refused level, no hold."""

@@ -122,12 +122,15 @@ class _Lane:
 class _Permit:
     """Handed out by :meth:`AdmissionLimiter.acquire`; given back once to ``release``."""
 
-    __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "released")
+    __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "level",
+                 "released")
 
     def __init__(self, lane: _Lane, cost: int, prompt_estimate: int = 0,
-                 answer_reserved: int = 0, probe: bool = False) -> None:
+                 answer_reserved: int = 0, probe: bool = False, level: int = 1) -> None:
         self.lane = lane
         self.cost = cost
+        #: The lane's attempts in flight when this one was admitted, itself included.
+        self.level = level
         self.prompt_estimate = prompt_estimate
         self.answer_reserved = answer_reserved
         #: The probe of a half-open lane: its answer decides whether the lane reopens.
@@ -421,7 +424,7 @@ class AdmissionLimiter:
         if lane.control is not None:
             probe = lane.control.on_admit(now, cost)
             lane.demand_changed(now)
-        return _Permit(lane, cost, parts[1], parts[2], probe)
+        return _Permit(lane, cost, parts[1], parts[2], probe, lane.in_flight)
 
     def _dispatch(self, now: float) -> Optional[float]:
         """Admit every waiter that may go now, oldest first; return when to look again
@@ -496,7 +499,6 @@ class AdmissionLimiter:
         permit.released = True
         now = self.clock.monotonic()
         lane = permit.lane
-        in_flight = lane.in_flight
         self._in_flight -= 1
         lane.in_flight -= 1
         verdict = None
@@ -508,7 +510,7 @@ class AdmissionLimiter:
             signals = control.signals
             charged = charged_tokens(result, permit.answer_reserved) or 0
             kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
-                                     in_flight=in_flight, charged_tokens=charged)
+                                     in_flight=permit.level, charged_tokens=charged)
             lane.demand_changed(now)
             if control.token_rate_per_s is not None:
                 self._follow_token_rate(lane, control.token_rate_per_s, now)
