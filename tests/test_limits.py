@@ -10,6 +10,8 @@ real client against the sandbox on loopback.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Any, Optional
 
 import pytest
@@ -37,6 +39,16 @@ def request(model: Optional[str] = "m", n: int = 1, body: Any = None,
             started_at: float = 0.0) -> RequestInfo:
     return RequestInfo(f"ck-{n}", "chat", "POST", "/chat/completions", model, json=body,
                        started_at=started_at)
+
+
+def wait_for(condition: Any, timeout_s: float = 10.0) -> bool:
+    """Poll ``condition`` (bounded) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def answer(status: int = 200, *, started_at: float = 0.0, headers: Optional[dict] = None,
@@ -559,6 +571,28 @@ def test_a_stated_token_limit_paces_tokens_before_any_429(clock):
                             output_tokens=0)[0] for n in range(4)]
     gaps = [b - a for a, b in zip(admitted, admitted[1:])]
     assert gaps == pytest.approx([1.0] * 3, abs=0.02)  # 1000 tokens at 1000 per second
+
+
+def test_a_call_that_queued_before_tokens_counted_is_charged_when_admitted():
+    """The first answer states a token limit while others wait for a slot: they must go out
+    priced (a whole first wave sent uncharged empties the server's bucket)."""
+    lim = AdmissionLimiter(max_concurrency=1, burst=0, safety_margin=0)
+    body = {"messages": [{"role": "user", "content": "x" * 4000}]}  # 1000 tokens estimated
+    first = request(n=1, body=body)
+    held = lim.acquire(first)
+    assert held.cost == 0  # nothing says tokens count yet
+    admitted: list = []
+    waiter = threading.Thread(target=lambda: admitted.append(lim.acquire(request(n=2, body=body),
+                                                                         10.0)), daemon=True)
+    waiter.start()
+    assert wait_for(lambda: lim.stats()["waiting"] == 1)
+    stated = CaseInsensitiveDict({"x-ratelimit-limit-tokens": "60000000",
+                                  "x-ratelimit-remaining-tokens": "59000000"})
+    answered = AttemptResult(first, 1, status_code=200, headers=stated, duration_s=0.01)
+    answered.hints = parse_hints(stated, NOW)
+    lim.release(held, answered)
+    waiter.join(10.0)
+    assert len(admitted) == 1 and admitted[0].cost == 1000
 
 
 def test_a_quota_429_neither_holds_the_limiter_nor_waits_in_its_queue(clock):

@@ -99,12 +99,12 @@ class _Lane:
         self.token_ratio: Optional[float] = None
         self.count_tokens = count_tokens
 
-    def cost(self, request: RequestInfo) -> tuple[int, int, int]:
+    def price(self, estimate: tuple[int, int]) -> tuple[int, int, int]:
         """``(cost, prompt estimate, reserved answer)`` in tokens of an attempt of this lane,
-        the prompt estimate scaled by what the server's tokenizer was seen to count."""
-        if not self.count_tokens:
-            return 0, 0, 0
-        prompt, answer = estimate_parts(request.json)
+        from the client's ``(prompt, max_tokens)`` estimate, the prompt scaled by what the
+        server's tokenizer was seen to count, an answer length reserved when no
+        ``max_tokens`` is set."""
+        prompt, answer = estimate
         scaled = math.ceil(prompt * self.token_ratio) if self.token_ratio else prompt
         guess = math.ceil(self.answer_tokens) if not answer and self.answer_tokens else 0
         return scaled + answer + guess, prompt, answer
@@ -142,18 +142,36 @@ class _Permit:
         return f"<limiter permit model={self.lane.model or '-'} tokens={self.cost} {state}>"
 
 
-class _Waiter:
-    __slots__ = ("lane", "cost", "parts", "cond", "permit", "since")
+#: The price of an attempt while its lane does not count tokens.
+_FREE = (0, 0, 0)
 
-    def __init__(self, lane: _Lane, cost: tuple[int, int, int], cond: threading.Condition,
-                 since: float) -> None:
+
+class _Waiter:
+    __slots__ = ("lane", "request", "cost", "parts", "estimate", "cond", "permit", "since")
+
+    def __init__(self, lane: _Lane, request: RequestInfo) -> None:
         self.lane = lane
-        self.cost = cost[0]
-        self.parts = cost
-        self.cond = cond
+        self.request = request
+        self.cost = 0
+        self.parts = _FREE
+        #: The client's ``(prompt, max_tokens)`` estimate, made once, when tokens count.
+        self.estimate: Optional[tuple[int, int]] = None
+        #: Set when it queues (an attempt admitted at once never waits on it).
+        self.cond: Any = None
         self.permit: Optional[_Permit] = None
         #: When the call began: a call back from a 429 keeps its place among the oldest.
-        self.since = since
+        self.since = request.started_at
+        self.reprice()
+
+    def reprice(self) -> None:
+        """Price the attempt at what its lane knows now: a call that queued before the
+        lane counted tokens (or learned the server's ratio) must not go out uncharged."""
+        if not self.lane.count_tokens:
+            return
+        if self.estimate is None:
+            self.estimate = estimate_parts(self.request.json)
+        self.parts = self.lane.price(self.estimate)
+        self.cost = self.parts[0]
 
 
 # What blocks a waiter: the client's own limits (nobody behind it may pass) or its lane's
@@ -279,11 +297,11 @@ class AdmissionLimiter:
                     raise RuntimeError("this limiter is closed")
                 now = self.clock.monotonic()
                 lane = self._lanes.get(request.model) or self._new_lane(request.model, now)
-                cost = lane.cost(request)
-                if not self._queue and self._blocked(lane, cost[0], now)[0] is None:
-                    return self._grant(lane, cost, now)
-                waiter = _Waiter(lane, cost, threading.Condition(self._lock),
-                                 request.started_at)
+                priced = _Waiter(lane, request)
+                if not self._queue and self._blocked(lane, priced.cost, now)[0] is None:
+                    return self._grant(lane, priced.parts, now)
+                priced.cond = threading.Condition(self._lock)
+                waiter = priced
                 self._enqueue(waiter)
                 lane.waiting += 1
                 lane.demand_changed(now)
@@ -438,6 +456,7 @@ class AdmissionLimiter:
             lane = waiter.lane
             if id(lane) in blocked_lanes:
                 continue  # an older call of this model is still waiting
+            waiter.reprice()
             scope, ready = self._blocked(lane, waiter.cost, now)
             if ready is not None:
                 next_check = ready if next_check is None else min(next_check, ready)
