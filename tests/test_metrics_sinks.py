@@ -55,7 +55,7 @@ def test_columns_in_order_and_cells_formatted(tmp_path):
         timestamp=1_714_564_800.1234, request_id="ck-abc", attempt=2, model="gpt-4o",
         response_model="gpt-4o-2024", status_code=429, error_type="RateLimitError",
         outcome="retry", duration_s=0.1234567, ttfc_s=None, retry_delay_s=1.5, input_tokens=12,
-        output_tokens=0, provider_request_id="req_9"))
+        output_tokens=0, provider_request_id="req_9", queue_s=0.0200004))
     sink.close()
     assert path.read_text(encoding="utf-8").splitlines()[0] == HEADER
     header, row = read_rows(path)
@@ -65,7 +65,7 @@ def test_columns_in_order_and_cells_formatted(tmp_path):
         "server_address": "127.0.0.1", "model": "gpt-4o", "response_model": "gpt-4o-2024",
         "status_code": "429", "error_type": "RateLimitError", "outcome": "retry",
         "duration_s": "0.123457", "ttfc_s": "", "retry_delay_s": "1.5", "input_tokens": "12",
-        "output_tokens": "0", "provider_request_id": "req_9",
+        "output_tokens": "0", "provider_request_id": "req_9", "queue_s": "0.02",
     }
 
 

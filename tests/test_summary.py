@@ -214,7 +214,7 @@ def test_concurrent_adds_are_all_counted():
     total = summary.rows()[-1]
     assert (total["calls"], total["retries"], total["status_429"], total["input_tokens"]) == (
         8_000, 8_000, 8_000, 8_000)
-    assert summary._open == {}
+    assert len(summary._open) == 0
 
 
 def test_table_is_fixed_width_and_locust_shaped():
@@ -225,10 +225,12 @@ def test_table_is_fixed_width_and_locust_shaped():
                                 duration_s=0.05, timestamp=1_714_564_801.0))
     lines = summary.format_table().splitlines()
     assert lines[0].split() == ["Model", "Calls", "Fails", "429s", "Retries", "p50", "ms", "p95",
-                                "ms", "p99", "ms", "Tokens", "in", "Tokens", "out", "Calls/s"]
+                                "ms", "p99", "ms", "Queue", "p50", "Queue", "p95", "Queue", "%",
+                                "Wire", "%", "Backoff", "%", "Tokens", "in", "Tokens", "out",
+                                "Calls/s"]
     assert set(lines[1]) == {"-", "|"} and lines[1] == lines[-2]
-    assert lines[2].split() == ["gpt-4o-mini", "1", "0", "0", "0", "250", "250", "250", "1200",
-                                "340", "4.00"]
+    assert lines[2].split() == ["gpt-4o-mini", "1", "0", "0", "0", "250", "250", "250", "0", "0",
+                                "0", "100", "0", "1200", "340", "4.00"]
     assert lines[3].split()[:4] == ["m", "1", "1", "1"]
     assert lines[-1].split()[:5] == [AGGREGATED, "2", "1", "1", "0"]
     data_lines = [lines[0], *lines[2:-2], lines[-1]]
@@ -238,7 +240,7 @@ def test_table_is_fixed_width_and_locust_shaped():
 def test_table_truncates_long_model_names_and_handles_no_data():
     summary = Summary()
     assert summary.format_table().splitlines()[-1].split() == [
-        AGGREGATED, "0", "0", "0", "0", "-", "-", "-", "0", "0", "0.00"]
+        AGGREGATED, "0", "0", "0", "0", "-", "-", "-", "-", "-", "-", "-", "-", "0", "0", "0.00"]
     summary.add_attempt(attempt(model="x" * 100))
     line = summary.format_table().splitlines()[2]
     assert line.startswith("x" * 39 + "~ ")
