@@ -461,3 +461,18 @@ def test_client_run_writes_csv_and_a_summary_equal_to_the_report(tmp_path, capsy
     assert total["status_429"] == sum(1 for row in rows if row[9] == "429") > 0
     assert total["retries"] == sum(1 for row in rows if row[11] == "retry")
     assert [row["model"] for row in report.rows()] == ["m0", "m1", AGGREGATED]
+
+
+@pytest.mark.parametrize("option,fields", [("path", ATTEMPT_FIELDS), ("calls_path", CALL_FIELDS)])
+def test_a_file_of_an_older_cometkit_is_refused_with_what_it_lacks(tmp_path, option, fields):
+    """Columns are only added at the end: an older file's header is a prefix of today's."""
+    older = ",".join(name for name in fields if name not in ("queue_s", "wire_s", "backoff_s"))
+    path = tmp_path / "old.csv"
+    path.write_text(older + "\n")
+    paths = {"path": str(tmp_path / "new.csv"), option: str(path)}
+    with pytest.raises(ConfigError, match="written by an older cometkit") as info:
+        CsvMetricsSink(paths.pop("path"), **paths)
+    missing = "queue_s" if option == "path" else "queue_s,wire_s,backoff_s"
+    assert f"without the columns {missing} (cometkit report still reads it)" in str(info.value)
+    assert info.value.key == f"plugins.csv_metrics.{option}"
+    assert path.read_text() == older + "\n"
