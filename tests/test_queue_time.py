@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -20,7 +22,7 @@ from scripted_server import Reply, ScriptedServer, chat_body, json_reply
 from test_cli_batch import cli_env, config_for, run_cli, write_prompts
 
 import cometkit
-from cometkit import ATTEMPT_FIELDS, CALL_FIELDS
+from cometkit import ATTEMPT_FIELDS, CALL_FIELDS, AttemptResult, RequestInfo, RetryDecision
 from cometkit.adapters import CometAdapter
 from cometkit.sandbox import Sandbox
 
@@ -79,6 +81,36 @@ def test_a_paced_client_records_each_calls_wait_for_admission(tmp_path):
     assert seconds(calls, "duration_s") == pytest.approx([0.0, 1.0, 1.0], abs=1e-6)
     assert {row["backoff_s"] for row in calls} == {"0"}
     assert_calls_add_up(attempts, calls, exact=True)
+
+
+def test_the_retry_policy_sees_where_the_call_s_time_went_so_far():
+    """``AttemptResult.timing`` is one value per call that the core fills as the call runs:
+    a policy (or a deadline) reads the sums instead of adding them up again."""
+    seen: list = []
+
+    class Recorder:
+        def on_call_start(self, request: RequestInfo) -> None:
+            pass
+
+        def decide(self, result: AttemptResult) -> RetryDecision:
+            seen.append((result.attempt, result.queue_s, astuple(result.timing)))
+            return RetryDecision(result.attempt < 3, 0.25, "test")
+
+    class Plugin:
+        @cometkit.hookimpl
+        def cometkit_make_retry_policy(self, ctx: Any) -> Recorder:
+            return Recorder()
+
+    clock = FakeClock()
+    with Sandbox(always_429=True, retry_after_value_s=0) as sandbox:
+        with cometkit.Client(KEY, sandbox.base_url, clock=clock, extra_plugins=[Plugin()],
+                             plugins={"limiter": PACED}) as client:
+            with pytest.raises(cometkit.RateLimitError):
+                client.chat.completions.create(model="m1", messages=MESSAGES)
+    # one request a second: after a 0.25 s sleep the next attempt still queues 0.75 s
+    assert seen == [(1, 0.0, (0.0, 0.0, 0.0)),
+                    (2, 0.75, (0.75, 0.0, 0.25)),
+                    (3, 0.75, (1.5, 0.0, 0.5))]
 
 
 def test_a_requeued_429_waits_in_the_queue_not_in_back_off(tmp_path):
