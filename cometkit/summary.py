@@ -14,11 +14,11 @@ Everything is derived from attempt records alone (the CSV holds nothing else):
 - *latency* is per call: where its time went, added up -- *queue* (its attempts'
   ``queue_s``: waiting for admission in the client's limiter, a 429'd call requeued there
   included), *wire* (its attempts' ``duration_s``) and *back-off* (the retry policy's sleeps
-  between them, ``retry_delay_s``). That is what the caller waited, to the microseconds the
-  client spends on its own bookkeeping (the ``duration_s`` of a call record, written with
-  ``csv_metrics.calls_path``, has those too). The table shows queue p50 / p95 per call and
-  each part's share of all calls' time. A CSV written before ``queue_s`` existed has no queue
-  time: there it reads as 0;
+  between them, ``retry_delay_s``). That is what the caller waited, short only of the
+  microseconds the client spends on its own bookkeeping (which the ``duration_s`` of a call
+  record, written with ``csv_metrics.calls_path``, includes). The table shows queue p50 / p95
+  per call and each part's share of all calls' time. A CSV written before ``queue_s`` existed
+  has no queue time: there it reads as 0;
 - *tokens* are summed over all attempts;
 - *calls/s* is calls divided by the observed span: from the earliest attempt start
   (``timestamp - duration_s``; the timestamp is taken when an attempt ends) to the latest
