@@ -21,6 +21,7 @@ from .records import (
     AttemptRecord,
     AttemptResult,
     CallRecord,
+    CallTiming,
     Clock,
     Limiter,
     MetricsSink,
@@ -176,20 +177,20 @@ class CallEngine:
             sent.response_model, result.status_code,
             type(result.error).__name__ if result.error is not None else None,
             outcome, result.duration_s, ttfc_s, retry_delay_s, result.input_tokens,
-            result.output_tokens, sent.provider_request_id,
+            result.output_tokens, sent.provider_request_id, result.queue_s,
         )
         for sink in self.sinks:
             self.sink_call(sink, "record_attempt", record)
 
     def _emit_call(self, result: AttemptResult, outcome: str) -> None:
-        request = result.request
+        request, timing = result.request, result.timing
         record = CallRecord(
             self.clock.time(), request.request_id, request.operation, request.method,
             request.route, self.server_address, request.model, result.attempt,
             result.status_code,
             type(result.error).__name__ if result.error is not None else None, outcome,
             self.clock.monotonic() - request.started_at, result.input_tokens,
-            result.output_tokens,
+            result.output_tokens, timing.queue_s, timing.wire_s, timing.backoff_s,
         )
         for sink in self.sinks:
             self.sink_call(sink, "record_call", record)
@@ -211,20 +212,28 @@ class CallEngine:
         self.count(calls=1)
         attempt = 0
         history: tuple[RetryDecision, ...] = ()
+        timing = CallTiming()
         while True:
             attempt += 1
-            permit = limiter.acquire(request, None) if limiter is not None else None
-            result = AttemptResult(request, attempt, started_at=clock.monotonic(),
-                                   history=history)
+            if limiter is not None:
+                asked = clock.monotonic()
+                permit = limiter.acquire(request, None)
+                started = clock.monotonic()
+                queue_s = started - asked
+                timing.queue_s += queue_s
+            else:
+                permit, started, queue_s = None, clock.monotonic(), 0.0
+            result = AttemptResult(request, attempt, started_at=started, queue_s=queue_s,
+                                   history=history, timing=timing)
             try:
                 sent = attempt_fn(result)
             except BaseException as exc:  # never leak a permit, even on KeyboardInterrupt
                 result.error = exc
-                result.duration_s = clock.monotonic() - result.started_at
+                self._end_attempt(result)
                 if limiter is not None:
                     limiter.release(permit, result)
                 raise
-            result.duration_s = clock.monotonic() - result.started_at
+            self._end_attempt(result)
             if result.headers is not None:
                 self._read_hints(result)
             if result.error is None and sent.held:
@@ -244,10 +253,14 @@ class CallEngine:
             if decision is not None and decision.retry:
                 self.count(retries=1)
                 history += (decision,)
+                # A requeued call waits in the limiter (the next attempt's queue_s), not here.
+                sleep_s = decision.delay_s if decision.delay_s > 0 and not (
+                    decision.requeue and limiter is not None) else 0.0
                 if self.sinks:
-                    self._emit_attempt(result, sent, "retry", decision.delay_s)
-                if decision.delay_s > 0 and not (decision.requeue and limiter is not None):
-                    clock.sleep(decision.delay_s)
+                    self._emit_attempt(result, sent, "retry", sleep_s)
+                if sleep_s:
+                    clock.sleep(sleep_s)
+                    timing.backoff_s += sleep_s
                 continue
             self.count(failures=1)
             if self.sinks:
@@ -259,6 +272,13 @@ class CallEngine:
                 if final.__cause__ is None:
                     final.__cause__ = result.error
             return sent, result, final, None
+
+    def _end_attempt(self, result: AttemptResult) -> None:
+        """Take the attempt's time on the wire so far. A stream's attempt is timed twice, at
+        its headers and when its body ends: the call's ``wire_s`` gets only what is new."""
+        duration_s = self.clock.monotonic() - result.started_at
+        result.timing.wire_s += duration_s - result.duration_s
+        result.duration_s = duration_s
 
     def _read_hints(self, result: AttemptResult) -> None:
         """Parse the answer's rate-limit hints once, for the limiter, the policy and the
@@ -280,7 +300,7 @@ class CallEngine:
 
         def finish(error: Optional[BaseException], usage: Optional[dict],
                    response_model: Optional[str], ttfc_s: Optional[float]) -> None:
-            result.duration_s = self.clock.monotonic() - result.started_at
+            self._end_attempt(result)
             if usage is not None:
                 result.input_tokens, result.output_tokens = usage_tokens(usage)
             if error is not None:

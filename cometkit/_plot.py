@@ -1,24 +1,29 @@
 """``cometkit report --plot``: one PNG of a run, from its metrics CSV.
 
-Three panels over the run's time, sharing the x axis (seconds since the first attempt began):
+Four panels over the run's time, sharing the x axis (seconds since the first attempt began):
 
 1. throughput: finished calls per second, failed calls per second, and 429 answers per second;
 2. call latency: p50 / p95 / p99 of the calls that finished in each time bin (a call's latency
-   is its attempts' durations plus the back-off sleeps between them, as in the summary table);
-3. concurrency: attempts in flight, from each attempt's start (``timestamp - duration_s``, the
+   is where its time went, added up, as in the summary table: waiting for admission, its
+   attempts, and the back-off sleeps between them);
+3. where the time went: the mean seconds per call spent queued for admission, on the wire and
+   in back-off, stacked, with the p95 of the queue time;
+4. concurrency: attempts in flight, from each attempt's start (``timestamp - duration_s``, the
    CSV timestamp being the attempt's end) to its end.
 
-matplotlib is an optional dependency (``pip install 'cometkit[plot]'``).
+Rows are read by :func:`cometkit.summary.read_attempts` and folded into calls by
+:class:`cometkit.summary.OpenCalls`, exactly as for the table, so a CSV written before
+``queue_s`` existed plots too (with no queue time). matplotlib is an optional dependency
+(``pip install 'cometkit[plot]'``).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from array import array
 from typing import Any
 
-from .summary import parse_timestamp
+from .summary import OpenCalls, read_attempts
 
 __all__ = ["MissingMatplotlib", "require_matplotlib", "plot_metrics", "read_series"]
 
@@ -52,47 +57,40 @@ class Series:
         self.start = array("d")      # every attempt: start and end, epoch seconds
         self.end = array("d")
         self.is_429 = array("b")
-        self.call_end = array("d")   # every finished call: end, latency, failed
+        self.call_end = array("d")   # every finished call: end, latency, failed, its parts
         self.call_latency = array("d")
         self.call_failed = array("b")
+        self.call_queue = array("d")
+        self.call_wire = array("d")
+        self.call_backoff = array("d")
         self.skipped = 0
 
 
 def read_series(path: str) -> Series:
-    """Read the attempt rows of ``path`` (streamed; unreadable rows are skipped)."""
+    """Read the attempt rows of ``path`` (streamed; unreadable rows are skipped).
+
+    :raises ValueError: the file is not a metrics CSV (see :func:`read_attempts`).
+    """
     series = Series()
-    open_calls: dict[str, float] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None) or []
-        needed = ("timestamp", "request_id", "status_code", "outcome", "duration_s",
-                  "retry_delay_s")
-        missing = [name for name in needed if name not in header]
-        if missing:
-            raise ValueError(f"not a cometkit metrics CSV: missing columns {', '.join(missing)}")
-        at = {name: header.index(name) for name in needed}
-        width = len(header)
-        for cells in reader:
-            if len(cells) != width:
-                series.skipped += 1 if cells else 0
-                continue
-            try:
-                end = parse_timestamp(cells[at["timestamp"]])
-                duration = float(cells[at["duration_s"]] or 0.0)
-                delay = float(cells[at["retry_delay_s"]] or 0.0)
-            except ValueError:
-                series.skipped += 1
-                continue
-            series.start.append(end - duration)
-            series.end.append(end)
-            series.is_429.append(cells[at["status_code"]] == "429")
-            request_id, outcome = cells[at["request_id"]], cells[at["outcome"]]
-            if outcome == "retry":
-                open_calls[request_id] = open_calls.get(request_id, 0.0) + duration + delay
-            elif outcome in ("ok", "error"):
-                series.call_end.append(end)
-                series.call_latency.append(open_calls.pop(request_id, 0.0) + duration)
-                series.call_failed.append(outcome == "error")
+    calls = OpenCalls()
+
+    def skipped(_line: int, _reason: str) -> None:
+        series.skipped += 1
+
+    for record in read_attempts(path, on_skip=skipped):
+        split = calls.split_of(record)
+        end = record.timestamp
+        series.start.append(end - split.wire_us / 1e6)
+        series.end.append(end)
+        series.is_429.append(record.status_code == 429)
+        call = calls.add(record, split)
+        if call is not None:
+            series.call_end.append(end)
+            series.call_latency.append(call.total_us / 1e6)
+            series.call_failed.append(record.outcome == "error")
+            series.call_queue.append(call.queue_us / 1e6)
+            series.call_wire.append(call.wire_us / 1e6)
+            series.call_backoff.append(call.backoff_us / 1e6)
     return series
 
 
@@ -126,8 +124,8 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     failed, _ = np.histogram(call_end[call_failed], bins=edges)
     limited, _ = np.histogram(ends[is_429] - t0, bins=edges)
 
-    fig, (ax_rate, ax_latency, ax_flight) = plt.subplots(
-        3, 1, sharex=True, figsize=(11, 9), constrained_layout=True)
+    fig, (ax_rate, ax_latency, ax_split, ax_flight) = plt.subplots(
+        4, 1, sharex=True, figsize=(11, 12), constrained_layout=True)
     fig.suptitle(f"{csv_path}: {len(call_end)} calls ({int(call_failed.sum())} failed), "
                  f"{len(ends)} attempts ({int(is_429.sum())} answered 429)")
 
@@ -139,21 +137,43 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
     ax_rate.legend(loc="upper right")
     ax_rate.grid(alpha=0.3)
 
-    quantiles = np.full((len(centres), 3), np.nan)
-    if len(call_end):
-        which = np.clip(np.searchsorted(edges, call_end, side="right") - 1, 0,
-                        len(centres) - 1)
-        order = np.argsort(which, kind="stable")
-        cuts = np.flatnonzero(np.diff(which[order])) + 1
-        for index, group in zip(which[order][np.r_[0, cuts]], np.split(latency[order], cuts)):
-            quantiles[index] = np.percentile(group, (50, 95, 99))
+    # the calls that finished in each bin, as (bin index, positions in the call arrays)
+    which = np.clip(np.searchsorted(edges, call_end, side="right") - 1, 0, len(centres) - 1)
+    order = np.argsort(which, kind="stable")
+    cuts = np.flatnonzero(np.diff(which[order])) + 1
+    groups = list(zip(which[order][np.r_[0, cuts]], np.split(order, cuts))) \
+        if len(call_end) else []
+
+    def per_bin(values: Any, reduce: Any, width: int) -> Any:
+        """``reduce`` of ``values`` over the calls of each bin (NaN where none finished)."""
+        out = np.full((len(centres), width), np.nan)
+        for index, members in groups:
+            out[index] = reduce(values[members])
+        return out
+
+    quantiles = per_bin(latency, lambda group: np.percentile(group, (50, 95, 99)), 3)
     for column, (q, colour) in enumerate(((50, "tab:green"), (95, "tab:orange"),
                                           (99, "tab:red"))):
         ax_latency.plot(centres, quantiles[:, column], label=f"p{q}", color=colour, marker=".")
     ax_latency.set_ylabel("seconds")
-    ax_latency.set_title("call latency (attempts + back-off sleeps)", loc="left")
+    ax_latency.set_title("call latency (queue + attempts + back-off sleeps)", loc="left")
     ax_latency.legend(loc="upper right")
     ax_latency.grid(alpha=0.3)
+
+    queue = np.frombuffer(series.call_queue, dtype=np.float64)
+    parts = [(queue, "queue (waiting for admission)", "tab:olive"),
+             (np.frombuffer(series.call_wire, dtype=np.float64), "wire (attempts)", "tab:blue"),
+             (np.frombuffer(series.call_backoff, dtype=np.float64), "back-off sleeps",
+              "tab:gray")]
+    means = [np.nan_to_num(per_bin(values, np.mean, 1)[:, 0]) for values, _, _ in parts]
+    ax_split.stackplot(centres, *means, labels=[label for _, label, _ in parts],
+                       colors=[colour for _, _, colour in parts], alpha=0.7)
+    ax_split.plot(centres, per_bin(queue, lambda group: np.percentile(group, 95), 1)[:, 0],
+                  label="queue p95", color="black", linestyle="--", marker=".")
+    ax_split.set_ylabel("seconds per call")
+    ax_split.set_title("where the time went (mean per call, stacked)", loc="left")
+    ax_split.legend(loc="upper right")
+    ax_split.grid(alpha=0.3)
 
     times = np.concatenate([starts, ends]) - t0
     steps = np.concatenate([np.ones(len(starts)), -np.ones(len(ends))])

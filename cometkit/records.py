@@ -7,7 +7,7 @@ nothing else, so a third-party plugin can do everything they do.
 from __future__ import annotations
 
 import time as _time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,6 +18,7 @@ __all__ = [
     "SystemClock",
     "RequestInfo",
     "AttemptResult",
+    "CallTiming",
     "Throttle",
     "RetryDecision",
     "AttemptRecord",
@@ -78,6 +79,29 @@ class RequestInfo:
 
 
 @dataclass
+class CallTiming:
+    """Where one call's time has gone so far, filled in by the core as the call runs.
+
+    One value per call, shared by all of its attempts (:attr:`AttemptResult.timing`), so
+    everything that explains a call's time -- its call record, a deadline's error message, a
+    retry policy counting what is left -- reads the same sums instead of adding them up
+    again. The parts never overlap; whatever a call took beyond their sum is the core's own
+    bookkeeping (reading hints, calling sinks), normally microseconds.
+
+    :ivar queue_s: waiting for admission in the limiter, over all attempts. A 429'd call that
+        the limiter takes back into its queue (:attr:`RetryDecision.requeue`) waits here, not
+        in back-off: the limit holds it, not the retry policy.
+    :ivar wire_s: the attempts themselves, from sending to their end (the sum of their
+        ``duration_s``; a stream's until it is exhausted or closed).
+    :ivar backoff_s: the retry policy's sleeps between attempts.
+    """
+
+    queue_s: float = 0.0
+    wire_s: float = 0.0
+    backoff_s: float = 0.0
+
+
+@dataclass
 class AttemptResult:
     """What happened to one attempt: handed to the limiter's ``release`` and the retry policy.
 
@@ -101,6 +125,9 @@ class AttemptResult:
     #: ``clock.monotonic()`` when the attempt was sent and how long it took.
     started_at: float = 0.0
     duration_s: float = 0.0
+    #: How long the attempt waited for admission in the limiter before it was sent (0 without
+    #: a limiter).
+    queue_s: float = 0.0
     #: Token usage reported by the server, when known.
     input_tokens: Optional[int] = None
     output_tokens: Optional[int] = None
@@ -113,6 +140,8 @@ class AttemptResult:
     #: The retry policy's decisions for the earlier attempts of this call, oldest first: the
     #: call's retry history, as urllib3's ``Retry.history`` (per call, never shared).
     history: tuple = ()
+    #: The call's time so far, shared by its attempts (per call, never shared between calls).
+    timing: CallTiming = field(default_factory=CallTiming)
 
     @property
     def ok(self) -> bool:
@@ -183,6 +212,7 @@ ATTEMPT_FIELDS = (
     "input_tokens",
     "output_tokens",
     "provider_request_id",
+    "queue_s",
 )
 
 
@@ -191,7 +221,10 @@ class AttemptRecord:
     """One row of metrics per attempt. Never holds the API key, prompts or completions.
 
     ``outcome`` is ``ok``, ``retry`` (this attempt failed and another follows) or ``error``
-    (this attempt failed and the call failed with it).
+    (this attempt failed and the call failed with it). ``queue_s`` is the time the attempt
+    waited for admission before it was sent; it is the last field (added after the others), so
+    code building records positionally keeps working, and ``None`` means "not known" (a
+    record read from a metrics CSV written before the column existed).
     """
 
     timestamp: float
@@ -212,6 +245,7 @@ class AttemptRecord:
     input_tokens: Optional[int]
     output_tokens: Optional[int]
     provider_request_id: Optional[str]
+    queue_s: Optional[float] = None
 
     def as_tuple(self) -> tuple:
         """Values in :data:`ATTEMPT_FIELDS` order."""
@@ -234,12 +268,20 @@ CALL_FIELDS = (
     "duration_s",
     "input_tokens",
     "output_tokens",
+    "queue_s",
+    "wire_s",
+    "backoff_s",
 )
 
 
 @dataclass
 class CallRecord:
-    """One record per finished call (all attempts and the waits between them)."""
+    """One record per finished call (all attempts and the waits between them).
+
+    ``duration_s`` is the whole call, as the caller waited for it; ``queue_s``, ``wire_s`` and
+    ``backoff_s`` say where that time went (the call's :class:`CallTiming`). They are the last
+    fields, so code building records positionally keeps working; ``None`` means "not known".
+    """
 
     timestamp: float
     request_id: str
@@ -255,6 +297,9 @@ class CallRecord:
     duration_s: float
     input_tokens: Optional[int]
     output_tokens: Optional[int]
+    queue_s: Optional[float] = None
+    wire_s: Optional[float] = None
+    backoff_s: Optional[float] = None
 
 
 @runtime_checkable

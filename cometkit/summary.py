@@ -11,9 +11,14 @@ Everything is derived from attempt records alone (the CSV holds nothing else):
   Calls cut short by a killed process (only ``retry`` rows) are therefore not counted;
 - *failures* are calls whose final outcome is ``error``;
 - *429s* are attempts answered with status 429; *retries* are attempts with outcome ``retry``;
-- *latency* is per call: the sum of its attempts' ``duration_s`` plus the back-off sleeps
-  between them (``retry_delay_s``). Time queued in the client's limiter is not included (the
-  ``duration_s`` of a call record, written with ``csv_metrics.calls_path``, includes it);
+- *latency* is per call: where its time went, added up -- *queue* (its attempts'
+  ``queue_s``: waiting for admission in the client's limiter, a 429'd call requeued there
+  included), *wire* (its attempts' ``duration_s``) and *back-off* (the retry policy's sleeps
+  between them, ``retry_delay_s``). That is what the caller waited, short only of the
+  microseconds the client spends on its own bookkeeping (which the ``duration_s`` of a call
+  record, written with ``csv_metrics.calls_path``, includes). The table shows queue p50 / p95
+  per call and each part's share of all calls' time. A CSV written before ``queue_s`` existed
+  has no queue time: there it reads as 0;
 - *tokens* are summed over all attempts;
 - *calls/s* is calls divided by the observed span: from the earliest attempt start
   (``timestamp - duration_s``; the timestamp is taken when an attempt ends) to the latest
@@ -21,11 +26,14 @@ Everything is derived from attempt records alone (the CSV holds nothing else):
 
 Memory stays bounded whatever the number of rows: latencies go into a log-bucket sketch
 (:class:`LatencySketch`, relative error at most 1 %), and only calls still waiting for their
-final attempt are remembered (at most :data:`MAX_OPEN_CALLS`).
+final attempt are remembered (:class:`OpenCalls`, at most :data:`MAX_OPEN_CALLS`). Times are
+summed in whole microseconds, as the CSV holds them, so the sums do not depend on the order in
+which threads delivered the rows.
 
 The cell helpers (:func:`column_formatter`, :func:`format_timestamp`, :func:`parse_timestamp`,
 :func:`neutralize_cell`, :func:`restore_cell`) define how the ``csv_metrics`` plugin writes
-cells and how this module reads them back, in one place.
+cells and how this module reads them back (:func:`read_attempts`, also used by
+``cometkit report --plot``), in one place.
 """
 
 from __future__ import annotations
@@ -36,13 +44,16 @@ import logging
 import math
 import threading
 import time as _time
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
 from .records import ATTEMPT_FIELDS, AttemptRecord
 
 __all__ = [
     "Summary",
     "LatencySketch",
+    "CallSplit",
+    "OpenCalls",
+    "read_attempts",
     "AGGREGATED",
     "MAX_OPEN_CALLS",
     "format_timestamp",
@@ -53,6 +64,7 @@ __all__ = [
     "column_formatter",
     "INT_COLUMNS",
     "SECONDS_COLUMNS",
+    "LATER_COLUMNS",
 ]
 
 logger = logging.getLogger("cometkit.summary")
@@ -140,7 +152,11 @@ def restore_cell(text: str) -> str:
 #: Integer columns of attempt and call records.
 INT_COLUMNS = frozenset({"attempt", "attempts", "status_code", "input_tokens", "output_tokens"})
 #: Columns holding seconds, written by :func:`format_seconds`.
-SECONDS_COLUMNS = frozenset({"duration_s", "ttfc_s", "retry_delay_s"})
+SECONDS_COLUMNS = frozenset({"duration_s", "ttfc_s", "retry_delay_s", "queue_s", "wire_s",
+                             "backoff_s"})
+#: Attempt columns added after the first release. A CSV written before one existed lacks it;
+#: :func:`read_attempts` reads it there as "not known" (``None``) instead of refusing the file.
+LATER_COLUMNS = frozenset({"queue_s"})
 
 
 def _format_int(value: Any) -> str:
@@ -228,6 +244,82 @@ class LatencySketch:
 
 
 # -------------------------------------------------------------------------------------------
+# Calls from attempts
+# -------------------------------------------------------------------------------------------
+
+
+def _us(seconds: Optional[float]) -> int:
+    """Seconds as whole microseconds, the CSV's resolution (``None`` is 0)."""
+    return round(float(seconds or 0.0) * 1e6)
+
+
+class CallSplit(NamedTuple):
+    """Where a call's time went, in whole microseconds (what the CSV holds): waiting for
+    admission, on the wire, and in the retry policy's sleeps."""
+
+    queue_us: int
+    wire_us: int
+    backoff_us: int
+
+    @property
+    def total_us(self) -> int:
+        return self.queue_us + self.wire_us + self.backoff_us
+
+    def plus(self, other: CallSplit) -> CallSplit:
+        return CallSplit(self.queue_us + other.queue_us, self.wire_us + other.wire_us,
+                         self.backoff_us + other.backoff_us)
+
+
+class OpenCalls:
+    """Attempt records folded into calls, for everything that reads a run call by call (the
+    summary, ``cometkit report --plot``).
+
+    A call is its ``request_id``; its attempts arrive in order, and the one whose outcome is
+    ``ok`` or ``error`` ends it. Until then the time it spent so far is remembered here -- at
+    most :data:`MAX_OPEN_CALLS` calls, past which the oldest are forgotten (only rows of killed
+    runs stay open forever). Not thread-safe on its own.
+    """
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open: dict[str, CallSplit] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @staticmethod
+    def split_of(record: Any) -> CallSplit:
+        """One attempt's share of its call: its ``queue_s``, ``duration_s`` and the sleep after
+        it (``retry_delay_s``)."""
+        return CallSplit(_us(record.queue_s), _us(record.duration_s),
+                         _us(record.retry_delay_s))
+
+    def add(self, record: Any, split: Optional[CallSplit] = None) -> Optional[CallSplit]:
+        """Count one attempt (whose :meth:`split_of` the caller may already hold).
+
+        :returns: the whole call's split when ``record`` ends its call, else ``None`` (an
+            attempt to be retried, or an unknown outcome, which ends nothing).
+        """
+        if split is None:
+            split = self.split_of(record)
+        outcome = record.outcome
+        if outcome == "retry":
+            open_calls = self._open
+            before = open_calls.get(record.request_id)
+            open_calls[record.request_id] = split if before is None else before.plus(split)
+            if len(open_calls) > MAX_OPEN_CALLS:
+                del open_calls[next(iter(open_calls))]
+            return None
+        if outcome in ("ok", "error"):
+            before = self._open.pop(record.request_id, None)
+            return split if before is None else before.plus(split)
+        logger.debug("attempt of %s has unknown outcome %r: counted as an attempt only",
+                     record.request_id, outcome)
+        return None
+
+
+# -------------------------------------------------------------------------------------------
 # Summary
 # -------------------------------------------------------------------------------------------
 
@@ -236,7 +328,8 @@ class _Stats:
     """Counters of one model (or of the total row)."""
 
     __slots__ = ("attempts", "calls", "failures", "status_429", "retries", "input_tokens",
-                 "output_tokens", "first_start", "last_end", "latency")
+                 "output_tokens", "first_start", "last_end", "latency", "queue", "queue_us",
+                 "wire_us", "backoff_us")
 
     def __init__(self) -> None:
         self.attempts = 0
@@ -249,11 +342,27 @@ class _Stats:
         self.first_start = math.inf
         self.last_end = -math.inf
         self.latency = LatencySketch()
+        self.queue = LatencySketch()
+        # finished calls' time by part, whole microseconds (exact, whatever the order)
+        self.queue_us = 0
+        self.wire_us = 0
+        self.backoff_us = 0
+
+    def add_call(self, split: CallSplit, failed: bool) -> None:
+        self.calls += 1
+        if failed:
+            self.failures += 1
+        self.latency.add(split.total_us / 1e6)
+        self.queue.add(split.queue_us / 1e6)
+        self.queue_us += split.queue_us
+        self.wire_us += split.wire_us
+        self.backoff_us += split.backoff_us
 
     def as_row(self, model: str) -> dict[str, Any]:
         # rounded to the microsecond: the CSV round trip must not move the last digit
         span_s = round(max(0.0, self.last_end - self.first_start), 6) if self.attempts else 0.0
         sketch = self.latency
+        total_us = self.queue_us + self.wire_us + self.backoff_us
         return {
             "model": model,
             "calls": self.calls,
@@ -265,6 +374,14 @@ class _Stats:
             "latency_p95_s": sketch.quantile(0.95),
             "latency_p99_s": sketch.quantile(0.99),
             "latency_max_s": sketch.max_s if sketch.count else None,
+            "queue_p50_s": self.queue.quantile(0.50),
+            "queue_p95_s": self.queue.quantile(0.95),
+            "queue_s": self.queue_us / 1e6,
+            "wire_s": self.wire_us / 1e6,
+            "backoff_s": self.backoff_us / 1e6,
+            "queue_share": self.queue_us / total_us if total_us else None,
+            "wire_share": self.wire_us / total_us if total_us else None,
+            "backoff_share": self.backoff_us / total_us if total_us else None,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "span_s": span_s,
@@ -276,6 +393,10 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value * 1000.0:.0f}"
 
 
+def _percent(share: Optional[float]) -> str:
+    return "-" if share is None else f"{share * 100.0:.0f}"
+
+
 #: Table layout: (header, row key, width, formatter). Latencies are shown in milliseconds.
 _COLUMNS = (
     ("Calls", "calls", 8, str),
@@ -285,6 +406,11 @@ _COLUMNS = (
     ("p50 ms", "latency_p50_s", 8, _ms),
     ("p95 ms", "latency_p95_s", 8, _ms),
     ("p99 ms", "latency_p99_s", 8, _ms),
+    ("Queue p50", "queue_p50_s", 10, _ms),
+    ("Queue p95", "queue_p95_s", 10, _ms),
+    ("Queue %", "queue_share", 8, _percent),
+    ("Wire %", "wire_share", 7, _percent),
+    ("Backoff %", "backoff_share", 10, _percent),
     ("Tokens in", "input_tokens", 11, str),
     ("Tokens out", "output_tokens", 11, str),
     ("Calls/s", "calls_per_s", 8, lambda v: f"{v:.2f}"),
@@ -301,50 +427,35 @@ class Summary:
         self._lock = threading.Lock()
         self._models: dict[str, _Stats] = {}
         self._total = _Stats()
-        # request_id -> seconds spent so far by a call whose final attempt is still to come
-        self._open: dict[str, float] = {}
+        self._open = OpenCalls()
         #: Rows :meth:`from_csv` could not read (wrong column count, bad numbers).
         self.skipped_rows = 0
 
     def add_attempt(self, record: Any) -> None:
         """Count one attempt: an :class:`cometkit.AttemptRecord` or any object with its fields
         (``timestamp``, ``request_id``, ``model``, ``status_code``, ``outcome``,
-        ``duration_s``, ``retry_delay_s``, ``input_tokens``, ``output_tokens``)."""
+        ``duration_s``, ``queue_s``, ``retry_delay_s``, ``input_tokens``,
+        ``output_tokens``)."""
         model = record.model or NO_MODEL
         # rounded as the CSV holds them (ms timestamps, µs durations), so a live summary and
         # one read back from the CSV agree to the last digit
-        duration_s = round(float(record.duration_s or 0.0), 6)
-        spent_s = duration_s + round(float(record.retry_delay_s or 0.0), 6)
+        split = OpenCalls.split_of(record)
         end = round(float(record.timestamp), 3)
-        start = end - duration_s
+        start = end - split.wire_us / 1e6
         outcome = record.outcome
         with self._lock:
             stats = self._models.get(model)
             if stats is None:
                 stats = self._models[model] = _Stats()
-            if outcome == "retry":
-                open_calls = self._open
-                open_calls[record.request_id] = open_calls.get(record.request_id, 0.0) + spent_s
-                if len(open_calls) > MAX_OPEN_CALLS:
-                    del open_calls[next(iter(open_calls))]
-                call_s = None
-            elif outcome in ("ok", "error"):
-                call_s = self._open.pop(record.request_id, 0.0) + spent_s
-            else:
-                logger.debug("attempt of %s has unknown outcome %r: counted as an attempt only",
-                             record.request_id, outcome)
-                call_s = None
+            call = self._open.add(record, split)
             for target in (stats, self._total):
                 target.attempts += 1
                 if record.status_code == 429:
                     target.status_429 += 1
                 if outcome == "retry":
                     target.retries += 1
-                elif call_s is not None:
-                    target.calls += 1
-                    if outcome == "error":
-                        target.failures += 1
-                    target.latency.add(call_s)
+                elif call is not None:
+                    target.add_call(call, outcome == "error")
                 target.input_tokens += record.input_tokens or 0
                 target.output_tokens += record.output_tokens or 0
                 if start < target.first_start:
@@ -359,56 +470,31 @@ class Summary:
 
     @classmethod
     def from_csv(cls, path: Union[str, Any], *, encoding: str = "utf-8") -> Summary:
-        """Read a metrics CSV written by the ``csv_metrics`` plugin, streaming it row by row.
+        """Read a metrics CSV written by the ``csv_metrics`` plugin (any version), streaming it
+        row by row with :func:`read_attempts`.
 
         Rows that cannot be read (a line cut short by a crash, a bad number) are skipped with a
         warning and counted in :attr:`skipped_rows`; a header that lacks a column this summary
         needs raises ``ValueError``.
         """
         summary = cls()
-        with open(path, newline="", encoding=encoding) as handle:
-            reader = csv.reader(handle)
-            try:
-                summary._read_rows(reader, path)
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{reader.line_num + 1}: not {encoding} text, so not a "
-                                 "cometkit metrics CSV") from None
-        return summary
 
-    def _read_rows(self, reader: Any, path: Any) -> None:
-        """Count every readable row of ``reader`` (header first) into this summary."""
-        header = _next_row(reader, path)
-        if header is None:
-            return
-        missing = [name for name in ATTEMPT_FIELDS if name not in header]
-        if missing:
-            raise ValueError(f"{path}: not a cometkit metrics CSV: missing columns "
-                             f"{', '.join(missing)}")
-        width = len(header)
-        positions = [header.index(name) for name in ATTEMPT_FIELDS]
-        while True:
-            line_number = reader.line_num + 1
-            cells = _next_row(reader, path)
-            if cells is None:
-                return
-            if not cells:
-                continue
-            try:
-                if len(cells) != width:
-                    raise ValueError(f"{len(cells)} cells instead of {width}")
-                record = _record_from_cells([cells[i] for i in positions])
-            except ValueError as exc:
-                self.skipped_rows += 1
-                logger.warning("%s: line %d skipped: %s", path, line_number, exc)
-                continue
-            self.add_attempt(record)
+        def skipped(line_number: int, reason: str) -> None:
+            summary.skipped_rows += 1
+            logger.warning("%s: line %d skipped: %s", path, line_number, reason)
+
+        summary.add_attempts(read_attempts(path, encoding=encoding, on_skip=skipped))
+        return summary
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per model, sorted by model name, then the ``Aggregated`` total row.
 
         Keys: ``model, calls, failures, status_429, retries, attempts, latency_p50_s,
-        latency_p95_s, latency_p99_s, latency_max_s`` (seconds, ``None`` without calls),
-        ``input_tokens, output_tokens, span_s, calls_per_s``.
+        latency_p95_s, latency_p99_s, latency_max_s, queue_p50_s, queue_p95_s`` (seconds per
+        call, ``None`` without calls), ``queue_s, wire_s, backoff_s`` (the finished calls'
+        time by part, seconds), ``queue_share, wire_share, backoff_share`` (each part's share
+        of their sum, ``None`` when it is 0), ``input_tokens, output_tokens, span_s,
+        calls_per_s``.
         """
         with self._lock:
             out = [self._models[name].as_row(name) for name in sorted(self._models)]
@@ -446,6 +532,63 @@ class Summary:
         total = rows[-1]
         out.append(line(total["model"], (fmt(total[key]) for _, key, _, fmt in _COLUMNS)))
         return "\n".join(out) + "\n"
+
+
+# -------------------------------------------------------------------------------------------
+# Reading a metrics CSV
+# -------------------------------------------------------------------------------------------
+
+
+def read_attempts(path: Union[str, Any], *, encoding: str = "utf-8",
+                  on_skip: Optional[Callable[[int, str], None]] = None
+                  ) -> Iterator[AttemptRecord]:
+    """The attempt records of a metrics CSV written by the ``csv_metrics`` plugin, streamed.
+
+    Columns are found by name, so the order does not matter; a column of
+    :data:`LATER_COLUMNS` that the file lacks (it was written by an older version) reads as
+    ``None``. A row that cannot be read (a line cut short by a crash, a bad number) is left out
+    and handed to ``on_skip(line_number, reason)``.
+
+    :raises ValueError: the header lacks a column, the file is not ``encoding`` text, or a
+        quoted cell is never closed (each naming the file, and the line where it helps).
+    """
+    with open(path, newline="", encoding=encoding) as handle:
+        reader = csv.reader(handle)
+        try:
+            yield from _attempt_rows(reader, path, on_skip)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{reader.line_num + 1}: not {encoding} text, so not a "
+                             "cometkit metrics CSV") from None
+
+
+def _attempt_rows(reader: Any, path: Any, on_skip: Optional[Callable[[int, str], None]]
+                  ) -> Iterator[AttemptRecord]:
+    header = _next_row(reader, path)
+    if header is None:
+        return
+    missing = [name for name in ATTEMPT_FIELDS if name not in header
+               and name not in LATER_COLUMNS]
+    if missing:
+        raise ValueError(f"{path}: not a cometkit metrics CSV: missing columns "
+                         f"{', '.join(missing)}")
+    width = len(header)
+    positions = [header.index(name) if name in header else None for name in ATTEMPT_FIELDS]
+    while True:
+        line_number = reader.line_num + 1
+        cells = _next_row(reader, path)
+        if cells is None:
+            return
+        if not cells:
+            continue
+        try:
+            if len(cells) != width:
+                raise ValueError(f"{len(cells)} cells instead of {width}")
+            record = _record_from_cells(["" if i is None else cells[i] for i in positions])
+        except ValueError as exc:
+            if on_skip is not None:
+                on_skip(line_number, str(exc))
+            continue
+        yield record
 
 
 def _next_row(reader: Any, path: Any) -> Optional[list[str]]:

@@ -14,7 +14,9 @@ Cell formats come from :mod:`cometkit.summary`, which also reads them back for
 Files are opened in append mode. A new or empty file gets the header; an existing file whose
 first line is the same header is appended to; an existing file with any other first line is
 refused with a :class:`cometkit.ConfigError` rather than mixed with foreign rows or overwritten
-(choose another path or move the old file). If the file ends in a line cut short by a crash, a
+(choose another path or move the old file). New columns are only ever added at the end, so the
+header of a file written by an older cometkit is a prefix of today's: the error then says so
+(``cometkit report`` still reads such a file). If the file ends in a line cut short by a crash, a
 newline is added first, so the cut line stays one malformed row (``cometkit report`` skips it)
 instead of swallowing the next one.
 
@@ -76,7 +78,7 @@ class _CsvFile:
         self._cells = _row_formatter(self.fields)
         header = ",".join(self.fields)
         try:
-            needs_header, needs_newline = self._inspect(header)
+            needs_header, needs_newline, first = self._inspect(header)
             self._handle = open(path, "a", newline="", encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"plugins.{PLUGIN_NAME}.{option_key}: cannot write {path!r}: "
@@ -84,10 +86,14 @@ class _CsvFile:
                               ) from exc
         if needs_header is None:
             self._handle.close()
+            older = first and header.startswith(first + ",")
             raise ConfigError(
                 f"plugins.{PLUGIN_NAME}.{option_key}: {path!r} already exists and its first "
-                f"line is not the expected header ({header}); it was not written by this "
-                f"version of csv_metrics. Choose another path or move the file away.",
+                f"line is not the expected header ({header}); "
+                + (f"it was written by an older cometkit, without the columns "
+                   f"{header[len(first) + 1:]} (cometkit report still reads it)"
+                   if older else "it was not written by this version of csv_metrics")
+                + ". Choose another path or move the file away.",
                 key=f"plugins.{PLUGIN_NAME}.{option_key}")
         self._writer = csv.writer(self._handle, lineterminator="\n")
         if needs_newline:
@@ -96,21 +102,22 @@ class _CsvFile:
             self._writer.writerow(self.fields)
         self._handle.flush()
 
-    def _inspect(self, header: str) -> tuple[Optional[bool], bool]:
-        """(needs a header — ``None`` when the file holds another header, ends mid-line)."""
+    def _inspect(self, header: str) -> tuple[Optional[bool], bool, str]:
+        """(needs a header — ``None`` when the file holds another header, ends mid-line, its
+        first line as far as it could be the header)."""
         try:
             size = os.path.getsize(self.path)
         except FileNotFoundError:
-            return True, False
+            return True, False, ""
         if size == 0:
-            return True, False
+            return True, False, ""
         with open(self.path, "rb") as existing:
-            first = existing.readline(len(header) + 3)
+            first = existing.readline(len(header) + 3).rstrip(b"\r\n")
             existing.seek(-1, os.SEEK_END)
             ends_mid_line = existing.read(1) != b"\n"
-        if first.rstrip(b"\r\n") != header.encode("ascii"):
-            return None, False
-        return False, ends_mid_line
+        if first != header.encode("ascii"):
+            return None, False, first.decode("ascii", "replace")
+        return False, ends_mid_line, header
 
     def write(self, record: Any) -> None:
         cells = self._cells(record)

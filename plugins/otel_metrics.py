@@ -12,13 +12,21 @@ Instruments (semantic conventions for generative AI, v1.37 and later):
 - ``gen_ai.client.operation.duration`` (histogram, ``s``), bucket advice
   :data:`DURATION_BOUNDARIES`;
 - ``gen_ai.client.token.usage`` (histogram, ``{token}``), attribute ``gen_ai.token.type``
-  ``input`` / ``output``, bucket advice :data:`TOKEN_BOUNDARIES`.
+  ``input`` / ``output``, bucket advice :data:`TOKEN_BOUNDARIES`;
+- ``cometkit.client.queue.duration`` (histogram, ``s``): how long each attempt waited for
+  admission in the client's limiter (the ``queue_s`` of its record), bucket advice
+  :data:`DURATION_BOUNDARIES`. The GenAI conventions have no such instrument, so it carries
+  cometkit's own name (as ``db.client.connection.wait_time`` does for a connection pool). The
+  wait is a measurement, not an attribute: an attribute holding seconds would make every
+  value its own time series.
 
 Attributes: ``gen_ai.operation.name``, ``gen_ai.provider.name`` (``cometapi`` by default; it
 replaced ``gen_ai.system`` in semantic conventions 1.37; the old name is not sent),
 ``gen_ai.request.model``, ``gen_ai.response.model``, ``server.address``, ``server.port``,
 ``error.type`` (failed attempts only: the exception class, e.g. ``RateLimitError``, or
-``_OTHER``) and ``http.request.resend_count`` (retries only). Request ids are never attributes.
+``_OTHER``) and ``http.request.resend_count`` (retries only). The queue time has the
+operation, provider, request model and server attributes only: an attempt waits before it has
+an answer or an error. Request ids are never attributes.
 
 **One operation is one attempt.** The conventions define an operation as "a request to an
 LLM"; cometkit sends one request per attempt, each with its own status, error and response
@@ -46,6 +54,7 @@ from cometkit import (
 )
 
 __all__ = [
+    "QUEUE_DURATION",
     "DURATION_BOUNDARIES",
     "TOKEN_BOUNDARIES",
     "OtelMetricsSink",
@@ -61,6 +70,7 @@ SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 OPERATION_DURATION = "gen_ai.client.operation.duration"
 TOKEN_USAGE = "gen_ai.client.token.usage"
+QUEUE_DURATION = "cometkit.client.queue.duration"
 
 #: Advisory bucket boundaries of ``gen_ai.client.operation.duration``, seconds.
 DURATION_BOUNDARIES = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
@@ -106,7 +116,7 @@ class OtelMetricsSink:
     """Records :class:`cometkit.AttemptRecord` values on OpenTelemetry histograms.
 
     Thread-safe. The attribute dictionaries are built once per combination of values and
-    reused, so an attempt costs one dictionary lookup and up to three ``record`` calls.
+    reused, so an attempt costs one dictionary lookup and up to four ``record`` calls.
 
     :param meter_provider: where to create the meter; the global provider by default.
     :param provider_name: value of ``gen_ai.provider.name``.
@@ -125,31 +135,35 @@ class OtelMetricsSink:
                                     DURATION_BOUNDARIES)
         self._tokens = _histogram(meter, TOKEN_USAGE, "{token}",
                                   "Number of input and output tokens used.", TOKEN_BOUNDARIES)
+        self._queue = _histogram(meter, QUEUE_DURATION, "s",
+                                 "Time an attempt waited for admission in the client's "
+                                 "limiter.", DURATION_BOUNDARIES)
         #: (operation, model, response model, server, error, resend) -> (duration attributes,
-        #: input-token attributes, output-token attributes)
-        self._attributes: dict[tuple, tuple[dict, dict, dict]] = {}
+        #: input-token attributes, output-token attributes, queue attributes)
+        self._attributes: dict[tuple, tuple[dict, dict, dict, dict]] = {}
 
-    def _build(self, key: tuple) -> tuple[dict, dict, dict]:
+    def _build(self, key: tuple) -> tuple[dict, dict, dict, dict]:
         operation, model, response_model, server_address, error_type, resend = key
-        attributes: dict[str, Any] = {
+        queue: dict[str, Any] = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": self.provider_name,
         }
         if model:
-            attributes["gen_ai.request.model"] = model
+            queue["gen_ai.request.model"] = model
+        if server_address:
+            queue["server.address"] = server_address
+            if self.server_port is not None:
+                queue["server.port"] = self.server_port
+        attributes = dict(queue)
         if response_model:
             attributes["gen_ai.response.model"] = response_model
-        if server_address:
-            attributes["server.address"] = server_address
-            if self.server_port is not None:
-                attributes["server.port"] = self.server_port
         token_base = dict(attributes)
         if error_type is not None:
             attributes["error.type"] = error_type
         if resend:
             attributes["http.request.resend_count"] = resend
         found = (attributes, {**token_base, "gen_ai.token.type": "input"},
-                 {**token_base, "gen_ai.token.type": "output"})
+                 {**token_base, "gen_ai.token.type": "output"}, queue)
         # A race only builds equal dictionaries twice.
         self._attributes[key] = found
         return found
@@ -164,6 +178,8 @@ class OtelMetricsSink:
         if found is None:
             found = self._build(key)
         self._duration.record(record.duration_s, found[0])
+        if record.queue_s is not None:
+            self._queue.record(record.queue_s, found[3])
         if record.input_tokens is not None:
             self._tokens.record(record.input_tokens, found[1])
         if record.output_tokens is not None:
@@ -187,7 +203,8 @@ class OtelMetricsSink:
 def cometkit_plugin_spec() -> PluginSpec:
     return PluginSpec(
         summary="Record the OpenTelemetry GenAI client metrics (operation duration, token "
-                "usage) on the global MeterProvider (extra: cometkit[otel]).",
+                "usage) and the queue time on the global MeterProvider (extra: "
+                "cometkit[otel]).",
         enabled_by_default=False,
         options={
             "provider_name": Option(

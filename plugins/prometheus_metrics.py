@@ -13,6 +13,10 @@ the default ``namespace: cometkit``):
   attempt's duration, in the buckets of the OpenTelemetry GenAI
   ``gen_ai.client.operation.duration`` advice (:data:`DURATION_BUCKETS`), so the two exports
   of cometkit can be compared bucket for bucket;
+- ``cometkit_client_queue_duration_seconds{operation, model}``: how long each attempt waited
+  for admission in the client's limiter (the ``queue_s`` column), in the same buckets; the
+  time a call spends between sending and its end is the histogram above, so a slow call shows
+  whether the limit or the server held it;
 - ``cometkit_client_tokens_total{operation, model, type}``: tokens reported by the server,
   ``type`` is ``input`` or ``output``.
 
@@ -69,6 +73,7 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 
 REQUEST_LABELS = ("operation", "model", "status_code", "outcome", "error_type")
 DURATION_LABELS = ("operation", "model", "status_code", "outcome")
+QUEUE_LABELS = ("operation", "model")
 TOKEN_LABELS = ("operation", "model", "type")
 
 REGISTRIES = ("default", "private")
@@ -106,10 +111,15 @@ class _Metrics:
             "client_request_duration_seconds",
             "Duration of each request (attempt), from sending it to its end.",
             DURATION_LABELS, namespace=namespace, registry=registry, buckets=DURATION_BUCKETS)
+        self.queue = prometheus_client.Histogram(
+            "client_queue_duration_seconds",
+            "Time each request (attempt) waited for admission in the client's limiter.",
+            QUEUE_LABELS, namespace=namespace, registry=registry, buckets=DURATION_BUCKETS)
         self.tokens = prometheus_client.Counter(
             "client_tokens", "Tokens reported by the API in its answers' usage.",
             TOKEN_LABELS, namespace=namespace, registry=registry)
         self._children: dict[tuple, tuple[Any, Any]] = {}
+        self._queue_children: dict[tuple, Any] = {}
         self._token_children: dict[tuple, tuple[Any, Any]] = {}
 
     def children(self, key: tuple) -> tuple[Any, Any]:
@@ -126,6 +136,14 @@ class _Metrics:
             )
             # A race only builds the same children twice: labels() returns the same objects.
             self._children[key] = found
+        return found
+
+    def queue_child(self, key: tuple) -> Any:
+        """The queue-time histogram for ``(operation, model)``."""
+        found = self._queue_children.get(key)
+        if found is None:
+            operation, model = key
+            found = self._queue_children[key] = self.queue.labels(operation, model or "")
         return found
 
     def token_children(self, key: tuple) -> tuple[Any, Any]:
@@ -213,9 +231,10 @@ def _close_server(shared: _Server) -> None:
 
 
 class PrometheusMetricsSink:
-    """Counts attempts and tokens and observes durations in a Prometheus registry.
+    """Counts attempts and tokens and observes durations and queue times in a Prometheus
+    registry.
 
-    Thread-safe; :meth:`record_attempt` costs two dictionary lookups and the updates of the
+    Thread-safe; :meth:`record_attempt` costs three dictionary lookups and the updates of the
     metric children once a label combination has been seen.
 
     :param registry: the ``CollectorRegistry`` to register in (``prometheus_client.REGISTRY``
@@ -256,6 +275,8 @@ class PrometheusMetricsSink:
                                                record.error_type))
         requests.inc()
         duration.observe(record.duration_s)
+        if record.queue_s is not None:
+            metrics.queue_child((record.operation, record.model)).observe(record.queue_s)
         input_tokens, output_tokens = record.input_tokens, record.output_tokens
         if input_tokens or output_tokens:
             tokens_in, tokens_out = metrics.token_children((record.operation, record.model))
@@ -288,7 +309,7 @@ class PrometheusMetricsSink:
 @hookimpl
 def cometkit_plugin_spec() -> PluginSpec:
     return PluginSpec(
-        summary="Export request counts, durations and tokens to Prometheus "
+        summary="Export request counts, durations, queue times and tokens to Prometheus "
                 "(extra: cometkit[prometheus]).",
         enabled_by_default=False,
         options={

@@ -55,7 +55,7 @@ def test_columns_in_order_and_cells_formatted(tmp_path):
         timestamp=1_714_564_800.1234, request_id="ck-abc", attempt=2, model="gpt-4o",
         response_model="gpt-4o-2024", status_code=429, error_type="RateLimitError",
         outcome="retry", duration_s=0.1234567, ttfc_s=None, retry_delay_s=1.5, input_tokens=12,
-        output_tokens=0, provider_request_id="req_9"))
+        output_tokens=0, provider_request_id="req_9", queue_s=0.0200004))
     sink.close()
     assert path.read_text(encoding="utf-8").splitlines()[0] == HEADER
     header, row = read_rows(path)
@@ -65,7 +65,7 @@ def test_columns_in_order_and_cells_formatted(tmp_path):
         "server_address": "127.0.0.1", "model": "gpt-4o", "response_model": "gpt-4o-2024",
         "status_code": "429", "error_type": "RateLimitError", "outcome": "retry",
         "duration_s": "0.123457", "ttfc_s": "", "retry_delay_s": "1.5", "input_tokens": "12",
-        "output_tokens": "0", "provider_request_id": "req_9",
+        "output_tokens": "0", "provider_request_id": "req_9", "queue_s": "0.02",
     }
 
 
@@ -461,3 +461,18 @@ def test_client_run_writes_csv_and_a_summary_equal_to_the_report(tmp_path, capsy
     assert total["status_429"] == sum(1 for row in rows if row[9] == "429") > 0
     assert total["retries"] == sum(1 for row in rows if row[11] == "retry")
     assert [row["model"] for row in report.rows()] == ["m0", "m1", AGGREGATED]
+
+
+@pytest.mark.parametrize("option,fields", [("path", ATTEMPT_FIELDS), ("calls_path", CALL_FIELDS)])
+def test_a_file_of_an_older_cometkit_is_refused_with_what_it_lacks(tmp_path, option, fields):
+    """Columns are only added at the end: an older file's header is a prefix of today's."""
+    older = ",".join(name for name in fields if name not in ("queue_s", "wire_s", "backoff_s"))
+    path = tmp_path / "old.csv"
+    path.write_text(older + "\n")
+    paths = {"path": str(tmp_path / "new.csv"), option: str(path)}
+    with pytest.raises(ConfigError, match="written by an older cometkit") as info:
+        CsvMetricsSink(paths.pop("path"), **paths)
+    missing = "queue_s" if option == "path" else "queue_s,wire_s,backoff_s"
+    assert f"without the columns {missing} (cometkit report still reads it)" in str(info.value)
+    assert info.value.key == f"plugins.csv_metrics.{option}"
+    assert path.read_text() == older + "\n"

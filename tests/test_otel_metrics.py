@@ -210,3 +210,22 @@ def test_client_run_records_attempts_on_the_global_provider(global_reader):
     tokens = {p.attributes["gen_ai.token.type"]: p.sum for p in points(found, TOKENS)
               if p.attributes.get("gen_ai.request.model") == "otel-e2e"}
     assert tokens == {"input": 3, "output": 2}
+
+
+def test_queue_time_is_its_own_histogram_with_the_request_attributes_only(reader):
+    sink = OtelMetricsSink(meter_provider=reader.provider, server_port=443)
+    sink.record_attempt(attempt(status_code=429, error_type="RateLimitError", outcome="retry",
+                                queue_s=0.25, server_address="api.cometapi.com"))
+    sink.record_attempt(attempt(attempt=2, response_model="m1-2024", queue_s=0.75,
+                                server_address="api.cometapi.com"))
+    sink.record_attempt(attempt(model="m2"))  # queue time not known: not recorded
+    found = collect(reader)
+    metric, _ = found[otel_metrics.QUEUE_DURATION]
+    assert metric.name == "cometkit.client.queue.duration" and metric.unit == "s"
+    (point,) = points(found, otel_metrics.QUEUE_DURATION)
+    assert dict(point.attributes) == {"gen_ai.operation.name": "chat",
+                                      "gen_ai.provider.name": "cometapi",
+                                      "gen_ai.request.model": "m1",
+                                      "server.address": "api.cometapi.com", "server.port": 443}
+    assert (point.count, point.sum) == (2, pytest.approx(1.0))
+    assert list(point.explicit_bounds) == DURATION_BOUNDARIES

@@ -277,3 +277,22 @@ def test_client_with_a_private_registry_serves_it_on_the_configured_port():
                                                        labels()) is None
     with pytest.raises(OSError):  # the client closed, and with it its endpoint
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_queue_time_is_a_histogram_by_operation_and_model():
+    registry = CollectorRegistry()
+    sink = PrometheusMetricsSink(registry=registry)
+    sink.record_attempt(attempt(status_code=429, outcome="retry", queue_s=0.0))
+    sink.record_attempt(attempt(attempt=2, queue_s=1.5))
+    sink.record_attempt(attempt(model="m2", queue_s=0.03))
+    sink.record_attempt(attempt(model="m3"))  # a record that does not know its queue time
+    queue = "cometkit_client_queue_duration_seconds"
+    value = registry.get_sample_value
+    m1 = {"operation": "chat", "model": "m1"}
+    assert value(queue + "_count", m1) == 2
+    assert value(queue + "_sum", m1) == pytest.approx(1.5)
+    assert value(queue + "_bucket", {**m1, "le": "0.01"}) == 1  # the call admitted at once
+    assert value(queue + "_bucket", {**m1, "le": "2.56"}) == 2
+    assert value(queue + "_count", {"operation": "chat", "model": "m2"}) == 1
+    assert value(queue + "_count", {"operation": "chat", "model": "m3"}) is None
+    assert families(registry)["cometkit_client_queue_duration_seconds"].type == "histogram"

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import threading
 
 import pytest
 
-from cometkit import AttemptRecord
+import cometkit.summary as summary_module
+from cometkit import ATTEMPT_FIELDS, AttemptRecord
+from cometkit._plot import read_series
 from cometkit.summary import (
     AGGREGATED,
     LatencySketch,
+    OpenCalls,
     Summary,
+    column_formatter,
     format_seconds,
     format_timestamp,
     neutralize_cell,
     parse_timestamp,
+    read_attempts,
     restore_cell,
 )
 
@@ -214,7 +220,7 @@ def test_concurrent_adds_are_all_counted():
     total = summary.rows()[-1]
     assert (total["calls"], total["retries"], total["status_429"], total["input_tokens"]) == (
         8_000, 8_000, 8_000, 8_000)
-    assert summary._open == {}
+    assert len(summary._open) == 0
 
 
 def test_table_is_fixed_width_and_locust_shaped():
@@ -225,10 +231,12 @@ def test_table_is_fixed_width_and_locust_shaped():
                                 duration_s=0.05, timestamp=1_714_564_801.0))
     lines = summary.format_table().splitlines()
     assert lines[0].split() == ["Model", "Calls", "Fails", "429s", "Retries", "p50", "ms", "p95",
-                                "ms", "p99", "ms", "Tokens", "in", "Tokens", "out", "Calls/s"]
+                                "ms", "p99", "ms", "Queue", "p50", "Queue", "p95", "Queue", "%",
+                                "Wire", "%", "Backoff", "%", "Tokens", "in", "Tokens", "out",
+                                "Calls/s"]
     assert set(lines[1]) == {"-", "|"} and lines[1] == lines[-2]
-    assert lines[2].split() == ["gpt-4o-mini", "1", "0", "0", "0", "250", "250", "250", "1200",
-                                "340", "4.00"]
+    assert lines[2].split() == ["gpt-4o-mini", "1", "0", "0", "0", "250", "250", "250", "0", "0",
+                                "0", "100", "0", "1200", "340", "4.00"]
     assert lines[3].split()[:4] == ["m", "1", "1", "1"]
     assert lines[-1].split()[:5] == [AGGREGATED, "2", "1", "1", "0"]
     data_lines = [lines[0], *lines[2:-2], lines[-1]]
@@ -238,7 +246,7 @@ def test_table_is_fixed_width_and_locust_shaped():
 def test_table_truncates_long_model_names_and_handles_no_data():
     summary = Summary()
     assert summary.format_table().splitlines()[-1].split() == [
-        AGGREGATED, "0", "0", "0", "0", "-", "-", "-", "0", "0", "0.00"]
+        AGGREGATED, "0", "0", "0", "0", "-", "-", "-", "-", "-", "-", "-", "-", "0", "0", "0.00"]
     summary.add_attempt(attempt(model="x" * 100))
     line = summary.format_table().splitlines()[2]
     assert line.startswith("x" * 39 + "~ ")
@@ -251,3 +259,90 @@ def test_to_dict_is_json_ready():
     assert data["total"]["calls"] == 1
     assert data["models"][0]["model"] == "m1"
     assert data["latency"] == {"per": "call", "relative_accuracy": 0.01}
+
+
+# -------------------------------------------------------------------------------------------
+# Where the time went
+# -------------------------------------------------------------------------------------------
+
+
+def test_call_latency_is_queue_plus_wire_plus_back_off_and_the_table_shows_the_split():
+    summary = Summary()
+    summary.add_attempts([
+        # call a: queued 0.5 s, refused after 0.1 s, slept 1 s, queued 0.4 s, 0.2 s on the wire
+        attempt(request_id="a", status_code=429, outcome="retry", queue_s=0.5, duration_s=0.1,
+                retry_delay_s=1.0),
+        attempt(request_id="a", attempt=2, queue_s=0.4, duration_s=0.2),
+        # call b: admitted at once, 0.8 s on the wire
+        attempt(request_id="b", queue_s=0.0, duration_s=0.8),
+    ])
+    row = by_model(summary)["m1"]
+    assert row["latency_max_s"] == pytest.approx(2.2)  # call a, the whole wait
+    assert row["queue_p95_s"] == pytest.approx(0.9, rel=0.01)  # per call: a queued 0.9 s
+    assert row["queue_p50_s"] == 0.0  # b never waited
+    assert (row["queue_s"], row["wire_s"], row["backoff_s"]) == pytest.approx((0.9, 1.1, 1.0))
+    assert (row["queue_share"], row["wire_share"], row["backoff_share"]) == pytest.approx(
+        (0.3, 1.1 / 3, 1.0 / 3))
+    lines = summary.format_table().splitlines()
+    cells = lines[2].split()
+    assert cells[:8] == ["m1", "2", "0", "1", "1", "800", "2200", "2200"]
+    assert cells[8] == "0" and int(cells[9]) == pytest.approx(900, rel=0.01)  # queue p50, p95
+    assert cells[10:13] == ["30", "37", "33"]  # queue, wire, back-off: % of the calls' time
+
+
+def test_a_csv_written_before_queue_s_existed_is_still_read(tmp_path):
+    """Older files lack the column: they read with no queue time, whatever the column order."""
+    old_fields = [name for name in ATTEMPT_FIELDS if name != "queue_s"][::-1]
+    path = tmp_path / "old.csv"
+    rows = [attempt(request_id="a", status_code=429, outcome="retry", duration_s=0.1,
+                    retry_delay_s=1.0, timestamp=1_714_564_801.0),
+            attempt(request_id="a", attempt=2, duration_s=0.2, timestamp=1_714_564_802.2)]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(old_fields)
+        for record in rows:
+            writer.writerow(["" if getattr(record, name) is None else
+                             column_formatter(name)(getattr(record, name))
+                             for name in old_fields])
+    records = list(read_attempts(path))
+    assert [record.queue_s for record in records] == [None, None]
+    total = Summary.from_csv(path).rows()[-1]
+    assert (total["calls"], total["retries"]) == (1, 1)
+    assert total["latency_max_s"] == pytest.approx(1.3)
+    assert (total["queue_s"], total["queue_p95_s"]) == (0.0, 0.0)
+    series = read_series(str(path))
+    assert list(series.call_latency) == pytest.approx([1.3])
+    assert (list(series.call_queue), list(series.call_backoff)) == ([0.0], [1.0])
+    assert list(series.start) == pytest.approx([1_714_564_800.9, 1_714_564_802.0])
+
+
+def test_the_plot_reads_the_same_calls_as_the_table(tmp_path):
+    path = tmp_path / "m.csv"
+    header = ",".join(ATTEMPT_FIELDS)
+    formatted = [attempt(request_id="a", status_code=429, outcome="retry", queue_s=0.5,
+                         duration_s=0.1, retry_delay_s=0),
+                 attempt(request_id="b", queue_s=0.25, duration_s=0.5),
+                 attempt(request_id="a", attempt=2, queue_s=1.0, duration_s=0.2)]
+    lines = [header] + [",".join("" if value is None else column_formatter(name)(value)
+                                 for name, value in zip(ATTEMPT_FIELDS, record.as_tuple()))
+                        for record in formatted]
+    path.write_text("\n".join(lines) + "\nbroken,row\n", encoding="utf-8")
+    series = read_series(str(path))
+    assert series.skipped == 1
+    assert list(series.call_queue) == [0.25, 1.5]
+    assert list(series.call_wire) == pytest.approx([0.5, 0.3])
+    assert list(series.call_latency) == pytest.approx([0.75, 1.8])
+    summary = Summary.from_csv(path)
+    assert summary.skipped_rows == 1
+    assert summary.rows()[-1]["latency_max_s"] == pytest.approx(max(series.call_latency))
+
+
+def test_open_calls_stay_bounded(monkeypatch):
+    monkeypatch.setattr(summary_module, "MAX_OPEN_CALLS", 3)
+    calls = OpenCalls()
+    for i in range(5):
+        assert calls.add(attempt(request_id=f"r{i}", outcome="retry", queue_s=1.0)) is None
+    assert len(calls) == 3
+    # the oldest were forgotten: their final attempt is a call on its own
+    assert calls.add(attempt(request_id="r0", queue_s=0.5)).queue_us == 500_000
+    assert calls.add(attempt(request_id="r4", queue_s=0.5)).queue_us == 1_500_000
