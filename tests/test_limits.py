@@ -595,6 +595,27 @@ def test_a_call_that_queued_before_tokens_counted_is_charged_when_admitted():
     assert len(admitted) == 1 and admitted[0].cost == 1000
 
 
+@pytest.mark.parametrize("remaining, held", [(2, True), (3, True), (4, False)])
+def test_requests_admitted_after_an_answer_count_against_what_it_said_remained(
+        clock, remaining, held):
+    """Four in flight; the first one's answer says ``remaining`` requests are left (no reset,
+    as a calendar-minute gateway says): the three sent after it spend three of them, so at
+    three or fewer the lane holds now instead of earning 429s."""
+    lim = AdmissionLimiter(max_concurrency=16, clock=clock)
+    reqs = [request(n=n, started_at=clock.monotonic()) for n in range(4)]
+    permits = [lim.acquire(r) for r in reqs]
+    stated = CaseInsensitiveDict({"x-ratelimit-limit-requests": "20",
+                                  "x-ratelimit-remaining-requests": str(remaining)})
+    answered = AttemptResult(reqs[0], 1, status_code=200, headers=stated,
+                             started_at=clock.monotonic(), duration_s=0.01)
+    answered.hints = parse_hints(stated, clock.time())
+    lim.release(permits[0], answered)
+    hold = lim.stats()["models"]["m"]["hold_remaining_s"]
+    assert (hold > 0) is held
+    if held:
+        assert hold == pytest.approx(DEFAULT_HOLD_S)  # as a hint-less 429 would, then a probe
+
+
 def test_a_quota_429_neither_holds_the_limiter_nor_waits_in_its_queue(clock):
     lim = AdmissionLimiter(max_concurrency=4, clock=clock)
     run_attempt(lim, clock)

@@ -486,6 +486,17 @@ class AdaptiveControl:
         self.limit = float(max(self.limit, self._max_ok_level))
         return True
 
+    def stated_exhausted(self, now: float) -> None:
+        """An accepted answer said no request remains, and not when more will: hold as a
+        hint-less 429 would (then probe) -- without spending the 429 to learn it."""
+        if now < self.hold_until or self._half_open:
+            return
+        hold_s, _ = self._hold_for(None, now, False, "rate")
+        self.hold_until = now + hold_s
+        self._half_open = self.accepting(now)
+        self._signal(now)  # answers to attempts sent before this do not reopen the lane
+        logger.info("the server says no request remains: holding admissions %.2f s", hold_s)
+
     def _capped(self, result: AttemptResult, in_flight: Optional[int]) -> str:
         """A cap on calls in flight refused: stay one below the refused level, no hold."""
         level = in_flight if in_flight is not None else self.allowed()

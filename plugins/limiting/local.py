@@ -78,7 +78,8 @@ class _Lane:
     """
 
     __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
-                 "control", "token_ratio", "count_tokens", "learned_tokens", "answer_tokens")
+                 "control", "token_ratio", "count_tokens", "learned_tokens", "answer_tokens",
+                 "admitted", "stated_seq")
 
     def __init__(self, model: Optional[str], max_concurrency: int,
                  requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
@@ -98,6 +99,10 @@ class _Lane:
         self.answer_tokens: Optional[float] = None
         self.token_ratio: Optional[float] = None
         self.count_tokens = count_tokens
+        #: Attempts admitted so far, and the number (``_Permit.seq``) of the latest-admitted
+        #: attempt whose answer stated the requests remaining: what the server knew last.
+        self.admitted = 0
+        self.stated_seq = 0
 
     def price(self, estimate: tuple[int, int]) -> tuple[int, int, int]:
         """``(cost, prompt estimate, reserved answer)`` in tokens of an attempt of this lane,
@@ -122,13 +127,16 @@ class _Lane:
 class _Permit:
     """Handed out by :meth:`AdmissionLimiter.acquire`; given back once to ``release``."""
 
-    __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "level",
+    __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "level", "seq",
                  "released")
 
     def __init__(self, lane: _Lane, cost: int, prompt_estimate: int = 0,
-                 answer_reserved: int = 0, probe: bool = False, level: int = 1) -> None:
+                 answer_reserved: int = 0, probe: bool = False, level: int = 1,
+                 seq: int = 0) -> None:
         self.lane = lane
         self.cost = cost
+        #: Its place among the lane's admissions (1 for the first).
+        self.seq = seq
         #: The lane's attempts in flight when this one was admitted, itself included.
         self.level = level
         self.prompt_estimate = prompt_estimate
@@ -442,7 +450,8 @@ class AdmissionLimiter:
         if lane.control is not None:
             probe = lane.control.on_admit(now, cost)
             lane.demand_changed(now)
-        return _Permit(lane, cost, parts[1], parts[2], probe, lane.in_flight)
+        lane.admitted += 1
+        return _Permit(lane, cost, parts[1], parts[2], probe, lane.in_flight, lane.admitted)
 
     def _dispatch(self, now: float) -> Optional[float]:
         """Admit every waiter that may go now, oldest first; return when to look again
@@ -525,7 +534,7 @@ class AdmissionLimiter:
         if control is not None:
             hints = result.hints
             if hints is not None and result.status_code is not None:
-                self._learn_stated_limits(lane, hints, now)
+                self._learn_stated_limits(lane, permit, result.status_code, hints, now)
             signals = control.signals
             charged = charged_tokens(result, permit.answer_reserved) or 0
             kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
@@ -577,21 +586,36 @@ class AdmissionLimiter:
         elif lane.control is not None:
             lane.control.refused_at_floor()
 
-    def _learn_stated_limits(self, lane: _Lane, hints: Any, now: float) -> None:
+    def _learn_stated_limits(self, lane: _Lane, permit: _Permit, status: int, hints: Any,
+                             now: float) -> None:
         """An answer saying that no request (or token) remains holds the lane until the
         server's reset -- or, for a per-minute limit, until one more is due (``60 / limit``
-        seconds), whichever comes first -- instead of spending a 429 to learn it. A stated
-        token limit becomes the lane's token rate; a stated request limit is not used as a
-        pace (gateways state a window's quota in the same headers)."""
+        seconds), whichever comes first -- instead of spending a 429 to learn it. Requests
+        admitted after the answered one count against what it said remained: with 11 in
+        flight and 5 remaining, the lane stops now, not after six 429s. Without a reset, an
+        accepted answer saying none remain holds as a hint-less 429 would. A stated token
+        limit becomes the lane's token rate; a stated request limit is not used as a pace
+        (gateways state a window's quota in the same headers)."""
         control = lane.control
         if control is None:
             return
-        for remaining, limit, reset in (
-                (hints.remaining_requests, hints.limit_requests, hints.reset_requests_s),
-                (hints.remaining_tokens, hints.limit_tokens, hints.reset_tokens_s)):
-            if remaining == 0 and reset is not None:
+        requests_left = hints.remaining_requests
+        if requests_left is not None:
+            if permit.seq < lane.stated_seq:
+                requests_left = None  # older news than an answer already read
+            else:
+                lane.stated_seq = permit.seq
+                requests_left -= lane.admitted - permit.seq
+        for remaining, limit, reset, of_requests in (
+                (requests_left, hints.limit_requests, hints.reset_requests_s, True),
+                (hints.remaining_tokens, hints.limit_tokens, hints.reset_tokens_s, False)):
+            if remaining is None or remaining > 0:
+                continue
+            if reset is not None:
                 wait = min(reset, 60.0 / limit) if limit else reset
                 control.hold_until = max(control.hold_until, now + min(wait, MAX_HOLD_S))
+            elif of_requests and status < 400:
+                control.stated_exhausted(now)
         if hints.limit_tokens:
             # A stated token limit is per minute in every header family (unlike requests,
             # which gateways state per window): spend tokens at it before a 429 says so.
