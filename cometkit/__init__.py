@@ -4,6 +4,7 @@ Retry strategy, admission control and metrics are supplied by pluggy plugins; se
 ``docs/plugins.md``. Everything a plugin may use is exported here.
 """
 
+from ._checkout import map_plugins_package
 from ._client import Client
 from ._exceptions import (
     APIConnectionError,
@@ -84,3 +85,6 @@ __all__ = [
     "APIConnectionError",
     "APITimeoutError",
 ]
+
+# From a checkout that was never installed, ``cometkit_plugins`` is the checkout's plugins/.
+map_plugins_package()

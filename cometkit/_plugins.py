@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import pluggy
 
 from . import hookspecs
+from ._checkout import entry_points_from_setup_cfg
 from ._exceptions import ConfigError, PluginError
 from .context import ClientContext
 from .options import PluginSpec, validate_section
@@ -82,8 +83,11 @@ def _env_names(var: str) -> Optional[set[str]]:
 def _entry_points() -> Iterable[Any]:
     eps = metadata.entry_points()
     if hasattr(eps, "select"):
-        return eps.select(group=ENTRY_POINT_GROUP)
-    return eps.get(ENTRY_POINT_GROUP, [])  # pragma: no cover - Python 3.9
+        found = list(eps.select(group=ENTRY_POINT_GROUP))
+    else:  # pragma: no cover - Python 3.9
+        found = list(eps.get(ENTRY_POINT_GROUP, []))
+    # A checkout that was never installed: its setup.cfg lists the first-party plugins.
+    return found + entry_points_from_setup_cfg(ENTRY_POINT_GROUP)
 
 
 def _distribution_of(entry_point: Any) -> tuple[Optional[str], Optional[str]]:

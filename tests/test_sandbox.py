@@ -14,6 +14,7 @@ import json
 import socket
 import struct
 import threading
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import requests
 from fakes import FakeClock
 from scripted_server import wait_until
 
+import cometkit
 from cometkit.hints import retry_after_s
 from cometkit.sandbox import FAULT_KINDS, Sandbox, SandboxProcess
 from cometkit.sandbox.cli import add_arguments, run, sandbox_kwargs, to_argv
@@ -1073,8 +1075,20 @@ def test_factory_fixture_builds_sandboxes_with_arguments(cometkit_sandbox_factor
     assert locked.base_url != limited.base_url
 
 
-def test_factory_fixture_stops_its_sandboxes_after_the_test(pytester):
+def _installed() -> bool:
+    try:
+        metadata.distribution("cometkit")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_factory_fixture_stops_its_sandboxes_after_the_test(pytester, monkeypatch):
     ports = pytester.path / "ports.txt"
+    extra: tuple = ()
+    if not _installed():  # a bare checkout: no pytest11 entry point to load the fixtures by
+        extra = ("-p", "cometkit.sandbox.pytest_plugin")
+        monkeypatch.setenv("PYTHONPATH", str(Path(cometkit.__file__).resolve().parent.parent))
     pytester.makepyfile(f"""
         import requests
 
@@ -1086,7 +1100,7 @@ def test_factory_fixture_stops_its_sandboxes_after_the_test(pytester):
             with open({str(ports)!r}, "w") as f:
                 f.write(" ".join(str(sb.address[1]) for sb in (cometkit_sandbox, made)))
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *extra, timeout=120)
     result.assert_outcomes(passed=1)
     for port in ports.read_text().split():
         with pytest.raises(OSError):
