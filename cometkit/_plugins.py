@@ -290,20 +290,42 @@ def _check_section(section: Any, where: str) -> dict[str, Any]:
 
 
 def _call_factory(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext, *,
-                  plugin: Any = None) -> Any:
-    """Call a factory hook (only ``plugin``'s implementation, when given); a failure is a
-    :class:`PluginError` naming the plugins asked."""
-    caller = getattr(pm.hook, hook_name)
-    if plugin is not None:
-        caller = pm.subset_hook_caller(hook_name, [p for p in pm.get_plugins() if p is not plugin])
+                  plugin: Any) -> Any:
+    """Call ``plugin``'s implementation of a factory hook with that plugin's own context; a
+    failure is a :class:`PluginError` naming the plugin."""
+    name = pm.get_name(plugin) or repr(plugin)
+    caller = pm.subset_hook_caller(hook_name, [p for p in pm.get_plugins() if p is not plugin])
     try:
-        return caller(ctx=ctx)
+        made = caller(ctx=ctx.for_plugin(name))
     except (ConfigError, PluginError):
         raise
     except Exception as exc:
-        owners = [impl.plugin_name for impl in caller.get_hookimpls()]
-        raise PluginError(f"{hook_name} failed in plugin(s) {owners}: "
+        raise PluginError(f"{hook_name} failed in plugin(s) {[name]}: "
                           f"{type(exc).__name__}: {exc}") from exc
+    if caller.spec is not None and caller.spec.opts.get("firstresult"):
+        return made
+    return next((one for one in made if one is not None), None)  # one plugin: one result
+
+
+def _factories(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext) -> list[Any]:
+    """The plugins implementing ``hook_name``, in pluggy's call order (tryfirst first). With
+    none, the hook is still called once (answering nothing), so COMETKIT_TRACE_HOOKS shows
+    that it was asked."""
+    caller = getattr(pm.hook, hook_name)
+    plugins = [impl.plugin for impl in reversed(caller.get_hookimpls())]
+    if not plugins:
+        caller(ctx=ctx)
+    return plugins
+
+
+def _make_one(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext) -> Any:
+    """A ``firstresult`` factory hook, asked plugin by plugin (each with its own context)
+    until one returns something."""
+    for plugin in _factories(pm, hook_name, ctx):
+        made = _call_factory(pm, hook_name, ctx, plugin=plugin)
+        if made is not None:
+            return made
+    return None
 
 
 def _make_sinks(pm: pluggy.PluginManager, ctx: ClientContext, built: list[Any]) -> list[Any]:
@@ -311,15 +333,12 @@ def _make_sinks(pm: pluggy.PluginManager, ctx: ClientContext, built: list[Any]) 
     ``built`` as soon as it exists: one pluggy call would drop the sinks already made when a
     later factory raises, and they could not be closed (a metrics port left bound)."""
     hook_name = "cometkit_make_metrics_sink"
-    impls = getattr(pm.hook, hook_name).get_hookimpls()
-    if not impls:  # nothing to build; asked all the same, so COMETKIT_TRACE_HOOKS shows it
-        return [s for s in _call_factory(pm, hook_name, ctx) if s is not None]
     sinks = []
-    for impl in reversed(impls):
-        for sink in _call_factory(pm, hook_name, ctx, plugin=impl.plugin):
-            if sink is not None:
-                built.append(sink)
-                sinks.append(sink)
+    for plugin in _factories(pm, hook_name, ctx):
+        sink = _call_factory(pm, hook_name, ctx, plugin=plugin)
+        if sink is not None:
+            built.append(sink)
+            sinks.append(sink)
     return sinks
 
 
@@ -362,15 +381,16 @@ def build_plugins(
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{index}"
         pm.register(plugin, name=name)
         options.setdefault(name, {})
-    ctx = ClientContext(plugin_options=options, **context_args)
+    ctx = ClientContext(plugin_options=options, enabled_plugins=frozenset(options),
+                        **context_args)
     built: list[Any] = []  # closed again if a later factory or check fails
     try:
-        policy = _call_factory(pm, "cometkit_make_retry_policy", ctx)
+        policy = _make_one(pm, "cometkit_make_retry_policy", ctx)
         built.append(policy)
         if policy is not None:
             _require(policy, ("decide", "on_call_start"), "RetryPolicy",
                      "cometkit_make_retry_policy", pm)
-        limiter = _call_factory(pm, "cometkit_make_limiter", ctx)
+        limiter = _make_one(pm, "cometkit_make_limiter", ctx)
         built.append(limiter)
         if limiter is not None:
             _require(limiter, ("acquire", "release", "close"), "Limiter",

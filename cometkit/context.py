@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -13,10 +14,16 @@ __all__ = ["ClientContext"]
 
 @dataclass(frozen=True)
 class ClientContext:
-    """Handed to every factory hook, once per client.
+    """Handed to every factory hook, once per client and plugin.
 
-    :ivar plugin_options: validated options of every enabled plugin, by plugin name; read your
-        own with :meth:`options`. The value of an option declared ``secret=True`` is a
+    Each plugin gets its own copy (:meth:`for_plugin`), holding its own section only: a plugin
+    reads its options with ``ctx.options()`` whatever name it was registered or configured
+    under (an entry-point name, or a module path such as ``mycompany.sink``), and never sees
+    another plugin's options (a Redis password included). ``Client.context`` is the client's
+    own, with every plugin's options, for the program that made the client.
+
+    :ivar plugin_options: validated options by plugin name: only the plugin's own section in a
+        plugin's context. The value of an option declared ``secret=True`` is a
         :class:`~cometkit.options.SecretText`: the string itself, shown as ``'***'`` by
         ``repr``, so ``repr(ctx)`` (and a log line of it) never shows a Redis password.
     :ivar concurrency: the client's worker-pool size (and connection-pool size).
@@ -28,6 +35,8 @@ class ClientContext:
     :ivar clock: the clock to read and sleep on; tests inject a fake one.
     :ivar random: the random source for jitter; tests inject a seeded one.
     :ivar config_path: the file the configuration came from, if any.
+    :ivar plugin_name: the plugin this context was handed to (``None``: the client's own).
+    :ivar enabled_plugins: names of every plugin enabled for this client.
     """
 
     plugin_options: Mapping[str, Mapping[str, Any]]
@@ -39,11 +48,26 @@ class ClientContext:
     clock: Clock = field(default_factory=SystemClock)
     random: random.Random = field(default_factory=random.Random)
     config_path: Optional[str] = None
+    plugin_name: Optional[str] = None
+    enabled_plugins: frozenset = frozenset()
 
-    def options(self, plugin_name: str) -> Mapping[str, Any]:
-        """The validated options of ``plugin_name`` (defaults filled in)."""
+    def options(self, plugin_name: Optional[str] = None) -> Mapping[str, Any]:
+        """Validated options (defaults filled in). In a plugin's context: that plugin's own
+        section, whatever ``plugin_name`` says (a module configured by path may still pass the
+        name it was written with). In the client's: the section of ``plugin_name``."""
+        if self.plugin_name is not None:
+            return self.plugin_options.get(self.plugin_name, {})
+        if plugin_name is None:
+            return {}
         return self.plugin_options.get(plugin_name, {})
 
     def enabled(self, plugin_name: str) -> bool:
         """Whether ``plugin_name`` is enabled for this client."""
-        return plugin_name in self.plugin_options
+        return plugin_name in self.enabled_plugins or plugin_name in self.plugin_options
+
+    def for_plugin(self, plugin_name: str) -> ClientContext:
+        """The context handed to ``plugin_name``'s factories: its own section only."""
+        return dataclasses.replace(
+            self, plugin_options={plugin_name: self.plugin_options.get(plugin_name, {})},
+            plugin_name=plugin_name,
+            enabled_plugins=self.enabled_plugins or frozenset(self.plugin_options))

@@ -41,10 +41,11 @@ def cometkit_plugin_spec() -> Optional[PluginSpec]:
 
     Called once per plugin (with that plugin alone) when a client is built, before any
     factory hook. The plugin's section under ``plugins:`` in the YAML configuration, keyed by
-    its entry-point name, is validated against :attr:`PluginSpec.options`; the validated
-    section (defaults filled in) is then available to the plugin's factory hooks as
-    ``ctx.options("<name>")``. A plugin without this hook accepts no options (``<name>: true``)
-    and is enabled only when the configuration names it.
+    its entry-point name (or the module path it is configured by), is validated against
+    :attr:`PluginSpec.options`; the validated section (defaults filled in) is then available to
+    the plugin's factory hooks as ``ctx.options()``: each plugin's ``ctx`` holds its own
+    section only, whatever name it was registered under. A plugin without this hook accepts
+    no options (``<name>: true``) and is enabled only when the configuration names it.
 
     :returns: a :class:`cometkit.PluginSpec`, or ``None`` for no options.
     """

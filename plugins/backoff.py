@@ -513,4 +513,4 @@ def cometkit_plugin_spec() -> PluginSpec:
 
 @hookimpl(trylast=True)
 def cometkit_make_retry_policy(ctx: ClientContext) -> BackoffPolicy:
-    return BackoffPolicy.from_options(ctx.options(PLUGIN_NAME), clock=ctx.clock, rng=ctx.random)
+    return BackoffPolicy.from_options(ctx.options(), clock=ctx.clock, rng=ctx.random)

@@ -249,7 +249,5 @@ def cometkit_plugin_spec() -> PluginSpec:
 
 @hookimpl
 def cometkit_make_metrics_sink(ctx: ClientContext) -> Optional[CsvMetricsSink]:
-    if not ctx.enabled(PLUGIN_NAME):
-        return None
-    options = ctx.options(PLUGIN_NAME)
+    options = ctx.options()
     return CsvMetricsSink(options["path"], calls_path=options.get("calls_path"))

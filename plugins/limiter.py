@@ -53,5 +53,5 @@ def cometkit_plugin_spec() -> PluginSpec:
 @hookimpl(trylast=True)
 def cometkit_make_limiter(ctx: ClientContext) -> AdmissionLimiter:
     """The client's limiter, from ``plugins.limiter`` and the client's concurrency."""
-    return AdmissionLimiter.from_options(ctx.options(PLUGIN_NAME), concurrency=ctx.concurrency,
+    return AdmissionLimiter.from_options(ctx.options(), concurrency=ctx.concurrency,
                                          clock=ctx.clock)

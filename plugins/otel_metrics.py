@@ -217,8 +217,6 @@ def cometkit_plugin_spec() -> PluginSpec:
 
 @hookimpl
 def cometkit_make_metrics_sink(ctx: ClientContext) -> Optional[OtelMetricsSink]:
-    if not ctx.enabled(PLUGIN_NAME):
-        return None
-    options = ctx.options(PLUGIN_NAME)
+    options = ctx.options()
     return OtelMetricsSink(provider_name=options["provider_name"],
                            server_port=_server_port(ctx.base_url))

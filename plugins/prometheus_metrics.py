@@ -339,9 +339,7 @@ def cometkit_plugin_spec() -> PluginSpec:
 
 @hookimpl
 def cometkit_make_metrics_sink(ctx: ClientContext) -> Optional[PrometheusMetricsSink]:
-    if not ctx.enabled(PLUGIN_NAME):
-        return None
-    options = ctx.options(PLUGIN_NAME)
+    options = ctx.options()
     prometheus_client = _import_prometheus()
     registry = prometheus_client.REGISTRY
     if options["registry"] == "private":

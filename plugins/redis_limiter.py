@@ -48,6 +48,6 @@ def cometkit_plugin_spec() -> PluginSpec:
 def cometkit_make_limiter(ctx: ClientContext) -> RedisLimiter:
     """The shared limiter. Not ``trylast``: when enabled it replaces the in-process
     ``limiter`` (which stays the fallback when Redis is unreachable)."""
-    return RedisLimiter.from_options(ctx.options(PLUGIN_NAME), concurrency=ctx.concurrency,
+    return RedisLimiter.from_options(ctx.options(), concurrency=ctx.concurrency,
                                      namespace=ctx.api_key_fingerprint, clock=ctx.clock,
                                      rng=ctx.random)

@@ -161,6 +161,4 @@ def cometkit_plugin_spec() -> PluginSpec:
 
 @hookimpl
 def cometkit_make_metrics_sink(ctx: ClientContext) -> Optional[StdoutMetricsSink]:
-    if not ctx.enabled(PLUGIN_NAME):
-        return None
-    return StdoutMetricsSink(**ctx.options(PLUGIN_NAME))
+    return StdoutMetricsSink(**ctx.options())

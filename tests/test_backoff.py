@@ -136,7 +136,7 @@ def test_hooks_declare_the_spec_and_build_the_policy_from_the_context(clock):
                                                               "deadline": 9})},
         concurrency=4, base_url="http://127.0.0.1:1/v1", server_address="127.0.0.1",
         timeout_s=(1.0, 1.0), clock=clock, random=rng)
-    built = backoff.cometkit_make_retry_policy(ctx)
+    built = backoff.cometkit_make_retry_policy(ctx.for_plugin("backoff"))
     assert isinstance(built, BackoffPolicy)
     assert built.max_attempts == 2 and built.deadline == 9.0
     assert built.clock is clock and built.rng is rng

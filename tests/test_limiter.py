@@ -143,7 +143,7 @@ def test_hook_builds_from_the_context_and_null_concurrency_means_the_clients(clo
     ctx = ClientContext(plugin_options={"limiter": options}, concurrency=7,
                         base_url="http://127.0.0.1:1/v1", server_address="127.0.0.1",
                         timeout_s=(1.0, 1.0), clock=clock)
-    built = limiter_plugin.cometkit_make_limiter(ctx)
+    built = limiter_plugin.cometkit_make_limiter(ctx.for_plugin("limiter"))
     assert isinstance(built, AdmissionLimiter)
     assert built.max_concurrency == 7 and built.requests_per_minute == 120
     assert built.clock is clock

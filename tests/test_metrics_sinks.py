@@ -324,13 +324,11 @@ def test_hooks_build_sinks_from_validated_options(tmp_path):
     out_options = validate_section(stdout_metrics.cometkit_plugin_spec().options,
                                    {"format": "json", "stream": "stderr"})
     ctx = context(csv_metrics=csv_options, stdout_metrics=out_options)
-    sink = csv_metrics.cometkit_make_metrics_sink(ctx)
+    sink = csv_metrics.cometkit_make_metrics_sink(ctx.for_plugin("csv_metrics"))
     assert isinstance(sink, CsvMetricsSink) and sink.path == path
     sink.close()
-    out = stdout_metrics.cometkit_make_metrics_sink(ctx)
+    out = stdout_metrics.cometkit_make_metrics_sink(ctx.for_plugin("stdout_metrics"))
     assert (out.format, out.stream, out.per_attempt) == ("json", "stderr", True)
-    assert csv_metrics.cometkit_make_metrics_sink(context()) is None
-    assert stdout_metrics.cometkit_make_metrics_sink(context()) is None
 
 
 # -------------------------------------------------------------------------------------------

@@ -255,3 +255,38 @@ def test_hookimpl_is_public_and_spec_types_exported():
     assert isinstance(PluginSpec(), PluginSpec)
     assert RetryDecision(False).retry is False
     assert cometkit.hookimpl.project_name == "cometkit"
+
+
+OPTIONS_READING_PLUGIN = """
+import cometkit
+from cometkit import Option, PluginSpec
+
+SEEN = []
+
+@cometkit.hookimpl
+def cometkit_plugin_spec():
+    return PluginSpec(options={"path": Option("str", default="none", help="where")})
+
+@cometkit.hookimpl
+def cometkit_make_metrics_sink(ctx):
+    # written for a distribution that registered it as "sink"; configured here by module path
+    SEEN.append((dict(ctx.options("sink")), dict(ctx.options()), sorted(ctx.plugin_options)))
+    return None
+"""
+
+
+def test_a_plugin_gets_its_own_section_whatever_it_is_called_and_only_its_own(
+        tmp_path, monkeypatch):
+    package = tmp_path / "thirdparty"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "sink.py").write_text(OPTIONS_READING_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = {"plugins": {"thirdparty.sink": {"path": "b.jsonl"},
+                          "redis_limiter": {"url": "redis://:hunter2@127.0.0.1:1/0"}}}
+    with cometkit.Client(KEY, "https://api.example.invalid/v1", config=config) as client:
+        import thirdparty.sink as sink
+
+        assert sink.SEEN == [({"path": "b.jsonl"}, {"path": "b.jsonl"}, ["thirdparty.sink"])]
+        # the program that made the client still reads any plugin's section
+        assert client.context.options("thirdparty.sink") == {"path": "b.jsonl"}

@@ -22,7 +22,6 @@ import requests
 from fakes import FakeClock
 from scripted_server import wait_until
 
-import cometkit
 from cometkit.hints import retry_after_s
 from cometkit.sandbox import FAULT_KINDS, Sandbox, SandboxProcess
 from cometkit.sandbox.cli import add_arguments, run, sandbox_kwargs, to_argv
@@ -1083,12 +1082,11 @@ def _installed() -> bool:
     return True
 
 
-def test_factory_fixture_stops_its_sandboxes_after_the_test(pytester, monkeypatch):
+def test_factory_fixture_stops_its_sandboxes_after_the_test(pytester):
     ports = pytester.path / "ports.txt"
-    extra: tuple = ()
-    if not _installed():  # a bare checkout: no pytest11 entry point to load the fixtures by
-        extra = ("-p", "cometkit.sandbox.pytest_plugin")
-        monkeypatch.setenv("PYTHONPATH", str(Path(cometkit.__file__).resolve().parent.parent))
+    # A bare checkout has no pytest11 entry point to load the fixtures by (conftest.py puts
+    # the checkout on PYTHONPATH for subprocesses).
+    extra = () if _installed() else ("-p", "cometkit.sandbox.pytest_plugin")
     pytester.makepyfile(f"""
         import requests
 

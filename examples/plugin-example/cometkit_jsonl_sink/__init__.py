@@ -137,7 +137,7 @@ def cometkit_make_metrics_sink(ctx: ClientContext) -> JsonLinesSink:
     # cometkit calls this only while the plugin is enabled. The options come validated with
     # defaults filled in; .get() keeps the defaults when the module is registered directly
     # (Client(extra_plugins=[cometkit_jsonl_sink])), where it has no section of its own.
-    options = ctx.options(PLUGIN_NAME)
+    options = ctx.options()
     return JsonLinesSink(options.get("path", DEFAULT_PATH),
                          include_attempts=options.get("include_attempts", False),
                          config_path=ctx.config_path)
