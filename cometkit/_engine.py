@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ._exceptions import APIConnectionError, APITimeoutError
 from .hints import parse_hints
 from .records import (
     AttemptRecord,
@@ -30,7 +31,8 @@ from .records import (
     Throttle,
 )
 
-__all__ = ["CallEngine", "Sent", "new_request_id", "operation_for", "usage_tokens"]
+__all__ = ["CallEngine", "CallTime", "Sent", "cut_timeout", "new_request_id", "operation_for",
+           "usage_tokens"]
 
 logger = logging.getLogger("cometkit")
 
@@ -81,6 +83,44 @@ class Sent:
 
 #: Sends one attempt: fills ``result`` (status, headers, error, usage) and returns what it got.
 AttemptFn = Callable[[AttemptResult], Sent]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2f}"
+
+
+@dataclass
+class CallTime:
+    """Where one call's time went, kept by the engine while the call runs.
+
+    One small value so that the deadline's message (and, later, per-attempt records of the
+    time spent waiting for admission) read the same numbers.
+    """
+
+    #: Seconds spent in ``limiter.acquire`` (first admission, requeues, holds), all attempts.
+    admission_s: float = 0.0
+    #: Attempts sent, and the seconds they took.
+    attempts: int = 0
+    attempts_s: float = 0.0
+    #: Seconds slept between attempts on the retry policy's word.
+    backoff_s: float = 0.0
+
+    def describe(self) -> str:
+        """``12.1 s waiting for admission, 3 attempts (1.9 s), 6.0 s in back-off``."""
+        plural = "" if self.attempts == 1 else "s"
+        return (f"{_seconds(self.admission_s)} s waiting for admission, {self.attempts} "
+                f"attempt{plural} ({_seconds(self.attempts_s)} s), "
+                f"{_seconds(self.backoff_s)} s in back-off")
+
+
+def cut_timeout(timeout_s: tuple[float, float], time_left_s: Optional[float]
+                ) -> tuple[float, float]:
+    """``(connect, read)`` timeouts no longer than what is left of the call's deadline, so an
+    attempt against a server that never answers ends when the deadline does."""
+    if time_left_s is None:
+        return timeout_s
+    left = max(time_left_s, 0.001)  # urllib3 refuses 0; the deadline check follows at once
+    return min(timeout_s[0], left), min(timeout_s[1], left)
 
 
 def _refusal_text(error: Optional[BaseException]) -> str:
@@ -207,7 +247,7 @@ class CallEngine:
 
     def execute(self, request: RequestInfo, attempt_fn: AttemptFn
                 ) -> tuple[Sent, AttemptResult, Optional[BaseException], Any]:
-        """Run one call to its end.
+        """Run one call to its end, within ``request.deadline_s`` when it has one.
 
         :returns: ``(sent, result, error, permit)``: ``error`` is the exception the call ends
             with (``None`` on success); ``permit`` is still held only when ``sent.held``.
@@ -220,11 +260,25 @@ class CallEngine:
         self.count(calls=1)
         attempt = 0
         history: tuple[RetryDecision, ...] = ()
+        spent = CallTime()
+        last_error: Optional[BaseException] = None
         while True:
             attempt += 1
-            permit = limiter.acquire(request, None) if limiter is not None else None
+            permit = None
+            if limiter is not None:
+                permit, refused = self._admit(request, spent, last_error)
+                if refused is not None:
+                    return refused
             result = AttemptResult(request, attempt, started_at=clock.monotonic(),
                                    history=history)
+            result.time_left_s = request.time_left_s(result.started_at)
+            if result.time_left_s is not None and result.time_left_s <= 0:
+                # admitted at the very end: not sent (it could only time out, or be billed)
+                result.error_stage = "connect"
+                if limiter is not None:
+                    limiter.release(permit, result)
+                return self._end_at_deadline(request, spent, "it passed while waiting for "
+                                             "admission", last_error)
             try:
                 sent = attempt_fn(result)
             except BaseException as exc:  # never leak a permit, even on KeyboardInterrupt
@@ -234,6 +288,8 @@ class CallEngine:
                     limiter.release(permit, result)
                 raise
             result.duration_s = clock.monotonic() - result.started_at
+            spent.attempts += 1
+            spent.attempts_s += result.duration_s
             if result.headers is not None:
                 self._read_hints(result)
             if result.error is None and sent.held:
@@ -250,17 +306,23 @@ class CallEngine:
                 return sent, result, None, None
 
             decision = policy.decide(result) if policy is not None else None
-            if decision is not None and decision.retry:
+            past = self._past_deadline(result, decision)
+            if past is None and decision is not None and decision.retry:
                 self.count(retries=1)
                 history += (decision,)
+                last_error = result.error
                 if self.sinks:
                     self._emit_attempt(result, sent, "retry", decision.delay_s)
                 if decision.delay_s > 0 and not (decision.requeue and limiter is not None):
                     clock.sleep(decision.delay_s)
+                    spent.backoff_s += decision.delay_s
                 continue
-            self.count(failures=1)
             if self.sinks:
                 self._emit_attempt(result, sent, "error", None)
+            if past is not None:
+                return self._end_at_deadline(request, spent, past, result.error, result, sent)
+            self.count(failures=1)
+            if self.sinks:
                 self._emit_call(result, "error")
             final = result.error
             if decision is not None and decision.error is not None:
@@ -268,6 +330,78 @@ class CallEngine:
                 if final.__cause__ is None:
                     final.__cause__ = result.error
             return sent, result, final, None
+
+    # -- the deadline ---------------------------------------------------------------------------
+
+    def _admit(self, request: RequestInfo, spent: CallTime,
+               last_error: Optional[BaseException]) -> tuple[Any, Optional[tuple]]:
+        """``(permit, None)``, or ``(None, the call's end)`` when the deadline passed while
+        waiting: the limiter is given what is left of it."""
+        assert self.limiter is not None
+        clock = self.clock
+        began = clock.monotonic()
+        left = request.time_left_s(began)
+        try:
+            if left is None or left > 0:
+                return self.limiter.acquire(request, left), None
+            cause: Optional[BaseException] = None
+        except Exception as exc:
+            after = request.time_left_s(clock.monotonic())
+            if after is None or after > 0:  # the limiter's own refusal: its error stands
+                raise
+            cause = exc
+        finally:
+            spent.admission_s += clock.monotonic() - began
+        return None, self._end_at_deadline(request, spent, "it passed while waiting for "
+                                           "admission", last_error, cause=cause)
+
+    def _past_deadline(self, result: AttemptResult,
+                       decision: Optional[RetryDecision]) -> Optional[str]:
+        """Why the deadline ends the call after this failed attempt, or ``None`` when it does
+        not: a retry whose wait would pass it is not made, whatever the policy decided, and an
+        attempt cut short by it (no answer) ends the call at it."""
+        left = result.request.time_left_s(self.clock.monotonic())
+        if left is None:
+            return None
+        if decision is not None and (decision.retry or decision.past_deadline):
+            wait = decision.delay_s
+            if decision.retry and decision.requeue and self.limiter is not None:
+                wait = 0.0  # the limiter's queue is given what is left
+            if left <= 0:
+                return f"it passed during attempt {result.attempt}"
+            if decision.past_deadline or wait >= left:
+                return (f"the next wait of {_seconds(wait)} s would pass it "
+                        f"({_seconds(left)} s left)")
+            return None
+        if left <= 0 and result.status_code is None:
+            return f"it passed during attempt {result.attempt}"
+        return None  # not retried for the policy's own reasons: its error stands
+
+    def _end_at_deadline(self, request: RequestInfo, spent: CallTime, why: str,
+                         last_error: Optional[BaseException],
+                         result: Optional[AttemptResult] = None, sent: Optional[Sent] = None,
+                         cause: Optional[BaseException] = None) -> tuple:
+        """The call fails with an ``APITimeoutError`` saying where its time went; the call
+        record names it (the attempts were recorded as they ended)."""
+        text = f"deadline {request.deadline_s:g} s: {spent.describe()}; {why}"
+        if last_error is not None:
+            text += f"; last error: {last_error}"
+        if spent.attempts == 0:
+            stage = "connect"  # nothing was sent
+        elif isinstance(last_error, APIConnectionError):
+            stage = last_error.stage
+        else:
+            stage = "read"
+        error = APITimeoutError(text, request_id=getattr(last_error, "request_id", None),
+                                stage=stage, deadline_s=request.deadline_s)
+        error.__cause__ = cause if cause is not None else last_error
+        if result is None:
+            result = AttemptResult(request, spent.attempts)
+        result.error = error
+        self.count(failures=1)
+        if self.sinks:
+            self._emit_call(result, "error")
+        return sent if sent is not None else Sent(), result, error, None
 
     def _read_hints(self, result: AttemptResult) -> None:
         """Parse the answer's rate-limit hints once, for the limiter, the policy and the

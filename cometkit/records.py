@@ -65,6 +65,9 @@ class RequestInfo:
     :ivar stream: whether the answer is a server-sent-event stream.
     :ivar json: the request body (read it, never change it; never log it: it holds prompts).
     :ivar started_at: ``clock.monotonic()`` when the call began, for deadlines.
+    :ivar deadline_s: seconds the whole call may take from ``started_at`` -- admission waits,
+        attempts and retry waits together (``None``: no deadline). The core enforces it; a
+        retry policy reads it (:meth:`time_left_s`) to refuse a wait that would pass it.
     """
 
     request_id: str
@@ -75,6 +78,14 @@ class RequestInfo:
     stream: bool = False
     json: Optional[Mapping[str, Any]] = None
     started_at: float = 0.0
+    deadline_s: Optional[float] = None
+
+    def time_left_s(self, now: float) -> Optional[float]:
+        """Seconds left of the deadline at ``now`` (``clock.monotonic()``; negative once it
+        passed), or ``None`` without a deadline."""
+        if self.deadline_s is None:
+            return None
+        return self.started_at + self.deadline_s - now
 
 
 @dataclass
@@ -113,6 +124,9 @@ class AttemptResult:
     #: The retry policy's decisions for the earlier attempts of this call, oldest first: the
     #: call's retry history, as urllib3's ``Retry.history`` (per call, never shared).
     history: tuple = ()
+    #: Seconds left of the call's deadline when this attempt was sent (``None``: no
+    #: deadline): whoever sends the attempt cuts its connect and read timeouts to it.
+    time_left_s: Optional[float] = None
 
     @property
     def ok(self) -> bool:
@@ -154,6 +168,9 @@ class RetryDecision:
     :ivar requeue: retry by waiting in the limiter's queue (no sleep: the limiter holds the
         call until its limit opens). Such a retry is the limit's doing, not the call's: it is
         not counted against the call's attempts.
+    :ivar past_deadline: not retrying because the wait (``delay_s``) would end past the call's
+        deadline (:attr:`RequestInfo.deadline_s`): the core then fails the call with its
+        deadline error, which says where the time went, instead of ``error``.
     """
 
     retry: bool
@@ -161,6 +178,7 @@ class RetryDecision:
     reason: str = ""
     error: Optional[BaseException] = None
     requeue: bool = False
+    past_deadline: bool = False
 
 
 #: CSV column order of an attempt record; documented in docs/metrics.md.
