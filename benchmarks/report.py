@@ -6,7 +6,7 @@ import datetime
 import os
 import platform
 from importlib import metadata
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .runner import Check, Row
 
@@ -153,14 +153,19 @@ def _limits_cells(row: Row) -> list:
             "" if share is None else f"{share:.0%}"]
 
 
+def _own_table(rows: Sequence[Row], keep: Callable[[Row], bool], columns: Sequence[str],
+               cells: Callable[[Row], list]) -> str:
+    """A table of its own for the rows ``keep`` selects; "" when there are none."""
+    kept = [row for row in rows if keep(row)]
+    if not kept:
+        return ""
+    return _markdown(columns, (cells(row) for row in kept), text_columns=(0, 1, 2))
+
+
 def limits_table(rows: Sequence[Row]) -> str:
     """The share of the limit achieved: one row per limit shape and client ("" when the run
     measured no limit shape)."""
-    rows = [row for row in rows if row.shape is not None]
-    if not rows:
-        return ""
-    return _markdown(LIMITS_COLUMNS, (_limits_cells(row) for row in rows),
-                     text_columns=(0, 1, 2))
+    return _own_table(rows, lambda row: row.shape is not None, LIMITS_COLUMNS, _limits_cells)
 
 
 def _deadline_cells(row: Row) -> list:
@@ -174,11 +179,8 @@ def _deadline_cells(row: Row) -> list:
 def deadline_table(rows: Sequence[Row]) -> str:
     """The deadline bound: one row per case, its longest call against D + 0.25 s ("" when
     the run measured none)."""
-    rows = [row for row in rows if row.deadline_s is not None]
-    if not rows:
-        return ""
-    return _markdown(DEADLINE_COLUMNS, (_deadline_cells(row) for row in rows),
-                     text_columns=(0, 1, 2))
+    return _own_table(rows, lambda row: row.deadline_s is not None, DEADLINE_COLUMNS,
+                      _deadline_cells)
 
 
 def checks(results: Sequence[Check]) -> str:
