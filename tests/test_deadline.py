@@ -110,6 +110,17 @@ def test_a_call_requeued_by_429s_while_the_server_accepts_ends_at_its_deadline()
     assert "Rate limit reached" in str(error)  # the last 429, quoted
 
 
+def test_a_stream_is_bounded_up_to_its_first_bytes():
+    with Sandbox(latency_s=NEVER_S) as sandbox:
+        with cometkit.Client("k", sandbox.base_url) as client:
+            error, _ = ends_in_time(1.0, lambda: chat(client, stream=True, deadline=1.0))
+    assert "it passed during attempt 1" in str(error)
+    with Sandbox() as sandbox:
+        with cometkit.Client("k", sandbox.base_url, deadline=5) as client:
+            chunks = list(chat(client, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: hi"
+
+
 def test_a_call_within_its_deadline_is_not_disturbed():
     replies = [too_many(**{"retry-after-ms": "100"})]
 
