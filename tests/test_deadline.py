@@ -18,7 +18,7 @@ from fakes import FakeClock, FixedRandom
 from scripted_server import ScriptedServer, chat_body, json_reply
 
 import cometkit
-from cometkit import APITimeoutError, ConfigError, RateLimitError
+from cometkit import APITimeoutError, ConfigError, RateLimitError, RetryDecision
 from cometkit._client import _legacy_deadline_warned
 from cometkit.adapters import CometAdapter
 from cometkit.sandbox import Sandbox
@@ -207,6 +207,39 @@ def test_the_message_adds_up_attempts_and_back_off():
                            "6.3 s in back-off; the next wait of ")
     assert "(1.7 s left); last error: " in text
     assert info.value.deadline_s == 8 and isinstance(info.value.__cause__, RateLimitError)
+
+
+class AlwaysRetry:
+    """A third-party retry policy that knows nothing of deadlines."""
+
+    __name__ = "always_retry"
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    @cometkit.hookimpl
+    def cometkit_make_retry_policy(self, ctx: Any) -> AlwaysRetry:
+        return self
+
+    def on_call_start(self, request: Any) -> None:
+        pass
+
+    def decide(self, result: Any) -> RetryDecision:
+        return RetryDecision(True, self.delay_s, "always")
+
+
+@pytest.mark.parametrize("delay_s, sleeps", [(10.0, []), (1.0, [1.0, 1.0, 1.0, 1.0])])
+def test_the_core_refuses_a_retry_past_the_deadline_whatever_the_policy_says(delay_s, sleeps):
+    clock = FakeClock()
+    with ScriptedServer(lambda seen: too_many()) as server:
+        with cometkit.Client("k", server.base_url, config={"plugins": {"limiter": False}},
+                             clock=clock, extra_plugins=[AlwaysRetry(delay_s)]) as client:
+            assert "always_retry" in client.plugins
+            with pytest.raises(APITimeoutError) as info:
+                chat(client, deadline=5)
+    assert clock.sleeps == sleeps  # never a sleep that ends at or past the deadline
+    assert server.count == len(sleeps) + 1
+    assert f"the next wait of {delay_s:.1f} s would pass it" in str(info.value)
 
 
 def test_the_message_counts_the_wait_for_admission():
