@@ -305,7 +305,10 @@ class Limiter(Protocol):
     """
 
     def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> Any:
-        """Wait for admission; raise ``RateLimitError`` when ``timeout_s`` passes first."""
+        """Wait for admission; raise ``RateLimitError`` when ``timeout_s`` passes first.
+
+        ``timeout_s`` is what is left of the call's deadline (``None``: the call has none);
+        the core turns a refusal at the deadline into the call's deadline error."""
         ...
 
     def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:
