@@ -13,12 +13,20 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import faults, goodput, limits, memory, overhead, scaling
-from .report import checks, limits_table, machine, results_markdown, table
+from . import deadline, faults, goodput, limits, memory, overhead, scaling
+from .report import (
+    checks,
+    deadline_table,
+    limits_table,
+    machine,
+    results_markdown,
+    table,
+    table_rows,
+)
 
 #: In the order they run (and appear in the tables).
 BENCHMARKS = {module.NAME: module
-              for module in (overhead, goodput, faults, scaling, memory, limits)}
+              for module in (overhead, goodput, faults, scaling, memory, limits, deadline)}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -74,12 +82,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += suite.rows
         results += suite.checks
     elapsed_s = time.perf_counter() - started
-    if any(row.shape is None for row in rows):
+    if table_rows(rows):
         print(table(rows))
         print()
-    if limits_table(rows):
-        print(limits_table(rows))
-        print()
+    for extra in (limits_table(rows), deadline_table(rows)):
+        if extra:
+            print(extra)
+            print()
     print(checks(results))
     output = args.output
     if output is None and not args.no_write and not args.quick and names == list(BENCHMARKS):

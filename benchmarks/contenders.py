@@ -78,6 +78,9 @@ class Spec:
     #: workers start together or a run starts at a given point of a calendar window; 0: at
     #: once.
     start_at: float = 0.0
+    #: cometkit contenders: the client's ``deadline`` in seconds (0: none); the longest call
+    #: is then reported as ``info["max_call_s"]``.
+    deadline_s: float = 0.0
 
     def chars(self, i: int) -> int:
         return self.prompt_chars[i % len(self.prompt_chars)] if self.prompt_chars else 0
@@ -116,18 +119,31 @@ def _cometkit(spec: Spec) -> Contender:
     import cometkit
 
     client = cometkit.Client(spec.api_key, spec.base_url, concurrency=spec.threads,
-                             timeout=list(TIMEOUT_S), plugins=spec.plugins or None)
+                             timeout=list(TIMEOUT_S), plugins=spec.plugins or None,
+                             deadline=spec.deadline_s or None)
     create = client.chat.completions.create
+    info: dict = {"plugins": client.plugins, "driver": spec.driver}
+    lock = threading.Lock()
 
-    def call(i: int) -> Outcome:
-        answer = create(model=MODEL, messages=spec.messages(i))
-        return spec.check(i, answer.choices[0].message.content)
+    def answer(i: int) -> Outcome:
+        reply = create(model=MODEL, messages=spec.messages(i))
+        return spec.check(i, reply.choices[0].message.content)
+
+    def timed(i: int) -> Outcome:
+        started = time.perf_counter()
+        try:
+            return answer(i)
+        finally:
+            took = time.perf_counter() - started
+            with lock:
+                info["max_call_s"] = max(info.get("max_call_s", 0.0), took)
+
+    call = timed if spec.deadline_s else answer
 
     def run(items: Iterable[int]) -> Iterator[Any]:
         return client.map(call, items, return_exceptions=True)
 
-    return Contender(call, client.close, run if spec.driver == "map" else None,
-                     info={"plugins": client.plugins, "driver": spec.driver})
+    return Contender(call, client.close, run if spec.driver == "map" else None, info=info)
 
 
 # -- requests and urllib3 --------------------------------------------------------------------

@@ -6,11 +6,11 @@ import datetime
 import os
 import platform
 from importlib import metadata
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .runner import Check, Row
 
-__all__ = ["machine", "table", "limits_table", "checks", "results_markdown"]
+__all__ = ["machine", "table", "limits_table", "deadline_table", "checks", "results_markdown"]
 
 #: Libraries whose versions are part of a result (absent ones are skipped).
 LIBRARIES = ("cometkit", "requests", "urllib3", "pluggy", "openai", "httpx", "httpx2",
@@ -22,6 +22,11 @@ COLUMNS = ("Benchmark", "Client", "Calls", "Threads", "Failed", "Wall s", "Calls
 #: The "share of the limit achieved" table (rows with a ``shape``).
 LIMITS_COLUMNS = ("Limit shape", "Client", "Calls ok", "Wall s", "Ideal s", "x ideal",
                   "Attempts", "429s", "429s % of calls")
+#: The deadline bound table (rows with a ``deadline_s``).
+DEADLINE_COLUMNS = ("Case", "Client", "Calls ok", "Threads", "Deadline s", "Longest call s",
+                    "Bound s", "Attempts", "Wall s")
+#: How far past its deadline a call may end (the bound the ``deadline`` rows check).
+DEADLINE_SLACK_S = 0.25
 
 
 def _cpu_model() -> str:
@@ -119,10 +124,15 @@ def _markdown(header: Sequence[str], body: Iterable[Sequence[str]],
     return "\n".join([render(lines[0]), rule, *(render(line) for line in lines[1:])])
 
 
+def table_rows(rows: Sequence[Row]) -> list:
+    """The rows of the main table: not the limit shapes, not the deadline bound."""
+    return [row for row in rows if row.shape is None and row.deadline_s is None]
+
+
 def table(rows: Sequence[Row]) -> str:
     """One table for every benchmark but the limit shapes (see :func:`limits_table`); ratios
     are against raw ``requests`` in the same run."""
-    rows = [row for row in rows if row.shape is None]
+    rows = table_rows(rows)
     return _markdown(COLUMNS, (_cells(row, rows) for row in rows))
 
 
@@ -143,14 +153,34 @@ def _limits_cells(row: Row) -> list:
             "" if share is None else f"{share:.0%}"]
 
 
+def _own_table(rows: Sequence[Row], keep: Callable[[Row], bool], columns: Sequence[str],
+               cells: Callable[[Row], list]) -> str:
+    """A table of its own for the rows ``keep`` selects; "" when there are none."""
+    kept = [row for row in rows if keep(row)]
+    if not kept:
+        return ""
+    return _markdown(columns, (cells(row) for row in kept), text_columns=(0, 1, 2))
+
+
 def limits_table(rows: Sequence[Row]) -> str:
     """The share of the limit achieved: one row per limit shape and client ("" when the run
     measured no limit shape)."""
-    rows = [row for row in rows if row.shape is not None]
-    if not rows:
-        return ""
-    return _markdown(LIMITS_COLUMNS, (_limits_cells(row) for row in rows),
-                     text_columns=(0, 1, 2))
+    return _own_table(rows, lambda row: row.shape is not None, LIMITS_COLUMNS, _limits_cells)
+
+
+def _deadline_cells(row: Row) -> list:
+    assert row.deadline_s is not None
+    return [str(row.info.get("case", row.key)), row.client, _calls_ok(row), str(row.threads),
+            _number(row.deadline_s, 2), _number(row.info.get("max_call_s"), 3),
+            _number(row.deadline_s + DEADLINE_SLACK_S, 2),
+            "" if row.attempts is None else str(row.attempts), _number(row.wall_s, 2)]
+
+
+def deadline_table(rows: Sequence[Row]) -> str:
+    """The deadline bound: one row per case, its longest call against D + 0.25 s ("" when
+    the run measured none)."""
+    return _own_table(rows, lambda row: row.deadline_s is not None, DEADLINE_COLUMNS,
+                      _deadline_cells)
 
 
 def checks(results: Sequence[Check]) -> str:
@@ -178,9 +208,10 @@ def results_markdown(rows: Sequence[Row], results: Sequence[Check], *, command: 
         "",
         "## Results",
         "",
-        *([table(rows), ""] if any(row.shape is None for row in rows) else []),
+        *([table(rows), ""] if table_rows(rows) else []),
         *(["## Share of the limit achieved", "", limits_table(rows), ""]
           if limits_table(rows) else []),
+        *(["## Deadline bound", "", deadline_table(rows), ""] if deadline_table(rows) else []),
         "## Targets",
         "",
         verdict,

@@ -77,6 +77,9 @@ class Row:
     shape: Optional[str] = None
     #: Set when the run was killed at this time cap: its counts are not known.
     timed_out_s: Optional[float] = None
+    #: The calls' deadline of a "deadline bound" row (those have a table of their own);
+    #: ``None`` for every other benchmark.
+    deadline_s: Optional[float] = None
 
     @property
     def calls_per_s(self) -> float:

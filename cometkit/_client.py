@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ._engine import CallEngine, Sent, new_request_id, operation_for, usage_tokens
+from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for, usage_tokens
 from ._exceptions import APIConnectionError, APIError, ConfigError, make_status_error
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
@@ -36,7 +36,7 @@ from ._transport import (
     check_base_url,
     connection_error,
 )
-from .config import load_config, parse_timeout
+from .config import load_config, parse_deadline, parse_timeout
 from .options import InvalidValue
 from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
@@ -107,6 +107,39 @@ def _call_timeout(timeout: Any) -> Optional[tuple[float, float]]:
         raise ValueError(f"timeout{part}: {exc}") from None
 
 
+def call_deadline(deadline: Any, default: Optional[float]) -> Optional[float]:
+    """A per-call ``deadline=`` in seconds (a number or a duration such as ``"20s"``), or the
+    client's ``default`` when it is ``None``."""
+    if deadline is None:
+        return default
+    if not isinstance(deadline, (int, float, str)) or isinstance(deadline, bool):
+        raise TypeError(f"deadline must be seconds or a duration such as \"20s\", got "
+                        f"{type(deadline).__name__}")
+    try:
+        return parse_deadline(deadline)
+    except InvalidValue as exc:
+        raise ValueError(f"deadline: {exc}") from None
+
+
+#: The deprecated ``plugins.backoff.deadline`` was warned about (once per process).
+_legacy_deadline_warned = threading.Event()
+
+
+def _client_deadline(data: Mapping[str, Any], plugins: PluginSet,
+                     where: str) -> Optional[float]:
+    """The top-level ``deadline``, or the deprecated ``plugins.backoff.deadline`` it replaces
+    (one knob: the old key becomes the call deadline, with a warning once per process)."""
+    deadline = data.get("deadline")
+    legacy = plugins.context.options("backoff").get("deadline")
+    if legacy is not None and not _legacy_deadline_warned.is_set():
+        _legacy_deadline_warned.set()
+        logger.warning("%s: plugins.backoff.deadline is deprecated: write deadline: %g at the "
+                       "top level of the configuration%s", where, legacy,
+                       "" if deadline is None else f" (the top-level deadline: {deadline:g} "
+                                                   "wins here)")
+    return legacy if deadline is None else deadline
+
+
 def _check_construction_args(base_url: Any, clock: Any, rng: Any, extra_plugins: Any) -> None:
     """The keyword arguments that are not configuration keys (those are validated with the
     configuration)."""
@@ -141,8 +174,8 @@ class Client:
     :param clock: the clock for sleeping and timing (tests inject a fake one).
     :param rng: random source for jitter (tests inject a seeded one).
     :param extra_plugins: plugin objects to register directly, besides the installed ones.
-    :param overrides: any top-level config key (``concurrency=8``, ``timeout=30``...), winning
-        over the file.
+    :param overrides: any top-level config key (``concurrency=8``, ``timeout=30``,
+        ``deadline=20``...), winning over the file.
     """
 
     def __init__(
@@ -207,6 +240,8 @@ class Client:
             ),
             extra_plugins=extra_plugins,
         )
+        #: Seconds one call may take in all, unless the call gives its own ``deadline=``.
+        self.deadline_s: Optional[float] = _client_deadline(data, self._plugins, where)
         self._engine = CallEngine(clock=self._clock, policy=self._plugins.retry_policy,
                                   limiter=self._plugins.limiter, sinks=list(self._plugins.sinks),
                                   server_address=self.server_address)
@@ -253,8 +288,12 @@ class Client:
         stream: bool = False,
         timeout: Union[float, tuple[float, float], None] = None,
         operation: Optional[str] = None,
+        deadline: Union[float, str, None] = None,
     ) -> Any:
         """Call any route below ``base_url`` through the limiter, retries and metrics.
+
+        :param deadline: seconds the whole call may take (admission, attempts, retry waits);
+            ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
 
         :returns: an :class:`ApiObject` for a JSON object answer, a list for a JSON array, a
             :class:`Stream` when ``stream`` is true, or ``None`` for an empty body.
@@ -275,7 +314,7 @@ class Client:
         model = json.get("model") if isinstance(json, dict) else None
         return self._call(method, path, json, params=params, headers=headers, stream=stream,
                           timeout=timeout, operation=operation or operation_for(path),
-                          model=model)
+                          model=model, deadline=deadline)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's worker pool."""
@@ -380,13 +419,16 @@ class Client:
         headers: Optional[Mapping[str, str]] = None,
         stream: bool = False,
         timeout: Union[float, tuple[float, float], None] = None,
+        deadline: Union[float, str, None] = None,
     ) -> Any:
         if self._closed:
             raise RuntimeError("this cometkit.Client is closed")
+        # checked here, for request() and every resource
+        timeout_s = _call_timeout(timeout) or self.timeout_s
+        deadline_s = call_deadline(deadline, self.deadline_s)
         request = RequestInfo(new_request_id(), operation, method, route, model, stream,
-                              body, self._clock.monotonic())
+                              body, self._clock.monotonic(), deadline_s)
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        timeout_s = _call_timeout(timeout)  # checked here, for request() and every resource
         send = self._transport.send
         secrets = self._transport.secrets  # answers come through it already blanked
 
@@ -395,7 +437,8 @@ class Client:
             try:
                 response = sent.response = send(method, route, payload, params=params,
                                                 headers=headers, stream=stream,
-                                                timeout_s=timeout_s)
+                                                timeout_s=cut_timeout(timeout_s,
+                                                                      result.time_left_s))
                 result.status_code = response.status_code
                 result.headers = response.headers
                 sent.provider_request_id = response.headers.get("x-request-id")

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ._exceptions import APIConnectionError, APITimeoutError
 from .hints import DEFAULT_REFUSALS, RefusalRules, parse_hints, refusal_text
 from .records import (
     AttemptRecord,
@@ -29,9 +30,11 @@ from .records import (
     RetryDecision,
     RetryPolicy,
     Throttle,
+    short_seconds,
 )
 
-__all__ = ["CallEngine", "Sent", "new_request_id", "operation_for", "usage_tokens"]
+__all__ = ["CallEngine", "Sent", "cut_timeout", "new_request_id", "operation_for",
+           "usage_tokens"]
 
 logger = logging.getLogger("cometkit")
 
@@ -82,6 +85,16 @@ class Sent:
 
 #: Sends one attempt: fills ``result`` (status, headers, error, usage) and returns what it got.
 AttemptFn = Callable[[AttemptResult], Sent]
+
+
+def cut_timeout(timeout_s: tuple[float, float], time_left_s: Optional[float]
+                ) -> tuple[float, float]:
+    """``(connect, read)`` timeouts no longer than what is left of the call's deadline, so an
+    attempt against a server that never answers ends when the deadline does."""
+    if time_left_s is None:
+        return timeout_s
+    left = max(time_left_s, 0.001)  # urllib3 refuses 0; the deadline check follows at once
+    return min(timeout_s[0], left), min(timeout_s[1], left)
 
 
 class CallEngine:
@@ -199,7 +212,7 @@ class CallEngine:
 
     def execute(self, request: RequestInfo, attempt_fn: AttemptFn
                 ) -> tuple[Sent, AttemptResult, Optional[BaseException], Any]:
-        """Run one call to its end.
+        """Run one call to its end, within ``request.deadline_s`` when it has one.
 
         :returns: ``(sent, result, error, permit)``: ``error`` is the exception the call ends
             with (``None`` on success); ``permit`` is still held only when ``sent.held``.
@@ -213,18 +226,24 @@ class CallEngine:
         attempt = 0
         history: tuple[RetryDecision, ...] = ()
         timing = CallTiming()
+        last_error: Optional[BaseException] = None
         while True:
             attempt += 1
+            permit, queue_s = None, 0.0
             if limiter is not None:
-                asked = clock.monotonic()
-                permit = limiter.acquire(request, None)
-                started = clock.monotonic()
-                queue_s = started - asked
-                timing.queue_s += queue_s
-            else:
-                permit, started, queue_s = None, clock.monotonic(), 0.0
-            result = AttemptResult(request, attempt, started_at=started, queue_s=queue_s,
-                                   history=history, timing=timing)
+                permit, queue_s, refused = self._admit(request, timing, last_error)
+                if refused is not None:
+                    return refused
+            result = AttemptResult(request, attempt, started_at=clock.monotonic(),
+                                   queue_s=queue_s, history=history, timing=timing)
+            result.time_left_s = request.time_left_s(result.started_at)
+            if result.time_left_s is not None and result.time_left_s <= 0:
+                # admitted at the very end: not sent (it could only time out, or be billed)
+                result.error_stage = "connect"
+                if limiter is not None:
+                    limiter.release(permit, result)
+                return self._end_at_deadline(request, timing, "it passed while waiting for "
+                                             "admission", last_error)
             try:
                 sent = attempt_fn(result)
             except BaseException as exc:  # never leak a permit, even on KeyboardInterrupt
@@ -234,6 +253,7 @@ class CallEngine:
                     limiter.release(permit, result)
                 raise
             self._end_attempt(result)
+            timing.attempts += 1
             if result.headers is not None:
                 self._read_hints(result)
             if result.error is None and sent.held:
@@ -250,9 +270,11 @@ class CallEngine:
                 return sent, result, None, None
 
             decision = policy.decide(result) if policy is not None else None
-            if decision is not None and decision.retry:
+            past = self._past_deadline(result, decision)
+            if past is None and decision is not None and decision.retry:
                 self.count(retries=1)
                 history += (decision,)
+                last_error = result.error
                 # A requeued call waits in the limiter (the next attempt's queue_s), not here.
                 sleep_s = decision.delay_s if decision.delay_s > 0 and not (
                     decision.requeue and limiter is not None) else 0.0
@@ -262,9 +284,12 @@ class CallEngine:
                     clock.sleep(sleep_s)
                     timing.backoff_s += sleep_s
                 continue
-            self.count(failures=1)
             if self.sinks:
                 self._emit_attempt(result, sent, "error", None)
+            if past is not None:
+                return self._end_at_deadline(request, timing, past, result.error, result, sent)
+            self.count(failures=1)
+            if self.sinks:
                 self._emit_call(result, "error")
             final = result.error
             if decision is not None and decision.error is not None:
@@ -279,6 +304,82 @@ class CallEngine:
         duration_s = self.clock.monotonic() - result.started_at
         result.timing.wire_s += duration_s - result.duration_s
         result.duration_s = duration_s
+
+    # -- the deadline ---------------------------------------------------------------------------
+
+    def _admit(self, request: RequestInfo, timing: CallTiming,
+               last_error: Optional[BaseException]) -> tuple[Any, float, Optional[tuple]]:
+        """``(permit, seconds waited, None)``, or ``(None, seconds waited, the call's end)``
+        when the deadline passed while waiting: the limiter is given what is left of it."""
+        assert self.limiter is not None
+        clock = self.clock
+        began = clock.monotonic()
+        left = request.time_left_s(began)
+        waited = 0.0
+        try:
+            if left is None or left > 0:
+                permit = self.limiter.acquire(request, left)
+                waited = clock.monotonic() - began
+                return permit, waited, None
+            cause: Optional[BaseException] = None
+        except Exception as exc:
+            after = request.time_left_s(clock.monotonic())
+            if after is None or after > 0:  # the limiter's own refusal: its error stands
+                raise
+            cause = exc
+        finally:
+            waited = waited or clock.monotonic() - began
+            timing.queue_s += waited
+        return None, waited, self._end_at_deadline(request, timing, "it passed while waiting "
+                                                   "for admission", last_error, cause=cause)
+
+    def _past_deadline(self, result: AttemptResult,
+                       decision: Optional[RetryDecision]) -> Optional[str]:
+        """Why the deadline ends the call after this failed attempt, or ``None`` when it does
+        not: a retry whose wait would pass it is not made, whatever the policy decided, and an
+        attempt cut short by it (no answer) ends the call at it."""
+        left = result.request.time_left_s(self.clock.monotonic())
+        if left is None:
+            return None
+        if decision is not None and (decision.retry or decision.past_deadline):
+            wait = decision.delay_s
+            if decision.retry and decision.requeue and self.limiter is not None:
+                wait = 0.0  # the limiter's queue is given what is left
+            if left <= 0:
+                return f"it passed during attempt {result.attempt}"
+            if decision.past_deadline or wait >= left:
+                return (f"the next wait of {short_seconds(wait)} s would pass it "
+                        f"({short_seconds(left)} s left)")
+            return None
+        if left <= 0 and result.status_code is None:
+            return f"it passed during attempt {result.attempt}"
+        return None  # not retried for the policy's own reasons: its error stands
+
+    def _end_at_deadline(self, request: RequestInfo, timing: CallTiming, why: str,
+                         last_error: Optional[BaseException],
+                         result: Optional[AttemptResult] = None, sent: Optional[Sent] = None,
+                         cause: Optional[BaseException] = None) -> tuple:
+        """The call fails with an ``APITimeoutError`` saying where its time went; the call
+        record names it (the attempts were recorded as they ended)."""
+        text = f"deadline {request.deadline_s:g} s: {timing.describe()}; {why}"
+        if last_error is not None:
+            text += f"; last error: {last_error}"
+        if timing.attempts == 0:
+            stage = "connect"  # nothing was sent
+        elif isinstance(last_error, APIConnectionError):
+            stage = last_error.stage
+        else:
+            stage = "read"
+        error = APITimeoutError(text, request_id=getattr(last_error, "request_id", None),
+                                stage=stage, deadline_s=request.deadline_s)
+        error.__cause__ = cause if cause is not None else last_error
+        if result is None:
+            result = AttemptResult(request, timing.attempts, timing=timing)
+        result.error = error
+        self.count(failures=1)
+        if self.sinks:
+            self._emit_call(result, "error")
+        return sent if sent is not None else Sent(), result, error, None
 
     def _read_hints(self, result: AttemptResult) -> None:
         """Parse the answer's rate-limit hints once, for the limiter, the policy and the

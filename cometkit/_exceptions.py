@@ -234,11 +234,14 @@ class APIConnectionError(APIError):
 
 
 class APITimeoutError(APIConnectionError):
-    """The connect or read timeout expired."""
+    """The connect or read timeout expired, or the call's deadline did."""
 
     def __init__(self, message: str = "Request timed out.", *, request_id: Optional[str] = None,
-                 stage: str = "read") -> None:
+                 stage: str = "read", deadline_s: Optional[float] = None) -> None:
         super().__init__(message, request_id=request_id, stage=stage)
+        #: The call's deadline in seconds when that is what ran out (the message then says
+        #: where the time went); ``None`` for one attempt's own connect or read timeout.
+        self.deadline_s = deadline_s
 
 
 _STATUS_CLASSES = {

@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Chat", "Completions", "Embeddings", "Models"]
 
 Timeout = Union[float, "tuple[float, float]", None]
+#: Seconds (or a duration such as ``"20s"``) the whole call may take; ``None``: the client's.
+Deadline = Union[float, str, None]
 
 
 class _Resource:
@@ -23,16 +25,17 @@ class _Resource:
 
 class Completions(_Resource):
     def create(self, *, model: str, messages: list, stream: bool = False,
-               timeout: Timeout = None, extra_headers: Optional[dict] = None,
-               **params: Any) -> Any:
+               timeout: Timeout = None, deadline: Deadline = None,
+               extra_headers: Optional[dict] = None, **params: Any) -> Any:
         """``POST /chat/completions``. Returns an :class:`ApiObject`, or a :class:`Stream`
-        of chunks when ``stream=True``."""
+        of chunks when ``stream=True`` (the deadline then covers the call up to the stream's
+        first bytes)."""
         body = {"model": model, "messages": messages, **params}
         if stream:
             body["stream"] = True
         return self._client._call("POST", "/chat/completions", body, operation="chat",
                                   model=model, stream=stream, timeout=timeout,
-                                  headers=extra_headers)
+                                  deadline=deadline, headers=extra_headers)
 
 
 class Chat(_Resource):
@@ -43,15 +46,17 @@ class Chat(_Resource):
 
 class Embeddings(_Resource):
     def create(self, *, model: str, input: Any, timeout: Timeout = None,
-               extra_headers: Optional[dict] = None, **params: Any) -> Any:
+               deadline: Deadline = None, extra_headers: Optional[dict] = None,
+               **params: Any) -> Any:
         """``POST /embeddings``."""
         body = {"model": model, "input": input, **params}
         return self._client._call("POST", "/embeddings", body, operation="embeddings",
-                                  model=model, timeout=timeout, headers=extra_headers)
+                                  model=model, timeout=timeout, deadline=deadline,
+                                  headers=extra_headers)
 
 
 class Models(_Resource):
-    def list(self, *, timeout: Timeout = None) -> Any:
+    def list(self, *, timeout: Timeout = None, deadline: Deadline = None) -> Any:
         """``GET /models``: the answer's ``.data`` lists the models."""
         return self._client._call("GET", "/models", None, operation="models", model=None,
-                                  timeout=timeout)
+                                  timeout=timeout, deadline=deadline)

@@ -15,6 +15,7 @@ existing ``resp.status_code`` checks and ``except requests.ConnectionError`` cla
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlsplit
@@ -23,8 +24,8 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ._client import Client
-from ._engine import Sent, new_request_id, operation_for, usage_tokens
-from ._exceptions import make_status_error
+from ._engine import Sent, cut_timeout, new_request_id, operation_for, usage_tokens
+from ._exceptions import APITimeoutError, make_status_error
 from ._transport import connection_error
 from .records import AttemptResult, RequestInfo
 
@@ -41,9 +42,28 @@ def _json_body(request: requests.PreparedRequest) -> Optional[Mapping[str, Any]]
     return value if isinstance(value, dict) else None
 
 
+def _timeout_within(timeout: Any, time_left_s: Optional[float]) -> Any:
+    """The caller's ``requests`` timeout (``None``, seconds or ``(connect, read)``) cut to what
+    is left of the call's deadline; a ``urllib3.Timeout`` object is left as it is."""
+    if time_left_s is None:
+        return timeout
+    if timeout is None or isinstance(timeout, (int, float)):
+        connect = read = timeout
+    elif isinstance(timeout, tuple) and len(timeout) == 2:
+        connect, read = timeout
+    else:
+        return timeout
+    return cut_timeout((math.inf if connect is None else connect,
+                        math.inf if read is None else read), time_left_s)
+
+
 class CometAdapter(HTTPAdapter):
     """A ``requests`` transport adapter that runs every request through a cometkit client's
     limiter, retry policy and metrics sinks. Safe for threads sharing one Session.
+
+    The client's ``deadline`` bounds each request as it bounds a ``Client`` call: the
+    ``timeout`` given to ``requests`` is cut to what is left, and past the deadline the request
+    raises ``cometkit.APITimeoutError`` (no response is returned then).
 
     :param client: the client whose plugins to use (default: a new one from ``config``).
     :param config: a YAML path or dict, as for :class:`cometkit.Client`.
@@ -74,7 +94,7 @@ class CometAdapter(HTTPAdapter):
         body = _json_body(request)
         info = RequestInfo(new_request_id(), operation_for(path), (request.method or "GET").upper(),
                            route or "/", body.get("model") if body else None, stream, body,
-                           engine.clock.monotonic())
+                           engine.clock.monotonic(), self.client.deadline_s)
         send = super().send
         authorization = request.headers.get("Authorization") or ""
         secret = authorization.split(" ", 1)[-1] or self.client._transport.api_key
@@ -83,8 +103,9 @@ class CometAdapter(HTTPAdapter):
         def attempt(result: AttemptResult) -> Sent:
             sent = Sent()
             try:
-                response = sent.response = send(request, stream=stream, timeout=timeout,
-                                                verify=verify, cert=cert, proxies=proxies)
+                response = sent.response = send(
+                    request, stream=stream, timeout=_timeout_within(timeout, result.time_left_s),
+                    verify=verify, cert=cert, proxies=proxies)
                 result.status_code = response.status_code
                 result.headers = response.headers
                 sent.provider_request_id = response.headers.get("x-request-id")
@@ -113,6 +134,10 @@ class CometAdapter(HTTPAdapter):
             return sent
 
         sent, _result, error, _permit = engine.execute(info, attempt)
+        if isinstance(error, APITimeoutError) and error.deadline_s is not None:
+            if sent.response is not None:
+                sent.response.close()
+            raise error
         if sent.response is not None:
             return sent.response  # success, or the last error answer: the caller checks status
         if broken:

@@ -32,7 +32,7 @@ from .batch import (
     BatchRunError,
     BatchRunner,
 )
-from .config import REDACTED, dump_yaml, load_config, redact
+from .config import REDACTED, dump_yaml, load_config, parse_deadline, redact
 
 __all__ = ["main", "build_parser"]
 
@@ -72,6 +72,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _seconds(text: str) -> float:
+    """A ``--deadline`` value: the configuration's ``deadline`` forms (``20``, ``"1m30s"``)."""
+    try:
+        return parse_deadline(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -------------------------------------------------------------------------------------------
@@ -189,7 +197,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             from . import Client
 
             client = Client(api_key, base_url, config=args.config,
-                            concurrency=args.concurrency, plugins=plugins)
+                            concurrency=args.concurrency, deadline=args.deadline,
+                            plugins=plugins)
         except (ConfigError, PluginError) as exc:
             return _error(str(exc))
         try:
@@ -412,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML configuration (default: $COMETKIT_CONFIG)")
     batch.add_argument("--concurrency", type=_positive_int, metavar="N",
                        help="requests in flight at once (the client's worker threads)")
+    batch.add_argument("--deadline", type=_seconds, metavar="SECONDS",
+                       help="seconds each request may take in all (waiting for admission, "
+                            "attempts, retry waits); past it the line records a timeout")
     batch.add_argument("--metrics-csv", metavar="PATH",
                        help="write one CSV row per attempt here (csv_metrics plugin)")
     batch.add_argument("--sandbox", action="store_true",

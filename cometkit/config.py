@@ -31,6 +31,7 @@ __all__ = [
     "CONFIG_ENV",
     "CORE_OPTIONS",
     "DEFAULT_TIMEOUT_S",
+    "parse_deadline",
     "REDACTED",
     "LoadedConfig",
     "load_config",
@@ -52,6 +53,7 @@ _MIN_SUBSTRING_SECRET = 6
 
 _TIMEOUT_ACCEPTS = ("seconds > 0 for both connect and read (a number or a duration such as "
                     '"30s"), a mapping {connect: s, read: s} or a list [connect, read]')
+_DEADLINE_ACCEPTS = 'seconds > 0 (a number or a duration such as "20s")'
 _PLUGINS_ACCEPTS = "a mapping of plugin names to true, false or a mapping of options"
 _VERIFY_ACCEPTS = "true, false (warns loudly) or the path of a CA bundle file"
 
@@ -59,7 +61,8 @@ _VERIFY_ACCEPTS = "true, false (warns loudly) or the path of a CA bundle file"
 # -- option parsers -------------------------------------------------------------------------
 
 
-def _seconds(value: Any, *, part: Optional[str] = None) -> float:
+def _seconds(value: Any, *, part: Optional[str] = None,
+             accepts: str = _TIMEOUT_ACCEPTS) -> float:
     seconds: Optional[float]
     if isinstance(value, bool):
         seconds = None
@@ -70,7 +73,7 @@ def _seconds(value: Any, *, part: Optional[str] = None) -> float:
     else:
         seconds = None
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        what = "seconds > 0 (a number or a duration such as \"30s\")" if part else _TIMEOUT_ACCEPTS
+        what = "seconds > 0 (a number or a duration such as \"30s\")" if part else accepts
         raise InvalidValue(f"must be {what}, got {value!r}", key=part)
     return seconds
 
@@ -98,6 +101,11 @@ def parse_timeout(value: Any) -> tuple[float, float]:
         return _seconds(value[0], part="connect"), _seconds(value[1], part="read")
     seconds = _seconds(value)
     return seconds, seconds
+
+
+def parse_deadline(value: Any) -> float:
+    """``deadline`` in seconds: a number or a duration string (``"20s"``, ``"2m"``)."""
+    return _seconds(value, accepts=_DEADLINE_ACCEPTS)
 
 
 def parse_verify(value: Any) -> Union[bool, str]:
@@ -154,6 +162,11 @@ CORE_OPTIONS: dict[str, Option] = {
         help="Connect and read timeouts of each attempt, in seconds; a read timeout is a "
              "stall between bytes, so a long stream is not cut off.",
         example={"connect": 5, "read": 120}),
+    "deadline": Option(
+        "any", default=None, nullable=True, parse=parse_deadline, accepts=_DEADLINE_ACCEPTS,
+        help="Seconds one call may take in all: waiting for admission, every attempt, every "
+             "retry wait; past it the call fails with APITimeoutError. null: no deadline.",
+        example=20),
     "concurrency": Option(
         "int", default=5, minimum=1, maximum=1024,
         help="Worker threads of the client's pool, and size of its connection pool.",

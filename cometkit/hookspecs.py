@@ -81,7 +81,8 @@ def cometkit_make_limiter(ctx: ClientContext) -> Optional[Limiter]:
     """Create the limiter that admits each attempt of a client.
 
     Stops at first non-None result. Before every attempt the core calls
-    ``limiter.acquire(request, timeout_s)`` and, when the attempt ends, exactly once
+    ``limiter.acquire(request, timeout_s)`` (``timeout_s``: what is left of the call's
+    deadline, ``None`` without one) and, when the attempt ends, exactly once
     ``limiter.release(permit, result)`` with the :class:`cometkit.AttemptResult` (status,
     headers, usage) so an adaptive limiter can react to a 429. For a stream the slot is held
     until the stream is exhausted, closed or garbage-collected. ``release`` always runs on an

@@ -66,6 +66,9 @@ class RequestInfo:
     :ivar stream: whether the answer is a server-sent-event stream.
     :ivar json: the request body (read it, never change it; never log it: it holds prompts).
     :ivar started_at: ``clock.monotonic()`` when the call began, for deadlines.
+    :ivar deadline_s: seconds the whole call may take from ``started_at`` -- admission waits,
+        attempts and retry waits together (``None``: no deadline). The core enforces it; a
+        retry policy reads it (:meth:`time_left_s`) to refuse a wait that would pass it.
     """
 
     request_id: str
@@ -76,6 +79,14 @@ class RequestInfo:
     stream: bool = False
     json: Optional[Mapping[str, Any]] = None
     started_at: float = 0.0
+    deadline_s: Optional[float] = None
+
+    def time_left_s(self, now: float) -> Optional[float]:
+        """Seconds left of the deadline at ``now`` (``clock.monotonic()``; negative once it
+        passed), or ``None`` without a deadline."""
+        if self.deadline_s is None:
+            return None
+        return self.started_at + self.deadline_s - now
 
 
 @dataclass
@@ -94,11 +105,26 @@ class CallTiming:
     :ivar wire_s: the attempts themselves, from sending to their end (the sum of their
         ``duration_s``; a stream's until it is exhausted or closed).
     :ivar backoff_s: the retry policy's sleeps between attempts.
+    :ivar attempts: attempts sent so far.
     """
 
     queue_s: float = 0.0
     wire_s: float = 0.0
     backoff_s: float = 0.0
+    attempts: int = 0
+
+    def describe(self) -> str:
+        """``12.1 s waiting for admission, 3 attempts (1.9 s), 6.0 s in back-off``: where a
+        call's time went, as a deadline's error says it."""
+        plural = "" if self.attempts == 1 else "s"
+        return (f"{short_seconds(self.queue_s)} s waiting for admission, {self.attempts} "
+                f"attempt{plural} ({short_seconds(self.wire_s)} s), "
+                f"{short_seconds(self.backoff_s)} s in back-off")
+
+
+def short_seconds(value: float) -> str:
+    """Seconds for a message: one decimal from a second up, two below."""
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2f}"
 
 
 @dataclass
@@ -142,6 +168,9 @@ class AttemptResult:
     history: tuple = ()
     #: The call's time so far, shared by its attempts (per call, never shared between calls).
     timing: CallTiming = field(default_factory=CallTiming)
+    #: Seconds left of the call's deadline when this attempt was sent (``None``: no
+    #: deadline): whoever sends the attempt cuts its connect and read timeouts to it.
+    time_left_s: Optional[float] = None
 
     @property
     def ok(self) -> bool:
@@ -183,6 +212,9 @@ class RetryDecision:
     :ivar requeue: retry by waiting in the limiter's queue (no sleep: the limiter holds the
         call until its limit opens). Such a retry is the limit's doing, not the call's: it is
         not counted against the call's attempts.
+    :ivar past_deadline: not retrying because the wait (``delay_s``) would end past the call's
+        deadline (:attr:`RequestInfo.deadline_s`): the core then fails the call with its
+        deadline error, which says where the time went, instead of ``error``.
     """
 
     retry: bool
@@ -190,6 +222,7 @@ class RetryDecision:
     reason: str = ""
     error: Optional[BaseException] = None
     requeue: bool = False
+    past_deadline: bool = False
 
 
 #: CSV column order of an attempt record; documented in docs/metrics.md.
@@ -336,7 +369,10 @@ class Limiter(Protocol):
     """
 
     def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> Any:
-        """Wait for admission; raise ``RateLimitError`` when ``timeout_s`` passes first."""
+        """Wait for admission; raise ``RateLimitError`` when ``timeout_s`` passes first.
+
+        ``timeout_s`` is what is left of the call's deadline (``None``: the call has none);
+        the core turns a refusal at the deadline into the call's deadline error."""
         ...
 
     def release(self, permit: Any, result: AttemptResult) -> Optional[Throttle]:

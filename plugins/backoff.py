@@ -215,7 +215,10 @@ class BackoffPolicy:
     ``x-ratelimit-reset-*``) plus up to 10 % jitter, else ``base_delay * 2 ** (attempt - 1)``
     capped at ``max_delay`` with ``jitter``; a hint over ``max_retry_after`` fails at once; a
     wait that would end past ``deadline`` fails at once; and the client-wide
-    :class:`RetryBudget` must allow the retry.
+    :class:`RetryBudget` must allow the retry. The deadline is the call's own
+    (:attr:`cometkit.RequestInfo.deadline_s`); ``deadline`` here is deprecated and only
+    serves calls that have none (the configuration's ``backoff.deadline`` becomes the
+    client's deadline instead).
 
     A 429 that the limiter reads as "the server still accepts calls at its limit" (its
     :class:`cometkit.Throttle` says ``accepting``) is different: the call waits its turn in the
@@ -285,8 +288,10 @@ class BackoffPolicy:
     @classmethod
     def from_options(cls, options: Mapping[str, Any], *, clock: Optional[Clock] = None,
                      rng: Optional[random.Random] = None) -> BackoffPolicy:
-        """Build from a validated ``plugins.backoff`` section (absent keys take defaults)."""
-        return cls(**{k: v for k, v in options.items() if k in OPTIONS}, clock=clock, rng=rng)
+        """Build from a validated ``plugins.backoff`` section (absent keys take defaults).
+        Its deprecated ``deadline`` is left out: the client makes it the call deadline."""
+        return cls(**{k: v for k, v in options.items() if k in OPTIONS and k != "deadline"},
+                   clock=clock, rng=rng)
 
     def __repr__(self) -> str:
         retry_on = sorted(self.retry_on, key=str)
@@ -369,17 +374,22 @@ class BackoffPolicy:
                         f"max_retry_after={self.max_retry_after:g} s", hint)))
 
     def _past_deadline(self, result: AttemptResult, delay: float) -> Optional[RetryDecision]:
-        """The final decision when waiting ``delay`` more would pass ``deadline``."""
-        if self.deadline is None:
+        """The final decision when waiting ``delay`` more would pass the call's deadline
+        (:attr:`cometkit.RequestInfo.deadline_s`, or the deprecated ``deadline`` given to
+        this policy for calls without one). Decided here, before the retry budget is touched;
+        the core raises its deadline error, which says where the time went."""
+        request = result.request
+        deadline_s = request.deadline_s if request.deadline_s is not None else self.deadline
+        if deadline_s is None:
             return None
-        spent = self.clock.monotonic() - result.request.started_at
-        if spent + delay <= self.deadline:
+        left = request.started_at + deadline_s - self.clock.monotonic()
+        if delay < left:
             return None
         return self._final(result, RetryDecision(
-            False, reason="deadline",
+            False, delay, reason="deadline", past_deadline=True,
             error=_explained(
                 result, f"waiting {_seconds(delay)} s more would pass the deadline "
-                        f"of {self.deadline:g} s ({_seconds(spent)} s spent in "
+                        f"of {deadline_s:g} s ({_seconds(deadline_s - left)} s spent in "
                         f"{result.attempt} attempts)")))
 
     # -- the rules ---------------------------------------------------------------------------
@@ -471,7 +481,8 @@ OPTIONS: Mapping[str, Option] = {
              "sleeping."),
     "deadline": Option(
         "float", default=None, minimum=0, nullable=True,
-        help="Seconds one call may take across all attempts and waits; null: no deadline.",
+        help="Deprecated: the top-level deadline (it becomes that, with a warning); seconds "
+             "one call may take across admission, attempts and waits.",
         example=60),
     "budget_ratio": Option(
         "float", default=BackoffPolicy.DEFAULT_BUDGET_RATIO, minimum=0,

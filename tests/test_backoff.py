@@ -138,7 +138,8 @@ def test_hooks_declare_the_spec_and_build_the_policy_from_the_context(clock):
         timeout_s=(1.0, 1.0), clock=clock, random=rng)
     built = backoff.cometkit_make_retry_policy(ctx.for_plugin("backoff"))
     assert isinstance(built, BackoffPolicy)
-    assert built.max_attempts == 2 and built.deadline == 9.0
+    # the deprecated backoff.deadline is the client's call deadline now, not the policy's
+    assert built.max_attempts == 2 and built.deadline is None
     assert built.clock is clock and built.rng is rng
     assert "max_attempts=2" in repr(built)
 
@@ -389,26 +390,44 @@ def test_garbage_hints_fall_back_to_the_formula(clock, headers):
 # -- deadline ---------------------------------------------------------------------------------
 
 
-def test_deadline_refuses_a_wait_that_would_end_past_it(clock):
-    p = policy(clock, deadline=10.0)
-    request = make_request(clock)
+def make_call(clock: FakeClock, deadline_s: float) -> RequestInfo:
+    return RequestInfo("ck-1", "chat", "POST", "/chat/completions", "gpt-x",
+                       started_at=clock.monotonic(), deadline_s=deadline_s)
+
+
+def test_the_call_deadline_refuses_a_wait_that_would_end_at_or_past_it(clock):
+    p = policy(clock)
+    request = make_call(clock, 10.0)
     clock.advance(5.0)
-    assert p.decide(rate_limited(request, attempt=2)).delay_s == 2.0  # 5 + 2 <= 10
-    clock.advance(3.0)
-    decision = p.decide(rate_limited(request, attempt=2))  # 8 + 2 <= 10: still fits
+    assert p.decide(rate_limited(request, attempt=2)).delay_s == 2.0  # 5 + 2 < 10
+    clock.advance(2.5)
+    decision = p.decide(rate_limited(request, attempt=2))  # 7.5 + 2 < 10: still fits
     assert decision.retry
-    decision = p.decide(rate_limited(request, attempt=3))  # 8 + 4 > 10
+    decision = p.decide(rate_limited(request, attempt=3))  # 7.5 + 4 > 10
     assert not decision.retry and decision.reason == "deadline"
+    # the core turns this into its deadline error; the wait is handed over for its message
+    assert decision.past_deadline and decision.delay_s == 4.0
     assert isinstance(decision.error, RateLimitError)
     assert "would pass the deadline of 10 s" in str(decision.error)
+    clock.advance(0.5)  # 8 + 2 = 10: no time would be left for the attempt
+    assert p.decide(rate_limited(request, attempt=2)).past_deadline
 
 
-def test_deadline_applies_to_server_hints(clock):
+def test_a_refused_retry_takes_nothing_from_the_budget(clock):
+    p = policy(clock, budget_floor=1, budget_ratio=0.0)
+    assert p.decide(rate_limited(make_call(clock, 1.0), 1, {"Retry-After": "5"})).past_deadline
+    assert p.budget.counts() == (0, 0)
+    assert p.decide(rate_limited(make_request(clock), 1, {"Retry-After": "5"})).retry
+
+
+def test_the_deprecated_policy_deadline_serves_calls_without_their_own(clock):
     p = policy(clock, deadline=30.0)
     request = make_request(clock)
     assert p.decide(rate_limited(request, 1, {"Retry-After": "29"})).retry
     clock.advance(2.0)
-    assert not p.decide(rate_limited(request, 1, {"Retry-After": "29"})).retry
+    assert p.decide(rate_limited(request, 1, {"Retry-After": "29"})).past_deadline
+    # the call's own deadline wins over it
+    assert p.decide(rate_limited(make_call(clock, 60.0), 1, {"Retry-After": "29"})).retry
 
 
 def test_deadline_on_a_connection_error_keeps_its_type(clock):

@@ -13,10 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``benchmarks`` lives at the repository root, not installed
     sys.path.insert(0, str(REPO))
 
-from benchmarks import goodput, limits  # noqa: E402
+from benchmarks import deadline, goodput, limits  # noqa: E402
 from benchmarks.__main__ import parser  # noqa: E402
 from benchmarks.contenders import GUIDE_ATTEMPTS, Spec, expected_answer, guide_retry  # noqa: E402
-from benchmarks.report import limits_table, results_markdown, table  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    deadline_table,
+    limits_table,
+    results_markdown,
+    table,
+)
 from benchmarks.runner import Row, Suite  # noqa: E402
 
 
@@ -242,6 +247,40 @@ def test_limits_targets_are_checked_per_client_and_a_timed_out_run_misses_them()
     timed_out = suite.checks[5:]
     assert [c.passed for c in timed_out] == [False, False, False]
     assert "time cap" in timed_out[0].measured
+
+
+def _deadline_row(key: str, ok: int, longest_s, errors: dict) -> Row:
+    return Row(bench=deadline.NAME, key=key, client="cometkit, deadline 2 s", calls=4,
+               threads=4, ok=ok, failed=4 - ok, wall_s=4.0, errors=errors, attempts=4,
+               deadline_s=2.0, info={"case": f"case {key}",
+                                     **({} if longest_s is None else {"max_call_s": longest_s})})
+
+
+def test_deadline_rows_have_their_own_table_and_are_checked_against_d_plus_a_quarter():
+    rows = [_deadline_row("a", 0, 2.004, {"APITimeoutError": 4}),
+            _deadline_row("b", 1, 2.31, {"APITimeoutError": 3}),
+            _deadline_row("c", 3, 0.5, {"RateLimitError": 1}),
+            _deadline_row("d", 0, None, {"APITimeoutError": 4}),
+            _row("requests-8", 8, 1.0, baseline=True)]
+    suite = Suite(rows=rows[:4])
+    deadline._checks(suite)
+    assert [(c.target.split(":")[0], c.passed) for c in suite.checks] == [
+        ("case a", True), ("case a", True),
+        ("case b", False), ("case b", True),     # 2.31 s > 2.25 s
+        ("case c", True), ("case c", False),     # another error than APITimeoutError
+        ("case d", False), ("case d", True),     # no call timed: not met
+    ]
+    rendered = deadline_table(rows)
+    cells = [c.strip() for c in rendered.splitlines()[2].split("|")][1:-1]
+    assert cells == ["case a", "cometkit, deadline 2 s", "0/4 (APITimeoutError 4)", "4",
+                     "2.00", "2.004", "2.25", "4", "4.00"]
+    assert "requests-8" not in rendered
+    assert "case a" not in table(rows) and "requests-8" in table(rows)
+    written = results_markdown(rows, [], command="python -m benchmarks", host={"CPU": "x"},
+                               elapsed_s=60.0)
+    assert "## Deadline bound" in written and rendered in written
+    assert deadline_table([_row("requests-8", 8, 1.0)]) == ""
+    assert parser().parse_args(["--only", "deadline"]).only == ["deadline"]
 
 
 def test_token_shape_ideal_charges_what_the_sandbox_counts():

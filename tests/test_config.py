@@ -26,6 +26,7 @@ DEFAULTS = {
     "base_url": None,
     "api_key": None,
     "timeout": DEFAULT_TIMEOUT_S,
+    "deadline": None,
     "concurrency": 5,
     "verify": True,
     "allow_insecure_http": False,
@@ -60,6 +61,7 @@ def test_full_file_is_validated_and_normalised(tmp_path):
 base_url: https://proxy.example.com/v1
 api_key: sk-literal
 timeout: {{connect: 3, read: 45.5}}
+deadline: 1m30s
 concurrency: 32
 verify: {ca}
 allow_insecure_http: false
@@ -76,6 +78,7 @@ plugins:
         "base_url": "https://proxy.example.com/v1",
         "api_key": "sk-literal",
         "timeout": (3.0, 45.5),
+        "deadline": 90.0,
         "concurrency": 32,
         "verify": str(ca),
         "allow_insecure_http": False,

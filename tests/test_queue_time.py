@@ -108,9 +108,9 @@ def test_the_retry_policy_sees_where_the_call_s_time_went_so_far():
             with pytest.raises(cometkit.RateLimitError):
                 client.chat.completions.create(model="m1", messages=MESSAGES)
     # one request a second: after a 0.25 s sleep the next attempt still queues 0.75 s
-    assert seen == [(1, 0.0, (0.0, 0.0, 0.0)),
-                    (2, 0.75, (0.75, 0.0, 0.25)),
-                    (3, 0.75, (1.5, 0.0, 0.5))]
+    assert seen == [(1, 0.0, (0.0, 0.0, 0.0, 1)),
+                    (2, 0.75, (0.75, 0.0, 0.25, 2)),
+                    (3, 0.75, (1.5, 0.0, 0.5, 3))]
 
 
 def test_a_requeued_429_waits_in_the_queue_not_in_back_off(tmp_path):

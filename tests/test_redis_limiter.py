@@ -259,6 +259,38 @@ def test_a_429_in_one_process_holds_admissions_in_the_others(redis_url, rdb):
         assert fine.stats()["attempts"] == 1
 
 
+def test_a_call_held_by_the_shared_hold_ends_at_its_deadline(redis_url):
+    """The deadline's time left is the Redis limiter's acquire timeout: a call that finds the
+    model held (a 429 with a Retry-After longer than its deadline) ends at its deadline, never
+    sent, within the bound of D + 0.25 s; a direct acquire takes the shorter of the two."""
+    deadline_s = 1.0
+    options = {"url": redis_url, "acquire_timeout": 30}
+    with Sandbox(always_429=True, retry_after_value_s=30) as refusing:
+        with cometkit.Client(KEY, refusing.base_url, deadline=deadline_s, config={
+                "plugins": {"redis_limiter": options}}) as client:
+            with pytest.raises(cometkit.APITimeoutError, match="would pass it"):
+                client.chat.completions.create(model="m1", messages=MESSAGES)
+            started = time.monotonic()
+            with pytest.raises(cometkit.APITimeoutError) as info:
+                client.chat.completions.create(model="m1", messages=MESSAGES)
+            took = time.monotonic() - started
+        assert refusing.stats()["attempts"] == 1
+    assert took <= deadline_s + 0.25, took
+    assert "waiting for admission, 0 attempts" in str(info.value)
+    assert isinstance(info.value.__cause__, RateLimitError)  # the limiter's refusal, chained
+
+    # Another process (a limiter of its own, nothing learned locally): Redis' shared hold.
+    limiter = RedisLimiter(url=redis_url, namespace=fingerprint(), max_concurrency=4,
+                           acquire_timeout=30)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RateLimitError, match="shared hold"):
+            limiter.acquire(REQUEST, 0.3)
+        assert time.monotonic() - started <= 0.3 + 0.25
+    finally:
+        limiter.close()
+
+
 # -- the shared state, process by process ---------------------------------------------------
 
 

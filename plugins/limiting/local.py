@@ -43,7 +43,15 @@ from .adaptive import (
     AdaptiveControl,
 )
 from .buckets import TokenBucket
-from .plan import OPTIONS, charged_tokens, estimate_parts, factory_kwargs, lane_cap, paced_rate
+from .plan import (
+    OPTIONS,
+    admission_timeout,
+    charged_tokens,
+    estimate_parts,
+    factory_kwargs,
+    lane_cap,
+    paced_rate,
+)
 
 __all__ = ["AdmissionLimiter", "PLUGIN_NAME"]
 
@@ -293,11 +301,12 @@ class AdmissionLimiter:
     def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> _Permit:
         """Wait, first come first served, until the attempt may go out; return its permit.
 
-        :param timeout_s: longest wait; ``None`` means ``acquire_timeout``.
+        :param timeout_s: longest wait (the time left of the call's deadline); the shorter of it
+            and ``acquire_timeout`` applies, ``None`` leaves ``acquire_timeout`` alone.
         :raises RateLimitError: the wait would exceed the timeout.
         :raises RuntimeError: the limiter is (or gets) closed.
         """
-        timeout = self.acquire_timeout if timeout_s is None else timeout_s
+        timeout = admission_timeout(self.acquire_timeout, timeout_s)
         with self._lock:
             waiter: Optional[_Waiter] = None
             try:

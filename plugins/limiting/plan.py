@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 from cometkit import AttemptResult, Option
 
 __all__ = [
+    "admission_timeout",
     "CHARS_PER_TOKEN",
     "OPTIONS",
     "estimate_parts",
@@ -138,6 +139,15 @@ def estimate_tokens(body: Optional[Mapping[str, Any]]) -> int:
 # -------------------------------------------------------------------------------------------
 # Arithmetic both stores share
 # -------------------------------------------------------------------------------------------
+
+
+def admission_timeout(acquire_timeout: Optional[float],
+                      timeout_s: Optional[float]) -> Optional[float]:
+    """How long one ``acquire`` may wait: the shorter of the configured ``acquire_timeout``
+    and what the caller gives (the time left of the call's deadline); ``None``: no limit."""
+    if acquire_timeout is None:
+        return timeout_s
+    return acquire_timeout if timeout_s is None else min(acquire_timeout, timeout_s)
 
 
 def paced_rate(per_minute: Optional[float], burst: float,

@@ -74,7 +74,14 @@ from .adaptive import (
 )
 from .local import AdmissionLimiter
 from .plan import OPTIONS as LIMITER_OPTIONS
-from .plan import charged_tokens, estimate_parts, factory_kwargs, lane_cap, paced_rate
+from .plan import (
+    admission_timeout,
+    charged_tokens,
+    estimate_parts,
+    factory_kwargs,
+    lane_cap,
+    paced_rate,
+)
 
 __all__ = [
     "RedisLimiter",
@@ -413,7 +420,8 @@ class RedisLimiter:
     def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> Any:
         """Wait until the attempt may go out under the shared limits; return its permit.
 
-        :param timeout_s: longest wait; ``None`` means ``acquire_timeout``.
+        :param timeout_s: longest wait (the time left of the call's deadline); the shorter of it
+            and ``acquire_timeout`` applies, ``None`` leaves ``acquire_timeout`` alone.
         :raises RateLimitError: the wait would exceed the timeout, or Redis is unreachable
             with ``on_redis_error: fail_closed``.
         :raises RuntimeError: the limiter is (or gets) closed.
@@ -423,7 +431,7 @@ class RedisLimiter:
         self._after_fork()
         prompt, answer = estimate_parts(request.json) if self._count_tokens else (0, 0)
         cost = prompt + answer
-        timeout = self.acquire_timeout if timeout_s is None else timeout_s
+        timeout = admission_timeout(self.acquire_timeout, timeout_s)
         deadline = None if timeout is None else self.clock.monotonic() + timeout
         if self._redis_usable():
             paced = None
