@@ -21,8 +21,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ._engine import CallEngine, Sent, new_request_id, operation_for, usage_tokens
-from ._exceptions import APIConnectionError, APIError, ConfigError, make_status_error
+from ._answers import note_body, note_head
+from ._engine import CallEngine, Sent, new_request_id, operation_for
+from ._exceptions import APIConnectionError, APIError, ConfigError
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
@@ -30,7 +31,6 @@ from ._streaming import Stream, completion_as_chunk, event_error
 from ._transport import (
     DEFAULT_BASE_URL,
     TRANSPORT_ERRORS,
-    Answer,
     Transport,
     answers_in_events,
     check_base_url,
@@ -396,20 +396,16 @@ class Client:
                 response = sent.response = send(method, route, payload, params=params,
                                                 headers=headers, stream=stream,
                                                 timeout_s=timeout_s)
-                result.status_code = response.status_code
-                result.headers = response.headers
-                sent.provider_request_id = response.headers.get("x-request-id")
+                note_head(result, sent, response)
                 if answers_in_events(response, stream):
                     sent.held = True
                     return sent
-                content = response.content  # read whole (and checked) by the transport
-                if response.status_code >= 300:
-                    full = response.as_response() if isinstance(response, Answer) else response
-                    error = make_status_error(response.status_code, content, response.headers,
-                                              response=full, method=method, route=route)
-                    result.error, result.error_code = error, error.code
+                # read whole (and checked) by the transport; it does not follow redirects
+                value = sent.value = note_body(result, sent, response, response.content,
+                                               method=method, route=route, error_from=300,
+                                               decode=self._decode)
+                if result.error is not None:
                     return sent
-                value = sent.value = self._decode(content, response)
                 if stream:  # a whole JSON answer to a stream request: an error, or the lot
                     response.close()
                     failure = event_error(value, sent.provider_request_id)
@@ -422,10 +418,6 @@ class Client:
                             request_id=sent.provider_request_id, body=value)
                     if failure is not None:
                         result.error, result.error_code = failure, failure.code
-                        return sent
-                if isinstance(value, dict):
-                    sent.response_model = value.get("model")
-                    result.input_tokens, result.output_tokens = usage_tokens(value.get("usage"))
             except TRANSPORT_ERRORS as exc:
                 mapped = connection_error(exc, secrets)
                 result.error, result.error_stage = mapped, mapped.stage
