@@ -346,6 +346,44 @@ class Client:
 
         return results()
 
+    def httpx_client(self, *, httpx: Any = None, **kwargs: Any) -> Any:
+        """An ``httpx2.Client`` (or classic ``httpx.Client``) whose every request is a call of
+        this client: through its limiter, retries and sinks (see :mod:`cometkit.httpx`).
+
+        :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the first installed).
+        :param kwargs: passed on to the ``Client``; ``base_url``, ``timeout`` (the
+            configuration's) and ``follow_redirects=True`` are preset.
+        """
+        from .httpx import Transport
+
+        transport = Transport(self, httpx=httpx)
+        module = transport.httpx
+        connect_s, read_s = self.timeout_s
+        kwargs.setdefault("base_url", self.base_url)
+        kwargs.setdefault("timeout", module.Timeout(read_s, connect=connect_s))
+        kwargs.setdefault("follow_redirects", True)
+        return module.Client(transport=transport, **kwargs)
+
+    def openai(self, **kwargs: Any) -> Any:
+        """A ready ``openai.OpenAI`` that sends through this client (:meth:`httpx_client`):
+        ``base_url``, the API key, ``max_retries=0`` (cometkit retries; two layers would
+        multiply) and ``http_client`` are preset; ``kwargs`` win. Closing it leaves this
+        client open."""
+        try:
+            import openai
+        except ImportError:
+            raise ConfigError("client.openai() needs the openai SDK: pip install "
+                              "'cometkit[openai]'", key="openai") from None
+        # openai 3 sends through httpx2; older releases through classic httpx
+        major = openai.__version__.split(".", 1)[0]
+        module = "httpx2" if major.isdigit() and int(major) >= 3 else "httpx"
+        kwargs.setdefault("api_key", self._transport.api_key or "no-key")
+        kwargs.setdefault("base_url", self.base_url)
+        kwargs.setdefault("max_retries", 0)
+        if "http_client" not in kwargs:
+            kwargs["http_client"] = self.httpx_client(httpx=module)
+        return openai.OpenAI(**kwargs)
+
     def close(self) -> None:
         """Finish queued work, then close the pool, the limiter, the sinks and the session."""
         with self._close_lock:
