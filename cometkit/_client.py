@@ -350,7 +350,8 @@ class Client:
         """An ``httpx2.Client`` (or classic ``httpx.Client``) whose every request is a call of
         this client: through its limiter, retries and sinks (see :mod:`cometkit.httpx`).
 
-        :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the first installed).
+        :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the one the installed
+            openai SDK sends through).
         :param kwargs: passed on to the ``Client``; ``base_url``, ``timeout`` (the
             configuration's) and ``follow_redirects=True`` are preset.
         """
@@ -374,14 +375,11 @@ class Client:
         except ImportError:
             raise ConfigError("client.openai() needs the openai SDK: pip install "
                               "'cometkit[openai]'", key="openai") from None
-        # openai 3 sends through httpx2; older releases through classic httpx
-        major = openai.__version__.split(".", 1)[0]
-        module = "httpx2" if major.isdigit() and int(major) >= 3 else "httpx"
         kwargs.setdefault("api_key", self._transport.api_key or "no-key")
         kwargs.setdefault("base_url", self.base_url)
         kwargs.setdefault("max_retries", 0)
         if "http_client" not in kwargs:
-            kwargs["http_client"] = self.httpx_client(httpx=module)
+            kwargs["http_client"] = self.httpx_client()  # the library this SDK sends through
         return openai.OpenAI(**kwargs)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import json
 import logging
 import threading
@@ -51,15 +52,28 @@ _OWN_REQUEST_HEADERS = frozenset({"host", "content-length", "transfer-encoding",
 _TRAVEL_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
+def _preferred_modules() -> tuple:
+    """``httpx2`` first, unless the installed openai SDK is older than 3: those send through
+    classic ``httpx`` (and may refuse an ``httpx2`` client), and so does what is built on
+    them."""
+    try:
+        version = importlib.metadata.version("openai")
+    except importlib.metadata.PackageNotFoundError:
+        return MODULES
+    major = version.split(".", 1)[0]
+    return MODULES[::-1] if major.isdigit() and int(major) < 3 else MODULES
+
+
 def httpx_module(choice: Union[str, ModuleType, None] = None) -> ModuleType:
     """The HTTP library to serve: ``"httpx2"``, ``"httpx"``, a module, or (``None``) the
-    first of them installed. Raises :class:`ConfigError` naming the extra to install."""
+    one the installed openai SDK sends through, else the first installed. Raises
+    :class:`ConfigError` naming the extra to install."""
     if isinstance(choice, ModuleType):
         return choice
     if choice is not None and choice not in MODULES:
         raise ConfigError(f"httpx must be one of {', '.join(MODULES)} or a module, "
                           f"got {choice!r}", key="httpx")
-    for name in (choice,) if choice else MODULES:
+    for name in (choice,) if choice else _preferred_modules():
         try:
             return importlib.import_module(name)
         except ImportError:
@@ -67,6 +81,24 @@ def httpx_module(choice: Union[str, ModuleType, None] = None) -> ModuleType:
     wanted = choice or " or ".join(MODULES)
     raise ConfigError(f"cometkit.httpx needs {wanted}: pip install 'cometkit[httpx]' "
                       "(or 'cometkit[openai]' for the openai SDK)", key="httpx")
+
+
+#: Request headers read here as well as sent.
+_READ_REQUEST_HEADERS = frozenset({"content-type", "authorization", "x-stainless-retry-count"})
+
+
+def _outgoing_headers(headers: Any) -> tuple[dict, dict]:
+    """In one pass over httpx's raw headers: those to send, and those this transport reads
+    (by lower-case name)."""
+    outgoing, picked = {}, {}
+    for raw_key, raw_value in headers.raw:
+        key, value = raw_key.decode("latin-1"), raw_value.decode("latin-1")
+        lower = key.lower()
+        if lower in _READ_REQUEST_HEADERS:
+            picked[lower] = value
+        if lower not in _OWN_REQUEST_HEADERS:
+            outgoing[key] = value
+    return outgoing, picked
 
 
 def _answer_headers(headers: Any) -> list:
@@ -90,7 +122,8 @@ class Transport:
     and TLS settings; the client is borrowed, never closed here. Safe for threads.
 
     :param client: the cometkit client whose plugins and connections to use.
-    :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the first installed).
+    :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the one the installed
+        openai SDK sends through, else the first installed).
     """
 
     def __init__(self, client: Client, *, httpx: Union[str, ModuleType, None] = None) -> None:
@@ -115,18 +148,17 @@ class Transport:
                 "transport sends only there", request=request)
         path = target.split("?", 1)[0]
         body = request.read() or None
-        headers = request.headers
-        self._note_sdk_retry(headers)
-        payload = json_object(body, headers.get("content-type"))
+        outgoing, picked = _outgoing_headers(request.headers)
+        self._note_sdk_retry(picked.get("x-stainless-retry-count"))
+        payload = json_object(body, picked.get("content-type"))
         stream = bool(payload and payload.get("stream") is True)
         method = request.method
         info = RequestInfo(new_request_id(), operation_for(path), method, path,
                            payload.get("model") if payload else None, stream, payload,
                            engine.clock.monotonic())
-        outgoing = {k: v for k, v in headers.items() if k.lower() not in _OWN_REQUEST_HEADERS}
         timeout_s = _timeout_s(request.extensions)
         send, secrets = transport.send, transport.secrets
-        authorization = headers.get("authorization") or ""
+        authorization = picked.get("authorization") or ""
         secret = authorization.split(" ", 1)[-1] if " " in authorization else None
 
         def attempt(result: AttemptResult) -> Sent:
@@ -183,9 +215,8 @@ class Transport:
         target = raw[len(base):]
         return target if target.startswith("/") else "/" + target
 
-    def _note_sdk_retry(self, headers: Any) -> None:
+    def _note_sdk_retry(self, count: Optional[str]) -> None:
         """Warn once when the SDK retries by itself: its retries and cometkit's multiply."""
-        count = headers.get("x-stainless-retry-count")
         if count and count != "0" and not self._retries_seen.is_set():
             self._retries_seen.set()
             logger.warning(

@@ -224,7 +224,7 @@ def test_a_plain_httpx_client_goes_through_the_engine(no_plugins):
 
 def test_the_transport_names_the_library_it_serves(no_plugins):
     with cometkit.Client(KEY, "http://127.0.0.1:1/v1") as client:
-        transport = Transport(client, httpx=HTTPX_NAME)
+        transport = Transport(client)  # by default, the library this openai SDK sends through
         assert transport.httpx is httpx and KEY not in repr(transport)
         with pytest.raises(cometkit.ConfigError, match="httpx2, httpx"):
             Transport(client, httpx="requests")
