@@ -18,6 +18,9 @@ EXAMPLES = ROOT / "examples"
 @pytest.mark.parametrize("script,expect", [
     ("quickstart.py", ["one call: echo: Say hello.", "pool: 20 answers, 0 failed"]),
     ("legacy_session.py", ["12 answers"]),
+    ("openai_sdk.py", ["20 answers, stream: echo: Stream this."]),
+    ("langchain_chat.py", ["invoke: echo: Say hello.", "stream: echo: Say it slowly.",
+                           "calls through cometkit: 2"]),
 ])
 def test_example_runs_against_the_sandbox(script, expect, tmp_path):
     with Sandbox(api_key="sandbox") as sandbox:
