@@ -192,6 +192,32 @@ class TestStreams:
             usage.prompt_tokens, usage.completion_tokens)
 
 
+def test_an_error_event_fails_the_attempt_and_the_sdk_raises_without_the_key(tmp_path):
+    metrics = tmp_path / "m.csv"
+    config = {"plugins": {"csv_metrics": {"path": str(metrics)}}}
+    events = [EVENTS[0], json.dumps({"error": {"message": f"overloaded {KEY}",
+                                               "type": "server_error"}})]
+    with ScriptedServer(lambda seen: Reply(200, events=events)) as srv, \
+            cometkit.Client(KEY, srv.base_url, config=config) as client:
+        with pytest.raises(openai.APIError) as info:
+            list(ask(client.openai(), "hi", stream=True))
+        assert wait_until(lambda: client.stats["attempts"] == 1)
+    assert "overloaded" in str(info.value) and KEY not in str(info.value)
+    row, = csv.DictReader(metrics.open())
+    assert (row["outcome"], row["error_type"]) == ("error", "APIError")
+
+
+def test_a_redirect_elsewhere_is_refused_and_never_carries_the_key(no_plugins):
+    with ScriptedServer() as elsewhere:
+        moved = Reply(307, b"", {"Location": elsewhere.base_url + "/chat/completions"})
+        with ScriptedServer(lambda seen: moved) as srv, \
+                cometkit.Client(KEY, srv.base_url) as client:
+            with pytest.raises(openai.APIConnectionError) as info:
+                ask(client.openai(), "hi")
+        assert elsewhere.count == 0 and srv.count == 1
+    assert "not below" in str(info.value.__cause__)
+
+
 def test_sdk_retries_on_top_are_warned_about_once(caplog, no_plugins):
     replies = iter([json_reply(500, {"error": {"message": "boom"}})] * 2
                    + [json_reply(200, chat_body())] * 4)
