@@ -4,7 +4,9 @@
 way, but read the answer the same way: status, headers and the provider's request id first;
 then, for a complete answer, either the typed error of an error status (the retry policy and
 the limiter decide on it) or the model and the token usage of a success (the limiter's token
-rate and the metrics count them). Written once here, so the three fronts cannot drift.
+rate and the metrics count them). Written once here, so the three fronts cannot drift; the
+two that send through cometkit's own transport share the whole attempt
+(:func:`send_attempt`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import json
 from typing import Any, Callable, Optional
 
 from ._engine import Sent, usage_tokens
-from ._exceptions import make_status_error
-from ._transport import Answer
+from ._exceptions import APIConnectionError, APIError, SecretFilter, make_status_error
+from ._transport import TRANSPORT_ERRORS, Answer, answers_in_events, connection_error
 from .records import AttemptResult
 
-__all__ = ["json_object", "note_head", "note_body"]
+__all__ = ["json_object", "note_head", "note_body", "send_attempt"]
 
 
 def json_object(body: Any, content_type: Optional[str]) -> Optional[dict]:
@@ -66,3 +68,37 @@ def note_body(result: AttemptResult, sent: Sent, response: Any, content: bytes, 
         sent.response_model = value.get("model")
         result.input_tokens, result.output_tokens = usage_tokens(value.get("usage"))
     return value
+
+
+def send_attempt(result: AttemptResult, send: Callable[[], Any], *, stream: bool, method: str,
+                 route: str, secrets: SecretFilter, error_from: int = 400,
+                 secret: Optional[str] = None,
+                 decode: Callable[[bytes, Any], Any] = _json_object_of) -> Sent:
+    """One attempt through cometkit's transport (``send()`` calls its ``send``), read with
+    :func:`note_head` and :func:`note_body`. An event-stream answer is left unread and held
+    (``sent.held``); a connection failure becomes the attempt's ``APIConnectionError``
+    (``sent.response`` is then ``None``); an undecodable success its ``APIError``.
+    ``sent.value`` is the decoded body of a complete success."""
+    sent = Sent()
+    try:
+        response = sent.response = send()
+        note_head(result, sent, response)
+        if answers_in_events(response, stream):
+            sent.held = True
+            return sent
+        # read whole (and checked against its length) by the transport
+        sent.value = note_body(result, sent, response, response.content, method=method,
+                               route=route, error_from=error_from, secret=secret,
+                               decode=decode)
+    except TRANSPORT_ERRORS as exc:
+        mapped = connection_error(exc, secrets)
+        result.error, result.error_stage = mapped, mapped.stage
+        if sent.response is not None:
+            sent.response.close()
+        sent.response = None
+    except APIConnectionError as exc:  # a body cut short
+        result.error, result.error_stage = exc, exc.stage
+        sent.response = None
+    except APIError as exc:  # a success status with an undecodable body
+        result.error = exc
+    return sent

@@ -21,20 +21,17 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ._answers import note_body, note_head
+from ._answers import send_attempt
 from ._engine import CallEngine, Sent, new_request_id, operation_for
-from ._exceptions import APIConnectionError, APIError, ConfigError
+from ._exceptions import APIError, ConfigError
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
 from ._streaming import Stream, completion_as_chunk, event_error
 from ._transport import (
     DEFAULT_BASE_URL,
-    TRANSPORT_ERRORS,
     Transport,
-    answers_in_events,
     check_base_url,
-    connection_error,
 )
 from .config import load_config, parse_timeout
 from .options import InvalidValue
@@ -427,42 +424,25 @@ class Client:
         secrets = self._transport.secrets  # answers come through it already blanked
 
         def attempt(result: AttemptResult) -> Sent:
-            sent = Sent()
-            try:
-                response = sent.response = send(method, route, payload, params=params,
-                                                headers=headers, stream=stream,
-                                                timeout_s=timeout_s)
-                note_head(result, sent, response)
-                if answers_in_events(response, stream):
-                    sent.held = True
-                    return sent
-                # read whole (and checked) by the transport; it does not follow redirects
-                value = sent.value = note_body(result, sent, response, response.content,
-                                               method=method, route=route, error_from=300,
-                                               decode=self._decode)
-                if result.error is not None:
-                    return sent
-                if stream:  # a whole JSON answer to a stream request: an error, or the lot
-                    response.close()
-                    failure = event_error(value, sent.provider_request_id)
-                    if failure is None and not isinstance(value, dict):
-                        what = "an empty body" if value is None else \
-                            f"a JSON {type(value).__name__}"
-                        failure = APIError(
-                            f"the server answered a stream request with {what} instead of "
-                            "events or an object: check base_url",
-                            request_id=sent.provider_request_id, body=value)
-                    if failure is not None:
-                        result.error, result.error_code = failure, failure.code
-            except TRANSPORT_ERRORS as exc:
-                mapped = connection_error(exc, secrets)
-                result.error, result.error_stage = mapped, mapped.stage
-                if sent.response is not None:
-                    sent.response.close()
-            except APIConnectionError as exc:  # a body cut short
-                result.error, result.error_stage = exc, exc.stage
-            except APIError as exc:  # a success status with an undecodable body
-                result.error = exc
+            sent = send_attempt(
+                result, lambda: send(method, route, payload, params=params, headers=headers,
+                                     stream=stream, timeout_s=timeout_s),
+                stream=stream, method=method, route=route, secrets=secrets,
+                error_from=300, decode=self._decode)  # the transport follows no redirect
+            if stream and result.error is None and not sent.held:
+                # a whole JSON answer to a stream request: an error, or the lot
+                sent.response.close()
+                value = sent.value
+                failure = event_error(value, sent.provider_request_id)
+                if failure is None and not isinstance(value, dict):
+                    what = "an empty body" if value is None else \
+                        f"a JSON {type(value).__name__}"
+                    failure = APIError(
+                        f"the server answered a stream request with {what} instead of "
+                        "events or an object: check base_url",
+                        request_id=sent.provider_request_id, body=value)
+                if failure is not None:
+                    result.error, result.error_code = failure, failure.code
             return sent
 
         sent, result, error, permit = self._engine.execute(request, attempt)

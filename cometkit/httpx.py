@@ -26,11 +26,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
-from ._answers import json_object, note_body, note_head
+from ._answers import json_object, send_attempt
 from ._engine import Sent, new_request_id, operation_for
 from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
 from ._streaming import StreamCloser, event_error, sse_lines
-from ._transport import TRANSPORT_ERRORS, answers_in_events, connection_error, iter_body_chunks
+from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
 from .records import AttemptResult, RequestInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,26 +162,10 @@ class Transport:
         secret = authorization.split(" ", 1)[-1] if " " in authorization else None
 
         def attempt(result: AttemptResult) -> Sent:
-            sent = Sent()
-            try:
-                response = sent.response = send(method, target, body, headers=outgoing,
-                                                stream=stream, timeout_s=timeout_s)
-                note_head(result, sent, response)
-                if answers_in_events(response, stream):
-                    sent.held = True
-                    return sent
-                note_body(result, sent, response, response.content, method=method,
-                          route=path, secret=secret)
-            except TRANSPORT_ERRORS as exc:
-                mapped = connection_error(exc, secrets)
-                result.error, result.error_stage = mapped, mapped.stage
-                if sent.response is not None:
-                    sent.response.close()
-                sent.response = None
-            except APIConnectionError as exc:  # a body cut short
-                result.error, result.error_stage = exc, exc.stage
-                sent.response = None
-            return sent
+            return send_attempt(
+                result, lambda: send(method, target, body, headers=outgoing, stream=stream,
+                                     timeout_s=timeout_s),
+                stream=stream, method=method, route=path, secrets=secrets, secret=secret)
 
         try:
             sent, result, _error, permit = engine.execute(info, attempt)
