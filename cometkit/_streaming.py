@@ -26,8 +26,8 @@ from ._exceptions import APIConnectionError, APIError, SecretFilter
 from ._objects import ApiObject
 from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
 
-__all__ = ["Stream", "StreamCloser", "iter_sse_data", "sse_lines", "event_error",
-           "completion_as_chunk"]
+__all__ = ["Stream", "StreamCloser", "end_when_dropped", "iter_sse_data", "sse_lines",
+           "event_error", "completion_as_chunk"]
 
 #: Called once when the stream ends: (error or None, usage dict or None, response model,
 #: time to first chunk in seconds or None).
@@ -179,6 +179,16 @@ class _Anchor:
         self.closer = closer
 
 
+def end_when_dropped(owner: Any, defer: Defer, closer: StreamCloser,
+                     request_id: Optional[str]) -> weakref.finalize:
+    """A finalizer that ends the stream as abandoned, through ``defer``, when ``owner`` is
+    collected before the stream ended (detach it when the stream ends otherwise)."""
+    finalizer = weakref.finalize(owner, defer, closer, APIConnectionError(
+        "stream abandoned before its end", request_id=request_id, stage="read"))
+    finalizer.atexit = False
+    return finalizer
+
+
 def _run_now(fn: Callable[..., None], *args: Any) -> None:
     fn(*args)
 
@@ -276,9 +286,7 @@ class Stream:
         closer = self._closer = StreamCloser(response, finisher)
         anchor = self._anchor = _Anchor(closer)
         defer = defer or _run_now
-        self._finalizer = weakref.finalize(anchor, defer, closer, APIConnectionError(
-            "stream abandoned before its end", request_id=request_id, stage="read"))
-        self._finalizer.atexit = False
+        self._finalizer = end_when_dropped(anchor, defer, closer, request_id)
         self._iterator: Optional[Iterator[ApiObject]] = None
         self._iterator_args = dict(secrets=secrets or _NO_SECRETS, defer=defer,
                                    monotonic=monotonic, started_at=started_at,

@@ -21,7 +21,6 @@ import importlib.metadata
 import json
 import logging
 import threading
-import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
@@ -29,7 +28,7 @@ from urllib.parse import urlsplit
 from ._answers import json_object, send_attempt
 from ._engine import Sent, new_request_id, operation_for
 from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
-from ._streaming import StreamCloser, event_error, sse_lines
+from ._streaming import StreamCloser, end_when_dropped, event_error, sse_lines
 from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
 from .records import AttemptResult, RequestInfo
 
@@ -255,9 +254,7 @@ class _EventBody:
         self._request_id = request_id
         self._errors = errors
         self._failure: Optional[BaseException] = None
-        self._finalizer = weakref.finalize(self, defer, closer, APIConnectionError(
-            "stream abandoned before its end", request_id=request_id, stage="read"))
-        self._finalizer.atexit = False
+        self._finalizer = end_when_dropped(self, defer, closer, request_id)
 
     def __iter__(self) -> Iterator[bytes]:
         closer = self._closer
