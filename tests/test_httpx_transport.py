@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fakes import FakeClock, FixedRandom
+from misbehaving_server import BEHAVIOURS, MisbehavingServer
 from scripted_server import Reply, ScriptedServer, chat_body, json_reply, wait_until
 from test_client import CountingLimiter
 
@@ -216,6 +217,27 @@ def test_a_redirect_elsewhere_is_refused_and_never_carries_the_key(no_plugins):
                 ask(client.openai(), "hi")
         assert elsewhere.count == 0 and srv.count == 1
     assert "not below" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("behaviour,library_error", [("reset_mid_stream", "ReadError"),
+                                                     ("silence_mid_stream", "ReadTimeout")])
+def test_a_stream_broken_midway_raises_the_librarys_error_and_frees_its_slot(
+        behaviour, library_error, no_plugins):
+    limiter = CountingLimiter()
+    with MisbehavingServer(BEHAVIOURS[behaviour]) as server, \
+            cometkit.Client(KEY, server.base_url, timeout=(2, 0.5),
+                            extra_plugins=[limiter]) as client:
+        stream = ask(client.openai(), "hi", stream=True)
+        with pytest.raises(Exception) as info:
+            list(stream)
+        assert wait_until(lambda: limiter.held == 0)
+        assert client.stats["failures"] == 1
+    error = info.value
+    chain = [error, error.__cause__, error.__context__]
+    assert any(type(e).__name__ == library_error and type(e).__module__.startswith(HTTPX_NAME)
+               for e in chain if e is not None), chain
+    assert not any(isinstance(e, cometkit.CometError) for e in chain)
+    assert isinstance(limiter.results[0].error, cometkit.APIConnectionError)  # recorded
 
 
 def test_sdk_retries_on_top_are_warned_about_once(caplog, no_plugins):
