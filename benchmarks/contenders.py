@@ -213,15 +213,36 @@ def _openai_client(spec: Spec) -> Any:
                          timeout=openai.Timeout(TIMEOUT_S[1], connect=TIMEOUT_S[0]))
 
 
-def _openai(spec: Spec) -> Contender:
-    client = _openai_client(spec)
-    create = client.chat.completions.create
+def _sdk_calls(spec: Spec, sdk: Any, close: Callable[[], None], **info: Any) -> Contender:
+    """The workload sent through an ``openai.OpenAI`` client."""
+    create = sdk.chat.completions.create
 
     def call(i: int) -> Outcome:
         answer = create(model=MODEL, messages=spec.messages(i))
         return spec.check(i, answer.choices[0].message.content)
 
-    return Contender(call, client.close, info={"max_retries": client.max_retries})
+    return Contender(call, close, info={"max_retries": sdk.max_retries, **info})
+
+
+def _openai(spec: Spec) -> Contender:
+    client = _openai_client(spec)
+    return _sdk_calls(spec, client, client.close)
+
+
+def _openai_through_cometkit(spec: Spec) -> Contender:
+    """The SDK as ``client.openai()`` builds it: cometkit's limiter, retries and sinks under
+    it (its own retries off), its connections through cometkit's pool."""
+    import cometkit
+
+    client = cometkit.Client(spec.api_key, spec.base_url, concurrency=spec.threads,
+                             timeout=list(TIMEOUT_S), plugins=spec.plugins or None)
+    sdk = client.openai()
+
+    def close() -> None:
+        sdk.close()
+        client.close()
+
+    return _sdk_calls(spec, sdk, close, plugins=client.plugins)
 
 
 def _guide_semaphore(spec: Spec) -> Contender:
@@ -281,6 +302,7 @@ CONTENDERS: dict = {
     "requests-adapter": (_requests_adapter, "requests PreparedRequest + HTTPAdapter.send"),
     "urllib3": (_urllib3, "urllib3 PoolManager"),
     "openai": (_openai, "openai SDK"),
+    "openai-cometkit": (_openai_through_cometkit, "openai SDK through cometkit"),
     "guide-semaphore": (_guide_semaphore, "guide: Semaphore(5) + openai"),
     "guide-429-loop": (_guide_retry_loop, "guide: 429 loop + openai"),
     "guide-both": (_guide_both, "guide: Semaphore(5) + 429 loop"),

@@ -36,6 +36,8 @@ RUNS = (
     ("requests-adapter", "requests-adapter", None, {}, {}),
     ("urllib3", "urllib3", None, {}, {}),
     ("openai", "openai", None, {}, {}),
+    ("openai-cometkit", "openai-cometkit", "openai SDK through cometkit (default plugins)", {},
+     {}),
 )
 
 
@@ -77,6 +79,13 @@ def _checks(suite: Suite) -> None:
     suite.check("no plugins: CPU/call <= 0.75x requests Session.post",
                 f"{bare_ms:.3f} ms = {bare_ms / base:.2f}x of {base:.3f} ms",
                 bare_ms <= 0.75 * base)
+    through = suite.row("openai-cometkit")
+    through_ms = through.cpu_ms_per_call
+    suite.check("openai SDK through cometkit: every call succeeds", f"{through.failed} failed",
+                through.failed == 0)
+    suite.check("openai SDK through cometkit: CPU/call <= 1.1x openai SDK",
+                f"{through_ms:.3f} ms = {through_ms / sdk:.2f}x of {sdk:.3f} ms",
+                through_ms <= 1.1 * sdk)
     if bare.info.get("plugins"):
         suite.check("no plugins: no plugin loaded", f"loaded {bare.info['plugins']}", False)
     suite.check_connections()

@@ -21,20 +21,17 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for, usage_tokens
-from ._exceptions import APIConnectionError, APIError, ConfigError, make_status_error
+from ._answers import send_attempt
+from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
+from ._exceptions import APIError, ConfigError
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
 from ._streaming import Stream, completion_as_chunk, event_error
 from ._transport import (
     DEFAULT_BASE_URL,
-    TRANSPORT_ERRORS,
-    Answer,
     Transport,
-    answers_in_events,
     check_base_url,
-    connection_error,
 )
 from .config import load_config, parse_deadline, parse_timeout
 from .options import InvalidValue
@@ -385,6 +382,42 @@ class Client:
 
         return results()
 
+    def httpx_client(self, *, httpx: Any = None, **kwargs: Any) -> Any:
+        """An ``httpx2.Client`` (or classic ``httpx.Client``) whose every request is a call of
+        this client: through its limiter, retries and sinks (see :mod:`cometkit.httpx`).
+
+        :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the one the installed
+            openai SDK sends through).
+        :param kwargs: passed on to the ``Client``; ``base_url``, ``timeout`` (the
+            configuration's) and ``follow_redirects=True`` are preset.
+        """
+        from .httpx import Transport
+
+        transport = Transport(self, httpx=httpx)
+        module = transport.httpx
+        connect_s, read_s = self.timeout_s
+        kwargs.setdefault("base_url", self.base_url)
+        kwargs.setdefault("timeout", module.Timeout(read_s, connect=connect_s))
+        kwargs.setdefault("follow_redirects", True)
+        return module.Client(transport=transport, **kwargs)
+
+    def openai(self, **kwargs: Any) -> Any:
+        """A ready ``openai.OpenAI`` that sends through this client (:meth:`httpx_client`):
+        ``base_url``, the API key, ``max_retries=0`` (cometkit retries; two layers would
+        multiply) and ``http_client`` are preset; ``kwargs`` win. Closing it leaves this
+        client open."""
+        try:
+            import openai
+        except ImportError:
+            raise ConfigError("client.openai() needs the openai SDK: pip install "
+                              "'cometkit[openai]'", key="openai") from None
+        kwargs.setdefault("api_key", self._transport.api_key or "no-key")
+        kwargs.setdefault("base_url", self.base_url)
+        kwargs.setdefault("max_retries", 0)
+        if "http_client" not in kwargs:
+            kwargs["http_client"] = self.httpx_client()  # the library this SDK sends through
+        return openai.OpenAI(**kwargs)
+
     def close(self) -> None:
         """Finish queued work, then close the pool, the limiter, the sinks and the session."""
         with self._close_lock:
@@ -433,51 +466,26 @@ class Client:
         secrets = self._transport.secrets  # answers come through it already blanked
 
         def attempt(result: AttemptResult) -> Sent:
-            sent = Sent()
-            try:
-                response = sent.response = send(method, route, payload, params=params,
-                                                headers=headers, stream=stream,
-                                                timeout_s=cut_timeout(timeout_s,
-                                                                      result.time_left_s))
-                result.status_code = response.status_code
-                result.headers = response.headers
-                sent.provider_request_id = response.headers.get("x-request-id")
-                if answers_in_events(response, stream):
-                    sent.held = True
-                    return sent
-                content = response.content  # read whole (and checked) by the transport
-                if response.status_code >= 300:
-                    full = response.as_response() if isinstance(response, Answer) else response
-                    error = make_status_error(response.status_code, content, response.headers,
-                                              response=full, method=method, route=route)
-                    result.error, result.error_code = error, error.code
-                    return sent
-                value = sent.value = self._decode(content, response)
-                if stream:  # a whole JSON answer to a stream request: an error, or the lot
-                    response.close()
-                    failure = event_error(value, sent.provider_request_id)
-                    if failure is None and not isinstance(value, dict):
-                        what = "an empty body" if value is None else \
-                            f"a JSON {type(value).__name__}"
-                        failure = APIError(
-                            f"the server answered a stream request with {what} instead of "
-                            "events or an object: check base_url",
-                            request_id=sent.provider_request_id, body=value)
-                    if failure is not None:
-                        result.error, result.error_code = failure, failure.code
-                        return sent
-                if isinstance(value, dict):
-                    sent.response_model = value.get("model")
-                    result.input_tokens, result.output_tokens = usage_tokens(value.get("usage"))
-            except TRANSPORT_ERRORS as exc:
-                mapped = connection_error(exc, secrets)
-                result.error, result.error_stage = mapped, mapped.stage
-                if sent.response is not None:
-                    sent.response.close()
-            except APIConnectionError as exc:  # a body cut short
-                result.error, result.error_stage = exc, exc.stage
-            except APIError as exc:  # a success status with an undecodable body
-                result.error = exc
+            sent = send_attempt(
+                result, lambda: send(method, route, payload, params=params, headers=headers,
+                                     stream=stream,
+                                     timeout_s=cut_timeout(timeout_s, result.time_left_s)),
+                stream=stream, method=method, route=route, secrets=secrets,
+                error_from=300, decode=self._decode)  # the transport follows no redirect
+            if stream and result.error is None and not sent.held:
+                # a whole JSON answer to a stream request: an error, or the lot
+                sent.response.close()
+                value = sent.value
+                failure = event_error(value, sent.provider_request_id)
+                if failure is None and not isinstance(value, dict):
+                    what = "an empty body" if value is None else \
+                        f"a JSON {type(value).__name__}"
+                    failure = APIError(
+                        f"the server answered a stream request with {what} instead of "
+                        "events or an object: check base_url",
+                        request_id=sent.provider_request_id, body=value)
+                if failure is not None:
+                    result.error, result.error_code = failure, failure.code
             return sent
 
         sent, result, error, permit = self._engine.execute(request, attempt)

@@ -26,7 +26,8 @@ from ._exceptions import APIConnectionError, APIError, SecretFilter
 from ._objects import ApiObject
 from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
 
-__all__ = ["Stream", "iter_sse_data", "event_error", "completion_as_chunk"]
+__all__ = ["Stream", "StreamCloser", "end_when_dropped", "iter_sse_data", "sse_lines",
+           "event_error", "completion_as_chunk"]
 
 #: Called once when the stream ends: (error or None, usage dict or None, response model,
 #: time to first chunk in seconds or None).
@@ -61,7 +62,7 @@ def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield tail
 
 
-def _sse_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def sse_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """The lines of an event stream, without the byte-order mark the SSE spec allows at its
     very start (wherever the first chunk happened to end)."""
     lines = _split_lines(chunks)
@@ -85,7 +86,7 @@ def iter_sse_data(chunks: Iterable[bytes], secrets: Optional[SecretFilter] = Non
     data_lines: list[str] = []
     any_data = False
     stray: Optional[bytes] = None
-    for raw_line in _sse_lines(chunks):
+    for raw_line in sse_lines(chunks):
         if not raw_line:
             if data_lines:
                 yield "\n".join(data_lines)
@@ -139,7 +140,7 @@ def completion_as_chunk(body: dict) -> dict:
     return {**body, "object": kind, "choices": converted}
 
 
-class _Closer:
+class StreamCloser:
     """The part of a stream that must run exactly once, and what the stream learned so far
     (the ending reports it). Holds neither the stream nor its iterator."""
 
@@ -174,8 +175,18 @@ class _Anchor:
 
     __slots__ = ("closer", "__weakref__")
 
-    def __init__(self, closer: _Closer) -> None:
+    def __init__(self, closer: StreamCloser) -> None:
         self.closer = closer
+
+
+def end_when_dropped(owner: Any, defer: Defer, closer: StreamCloser,
+                     request_id: Optional[str]) -> weakref.finalize:
+    """A finalizer that ends the stream as abandoned, through ``defer``, when ``owner`` is
+    collected before the stream ended (detach it when the stream ends otherwise)."""
+    finalizer = weakref.finalize(owner, defer, closer, APIConnectionError(
+        "stream abandoned before its end", request_id=request_id, stage="read"))
+    finalizer.atexit = False
+    return finalizer
 
 
 def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilter,
@@ -268,11 +279,9 @@ class Stream:
         """
         self.response = response
         self.request_id = request_id
-        closer = self._closer = _Closer(response, finisher)
+        closer = self._closer = StreamCloser(response, finisher)
         anchor = self._anchor = _Anchor(closer)
-        self._finalizer = weakref.finalize(anchor, defer, closer, APIConnectionError(
-            "stream abandoned before its end", request_id=request_id, stage="read"))
-        self._finalizer.atexit = False
+        self._finalizer = end_when_dropped(anchor, defer, closer, request_id)
         self._iterator: Optional[Iterator[ApiObject]] = None
         self._iterator_args = dict(secrets=secrets or _NO_SECRETS, defer=defer,
                                    monotonic=monotonic, started_at=started_at,

@@ -116,13 +116,15 @@ def _mapped_connection_error(exc: BaseException) -> APIConnectionError:
     else:  # requests wraps urllib3's MaxRetryError (or ReadTimeoutError) in its own exception
         reason = exc.args[0] if exc.args else None
         reason = getattr(reason, "reason", reason)
+    # before ConnectTimeoutError: urllib3 2's NewConnectionError (a refused connection)
+    # subclasses it, and a refusal is no timeout
+    if isinstance(reason, (NewConnectionError, SSLError)) or isinstance(
+            exc, requests.exceptions.SSLError):
+        return APIConnectionError(f"Could not connect: {exc}", stage="connect")
     if isinstance(reason, ConnectTimeoutError):
         return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
     if isinstance(reason, (ReadTimeoutError, TimeoutError, socket.timeout)):
         return APITimeoutError(f"Read timeout: {exc}", stage="read")
-    if isinstance(reason, (NewConnectionError, SSLError)) or isinstance(
-            exc, requests.exceptions.SSLError):
-        return APIConnectionError(f"Could not connect: {exc}", stage="connect")
     return APIConnectionError(f"Connection broken: {type(exc).__name__}: {exc}", stage="read")
 
 

@@ -14,7 +14,6 @@ existing ``resp.status_code`` checks and ``except requests.ConnectionError`` cla
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Mapping, Optional, Union
@@ -23,23 +22,14 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from ._answers import json_object, note_body, note_head
 from ._client import Client
-from ._engine import Sent, cut_timeout, new_request_id, operation_for, usage_tokens
-from ._exceptions import APITimeoutError, make_status_error
+from ._engine import Sent, cut_timeout, new_request_id, operation_for
+from ._exceptions import APITimeoutError
 from ._transport import connection_error
 from .records import AttemptResult, RequestInfo
 
 __all__ = ["CometAdapter"]
-
-def _json_body(request: requests.PreparedRequest) -> Optional[Mapping[str, Any]]:
-    body = request.body
-    if not body or "json" not in (request.headers.get("Content-Type") or ""):
-        return None
-    try:
-        value = json.loads(body)
-    except (TypeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _timeout_within(timeout: Any, time_left_s: Optional[float]) -> Any:
@@ -91,7 +81,7 @@ class CometAdapter(HTTPAdapter):
         path = urlsplit(request.url or "").path
         base_path = urlsplit(self.client.base_url).path
         route = path[len(base_path):] if base_path and path.startswith(base_path) else path
-        body = _json_body(request)
+        body = json_object(request.body, request.headers.get("Content-Type"))
         info = RequestInfo(new_request_id(), operation_for(path), (request.method or "GET").upper(),
                            route or "/", body.get("model") if body else None, stream, body,
                            engine.clock.monotonic(), self.client.deadline_s)
@@ -106,26 +96,11 @@ class CometAdapter(HTTPAdapter):
                 response = sent.response = send(
                     request, stream=stream, timeout=_timeout_within(timeout, result.time_left_s),
                     verify=verify, cert=cert, proxies=proxies)
-                result.status_code = response.status_code
-                result.headers = response.headers
-                sent.provider_request_id = response.headers.get("x-request-id")
+                note_head(result, sent, response)
                 if stream and response.status_code < 300:
                     return sent  # the caller reads the body; the attempt ends at the headers
-                content = response.content
-                if response.status_code >= 400:
-                    error = make_status_error(response.status_code, content, response.headers,
-                                              response=response, method=info.method, route=route,
-                                              secret=secret)
-                    result.error, result.error_code = error, error.code
-                elif "json" in response.headers.get("Content-Type", ""):
-                    try:
-                        value = json.loads(content)
-                    except ValueError:
-                        value = None
-                    if isinstance(value, dict):
-                        sent.response_model = value.get("model")
-                        result.input_tokens, result.output_tokens = usage_tokens(
-                            value.get("usage"))
+                note_body(result, sent, response, response.content, method=info.method,
+                          route=route, secret=secret)
             except requests.exceptions.RequestException as exc:
                 mapped = connection_error(exc)
                 result.error, result.error_stage = mapped, mapped.stage

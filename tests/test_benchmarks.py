@@ -96,7 +96,8 @@ def test_quick_overhead_run_prints_the_table_and_writes_results(tmp_path):
     printed = _overhead_rows(done.stdout)
     assert set(printed) == {"requests Session.post", "cometkit (default plugins + CSV)",
                             "cometkit (no plugins)", "requests PreparedRequest + HTTPAdapter.send",
-                            "urllib3 PoolManager", "openai SDK"}
+                            "urllib3 PoolManager", "openai SDK",
+                            "openai SDK through cometkit (default plugins)"}
     assert all(cells[5] == "0" for cells in printed.values())  # Failed: none
     assert printed["requests Session.post"][10] == "1.00"      # the baseline of the ratios
     assert "default plugins + CSV: CPU/call <= 0.9x requests Session.post" in done.stdout

@@ -254,6 +254,9 @@ class TestErrors:
             with pytest.raises(APIConnectionError) as info:
                 client.models.list()
         assert info.value.stage == "connect"
+        # a refusal is no timeout (urllib3 2's NewConnectionError subclasses
+        # ConnectTimeoutError)
+        assert not isinstance(info.value, APITimeoutError), info.value
 
     def test_reset_and_truncated_body_are_read_errors(self, no_plugins):
         for action in ("reset", "truncate"):

@@ -1,0 +1,104 @@
+"""What an HTTP answer tells the engine about its attempt.
+
+``Client``, ``CometAdapter`` and ``cometkit.httpx.Transport`` each send an attempt their own
+way, but read the answer the same way: status, headers and the provider's request id first;
+then, for a complete answer, either the typed error of an error status (the retry policy and
+the limiter decide on it) or the model and the token usage of a success (the limiter's token
+rate and the metrics count them). Written once here, so the three fronts cannot drift; the
+two that send through cometkit's own transport share the whole attempt
+(:func:`send_attempt`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+from ._engine import Sent, usage_tokens
+from ._exceptions import APIConnectionError, APIError, SecretFilter, make_status_error
+from ._transport import TRANSPORT_ERRORS, Answer, answers_in_events, connection_error
+from .records import AttemptResult
+
+__all__ = ["json_object", "note_head", "note_body", "send_attempt"]
+
+
+def json_object(body: Any, content_type: Optional[str]) -> Optional[dict]:
+    """``body`` decoded when it is labelled JSON and holds an object; ``None`` otherwise
+    (no body, another type, malformed JSON): for reading facts out of a message that is
+    passed on as it is, never for judging it."""
+    if not body or "json" not in (content_type or ""):
+        return None
+    try:
+        value = json.loads(body)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _json_object_of(content: bytes, response: Any) -> Optional[dict]:
+    return json_object(content, response.headers.get("Content-Type"))
+
+
+def note_head(result: AttemptResult, sent: Sent, response: Any) -> None:
+    """Status, headers and the provider's request id: known as soon as the headers are."""
+    result.status_code = response.status_code
+    result.headers = response.headers
+    sent.provider_request_id = response.headers.get("x-request-id")
+
+
+def note_body(result: AttemptResult, sent: Sent, response: Any, content: bytes, *,
+              method: str, route: str, error_from: int = 400, secret: Optional[str] = None,
+              decode: Callable[[bytes, Any], Any] = _json_object_of) -> Any:
+    """Read a complete answer: a status of ``error_from`` or more becomes the attempt's typed
+    error (``secret`` blanked out of it, when the body was not blanked already); a success
+    is decoded with ``decode`` (which may raise), and a JSON object's ``model`` and
+    ``usage`` are noted.
+
+    :returns: the decoded body of a success, ``None`` for an error status.
+    """
+    status = response.status_code
+    if status >= error_from:
+        full = response.as_response() if isinstance(response, Answer) else response
+        error = make_status_error(status, content, response.headers, response=full,
+                                  method=method, route=route, secret=secret)
+        result.error, result.error_code = error, error.code
+        return None
+    value = decode(content, response)
+    if isinstance(value, dict):
+        sent.response_model = value.get("model")
+        result.input_tokens, result.output_tokens = usage_tokens(value.get("usage"))
+    return value
+
+
+def send_attempt(result: AttemptResult, send: Callable[[], Any], *, stream: bool, method: str,
+                 route: str, secrets: SecretFilter, error_from: int = 400,
+                 secret: Optional[str] = None,
+                 decode: Callable[[bytes, Any], Any] = _json_object_of) -> Sent:
+    """One attempt through cometkit's transport (``send()`` calls its ``send``), read with
+    :func:`note_head` and :func:`note_body`. An event-stream answer is left unread and held
+    (``sent.held``); a connection failure becomes the attempt's ``APIConnectionError``
+    (``sent.response`` is then ``None``); an undecodable success its ``APIError``.
+    ``sent.value`` is the decoded body of a complete success."""
+    sent = Sent()
+    try:
+        response = sent.response = send()
+        note_head(result, sent, response)
+        if answers_in_events(response, stream):
+            sent.held = True
+            return sent
+        # read whole (and checked against its length) by the transport
+        sent.value = note_body(result, sent, response, response.content, method=method,
+                               route=route, error_from=error_from, secret=secret,
+                               decode=decode)
+    except TRANSPORT_ERRORS as exc:
+        mapped = connection_error(exc, secrets)
+        result.error, result.error_stage = mapped, mapped.stage
+        if sent.response is not None:
+            sent.response.close()
+        sent.response = None
+    except APIConnectionError as exc:  # a body cut short
+        result.error, result.error_stage = exc, exc.stage
+        sent.response = None
+    except APIError as exc:  # a success status with an undecodable body
+        result.error = exc
+    return sent
