@@ -208,7 +208,7 @@ class _Lane:
 
     __slots__ = ("model", "label", "slots", "rpm", "tpm", "hold", "control", "pace",
                  "learned_tpm", "learned", "max_concurrency", "rpm_gcra", "tpm_gcra", "version",
-                 "shared", "mine", "counters", "active", "gap")
+                 "shared", "mine", "counters", "active", "gap", "introduced")
 
     def __init__(self, base: str, model: Optional[str], max_concurrency: int,
                  rpm_gcra: tuple[float, float], tpm_gcra: tuple[float, float]) -> None:
@@ -241,6 +241,8 @@ class _Lane:
         #: last seen (what the fleet did meanwhile happened while this lane was idle).
         self.active = 0
         self.gap = False
+        #: What the fleet learned was read before this process's first admission.
+        self.introduced = False
 
 
 class _RedisPermit:
@@ -506,9 +508,10 @@ class RedisLimiter:
         ``on_redis_error`` mode), ``held`` (leases of this process), ``in_flight`` (leases of
         the whole fleet, ``None`` when Redis does not answer), ``max_concurrency``, and under
         ``models`` each lane this process used: fleet ``in_flight``, shared ``limit``,
-        ``hold_remaining_s`` and ``learned`` (what the fleet learned: ``rate_per_s``,
+        ``hold_remaining_s``, ``learned`` (what the fleet learned: ``rate_per_s``,
         ``token_rate_per_s``, ``window_s``, ``window_aligned``, ``window_quota``, ``ceiling``,
-        each present once a process learned it)."""
+        each present once a process learned it) and, in adaptive mode, the ``rate_per_s`` and
+        ``token_rate_per_s`` this process sends at now (the learned ones, grown since)."""
         with self._lock:
             held = len(self._held)
             lanes = list(self._lanes.values())
@@ -541,9 +544,12 @@ class RedisLimiter:
             if self.adaptive:
                 shared = float(limit) if limit is not None else float(INITIAL_LIMIT)
                 allowed = min(allowed, max(1, int(shared)))
-            out["models"][lane.model] = {"in_flight": in_flight, "limit": allowed,
-                                         "hold_remaining_s": max(0, hold_ms) / 1000.0,
-                                         "learned": _decoded(learned)}
+            entry = out["models"][lane.model] = {
+                "in_flight": in_flight, "limit": allowed,
+                "hold_remaining_s": max(0, hold_ms) / 1000.0, "learned": _decoded(learned)}
+            if self._pacer is not None:
+                entry["rate_per_s"], entry["token_rate_per_s"] = self._pacer.with_control(
+                    lane.model, lambda control: (control.rate_per_s, control.token_rate_per_s))
         return out
 
     # -- shared admission ----------------------------------------------------------------------
@@ -579,6 +585,8 @@ class RedisLimiter:
             lane.active += 1
         granted = False
         try:
+            if not lane.introduced:
+                self._introduce(lane)
             while True:
                 news, pace, token_pace = self._share(lane)
                 with self._lock:
@@ -659,14 +667,38 @@ class RedisLimiter:
                              for now, then, mine in zip(counters, seen, own)]
             lane.gap = False
             if len(tail) > 4:
-                version = int(_text(tail[4]))
-                if version > lane.version:
-                    lane.version = version
-                    for index in range(5, len(tail) - 1, 2):
-                        key, value = _text(tail[index]), json.loads(_text(tail[index + 1]))
-                        if lane.shared.get(key) != value:
-                            adopted[key] = lane.shared[key] = value
-        if not adopted and not (elsewhere and any(elsewhere)):
+                adopted = self._news(lane, int(_text(tail[4])), _decoded(dict(
+                    zip(tail[5::2], tail[6::2]))))
+        self._feed(lane, elsewhere, adopted)
+
+    def _introduce(self, lane: _Lane) -> None:
+        """Before this process's first admission of ``lane``: take in what the fleet learned,
+        so that even the first call goes out at the fleet's rates (one read, once)."""
+        if self._pacer is not None:
+            learned = self._redis.hgetall(lane.learned)
+            version = next((int(_text(value)) for key, value in learned.items()
+                            if _text(key) == "version"), 0)
+            with self._lock:
+                adopted = self._news(lane, version, _decoded(learned))
+            self._feed(lane, None, adopted)
+        lane.introduced = True
+
+    @staticmethod
+    def _news(lane: _Lane, version: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of a newer version of the fleet's learning that changed (with the lock
+        held)."""
+        if version <= lane.version:
+            return {}
+        lane.version = version
+        changed = {key: value for key, value in fields.items() if lane.shared.get(key) != value}
+        lane.shared.update(changed)
+        return changed
+
+    def _feed(self, lane: _Lane, elsewhere: Optional[list[int]],
+              adopted: Mapping[str, Any]) -> None:
+        """Hand the control what the others did (``elsewhere``: sent, accepted, sent tokens,
+        accepted tokens) and what the fleet learned that is new here (``adopted``)."""
+        if self._pacer is None or (not adopted and not (elsewhere and any(elsewhere))):
             return
 
         def feed(control: AdaptiveControl) -> dict[str, Any]:
@@ -682,6 +714,15 @@ class RedisLimiter:
                 for key in adopted:
                     lane.mine[key] = learned.get(key)
             logger.debug("model=%s: adopted what the fleet learned: %s", lane.label, adopted)
+
+    def _held_for(self, lane: _Lane) -> float:
+        """Seconds the adaptive policy holds ``lane`` from now (after a refusal): the fleet
+        holds as long."""
+        if self._pacer is None:
+            return 0.0
+        now = self.clock.monotonic()
+        return self._pacer.with_control(
+            lane.model, lambda control: max(0.0, control.hold_until - now)) or 0.0
 
     def _idle(self, lane: _Lane) -> None:
         with self._lock:
@@ -722,7 +763,7 @@ class RedisLimiter:
         if self.adaptive and result.status_code is not None:
             if result.status_code == 429:
                 if local is not None and local.kind != "quota":  # a spent quota holds nothing
-                    outcome, hold_s = "429", local.wait_s or 0.0
+                    outcome, hold_s = "429", self._held_for(lane)
             elif result.status_code < 400:
                 outcome = "ok"
                 charged = charged_tokens(result, permit.answer_reserved) or 0
@@ -756,6 +797,7 @@ class RedisLimiter:
     def _timeout_error(self, request: RequestInfo, timeout: Optional[float],
                        reason: str) -> RateLimitError:
         waiting_for = {"hold": "a shared hold after a 429", "rate": "a shared rate limit",
+                       "pace": "the fleet's learned send or token rate",
                        "slots": "a shared concurrency slot"}.get(reason, reason)
         return RateLimitError(
             f"redis_limiter did not admit {request.method} {request.route} "
@@ -890,6 +932,7 @@ def _text(value: Any) -> str:
 
 
 def _decoded(learned: Mapping[Any, Any]) -> dict[str, Any]:
-    """The ``learned`` hash as values (JSON each), without its version counter."""
+    """The ``learned`` hash (or a script's field/value pairs) as values (JSON each), without
+    its version counter."""
     return {_text(key): json.loads(_text(value)) for key, value in learned.items()
             if _text(key) != "version"}
