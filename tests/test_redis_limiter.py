@@ -199,9 +199,9 @@ def test_a_shared_requests_per_minute_keeps_the_fleets_429s_near_zero(redis_url)
 
 @pytest.mark.slow
 def test_a_fleet_told_nothing_loses_no_call_and_learns_not_to_flood_a_fast_server(redis_url):
-    """Two processes, adaptive, no rates told, against 20 calls/s with 10 ms answers: each
-    process learns its share of the rate (the in-process limiter's policy, per process), and
-    a 429 waits out the shared hold instead of failing the call."""
+    """Two processes, adaptive, no rates told, against 20 calls/s with 10 ms answers: the
+    fleet learns one rate (the in-process limiter's policy, fed the whole fleet's answers),
+    and a 429 waits out the shared hold instead of failing the call."""
     calls = 100
     with SandboxProcess(rps=20, latency_s=0.01) as sandbox:
         reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 16,
@@ -237,9 +237,10 @@ def test_four_processes_told_nothing_share_one_learned_rate_and_lose_no_call(red
 
 
 @pytest.mark.slow
-def test_a_fleet_told_nothing_learns_a_token_limit_without_losing_a_call(redis_url):
+def test_a_fleet_told_nothing_learns_a_token_limit_without_losing_a_call(redis_url, rdb):
     """Two processes against 60k tokens per minute counted by the server's own tokenizer
-    (1.3x the client's estimate): each learns its share of the token rate from token 429s."""
+    (1.3x the client's estimate): the fleet learns one token rate from token 429s, and every
+    process spends it."""
     calls = 16
     with SandboxProcess(tpm=60_000, token_ratio=1.3, latency_s=0.02) as sandbox:
         reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 8,
@@ -250,6 +251,9 @@ def test_a_fleet_told_nothing_learns_a_token_limit_without_losing_a_call(redis_u
     assert [r["errors"] for r in reports] == [[]] * 2
     assert stats["attempts_by_status"].get(200) == 2 * calls
     assert stats["rate_limited"].get("tokens", 0) == stats["attempts_by_status"].get(429, 0)
+    if stats["rate_limited"].get("tokens"):  # a token 429 taught the fleet its token rate
+        learned = rdb.hget(f"cometkit:{fingerprint()}:model:m1:learned", "token_rate_per_s")
+        assert learned is not None and json.loads(learned) > 0
 
 
 @pytest.mark.slow

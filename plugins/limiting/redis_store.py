@@ -15,11 +15,19 @@ instead, with the ``limiter``'s options (plus where Redis is and what to do when
   weight (1 request, or the token estimate), so no per-token or per-request entries pile up.
   It is the ``limiter``'s token bucket (``burst`` seconds' worth, less ``safety_margin``) in
   one number; the token estimate is corrected from ``usage`` on release.
-- **Adaptive** mode is shared per model: a 429 seen by any process sets a *hold* key that
-  expires after the server's ``Retry-After`` (every process waits it out before admitting), and
-  cuts the model's shared concurrency limit multiplicatively -- once per burst: a 429 for an
-  attempt admitted before the last cut is an echo of it. Successes grow the limit back by one
-  per window (slow start until the first cut), as the in-process limiter does.
+- **Adaptive** mode is shared per model: a 429 seen by any process sets a *hold* key for as
+  long as the adaptive policy holds that process (every process waits it out before
+  admitting), and cuts the model's shared concurrency limit multiplicatively -- once per
+  burst: a 429 for an attempt admitted before the last cut is an echo of it. Successes grow
+  the limit back by one per window (slow start until the first cut), as the in-process
+  limiter does.
+- **What adaptive mode learns is the fleet's**: each process runs the one adaptive policy
+  (:mod:`.adaptive`, in an in-process ``AdmissionLimiter`` per process), told by every script
+  answer what the rest of the fleet sent and had accepted meanwhile, so the rates it learns
+  are the rates the server gives the fleet. What it learns is published to a ``learned`` hash
+  with its next acquire, taken in by every other process with theirs (and read once by a
+  process that joins), and the learned send and token rates are enforced in Redis for every
+  process together. This store keeps and passes on; the learning rules stay in the policy.
 
 Every change of state is one Lua script (``EVALSHA``), atomic in Redis and timed by Redis'
 own ``TIME``, so the hosts' clocks need not agree. Keys are ``<key_prefix>:<sha256 of the API
