@@ -426,7 +426,7 @@ def test_a_process_that_joins_sends_at_the_rate_the_fleet_learned_and_redis_hold
     # A process that never saw a 429 sends at the fleet's rate from its first call ...
     with pytest.raises(RateLimitError, match="fleet's learned send or token rate"):
         two.acquire(REQUEST, 0.5)  # ... and that rate is the fleet's: one just sent
-    assert two.stats()["models"]["m1"]["rate_per_s"] == learned["rate_per_s"]
+    assert two.stats()["models"]["m1"]["process"]["rate_per_s"] == learned["rate_per_s"]
     one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
 
 
@@ -445,7 +445,7 @@ def test_the_learned_rate_is_measured_over_what_the_whole_fleet_had_accepted(pai
     rate = one.stats()["models"]["m1"]["learned"]["rate_per_s"]
     assert 9 / 4.6 <= rate <= 9 / 4.1
     two.acquire(REQUEST, 5)  # two takes it in with its next call
-    assert two.stats()["models"]["m1"]["rate_per_s"] == pytest.approx(rate)
+    assert two.stats()["models"]["m1"]["process"]["rate_per_s"] == pytest.approx(rate)
 
 
 def test_a_learned_token_rate_is_shared_and_spent_by_the_whole_fleet(pair, rdb):
@@ -462,9 +462,40 @@ def test_a_learned_token_rate_is_shared_and_spent_by_the_whole_fleet(pair, rdb):
     assert rdb.exists("cometkit:ns:model:m1:learned_tpm")
     with pytest.raises(RateLimitError, match="fleet's learned send or token rate"):
         two.acquire(TOKENS_REQUEST, 0.5)
-    assert two.stats()["models"]["m1"]["token_rate_per_s"] == token_rate
+    assert two.stats()["models"]["m1"]["process"]["token_rate_per_s"] == token_rate
     one.release(permit, answered(TOKENS_REQUEST, 200, clock, clock.monotonic(),
                                  input_tokens=1000, output_tokens=0))
+
+
+
+def test_a_window_and_a_ceiling_are_taken_by_a_process_that_has_not_met_them(pair):
+    one, two, clock = pair
+    for _ in range(3):  # a run of 3 acceptances, then "Retry-After: 2": a 2-second window
+        accept(one, clock, 0.5)
+    sent_at = clock.monotonic()
+    permit = one.acquire(REQUEST, 5)
+    clock.advance(0.1)
+    refused = AttemptResult(REQUEST, 1, status_code=429,
+                            headers=CaseInsensitiveDict({"retry-after": "2"}),
+                            started_at=sent_at, duration_s=0.1)
+    refused.hints = parse_hints(refused.headers, clock.time())
+    one.release(permit, refused)
+    clock.advance(0.5)  # past the window's end (and, in real time, past the fleet's hold)
+    time.sleep(0.5)
+    # Then a cap on calls in flight refuses the third of three: one keeps at most 2.
+    permits = [one.acquire(REQUEST, 5) for _ in range(3)]
+    one.release(permits[2], answered(REQUEST, 429, clock, clock.monotonic(),
+                                     "Too many parallel requests"))
+    for permit in permits[:2]:
+        one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
+    one.release(one.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
+    learned = one.stats()["models"]["m1"]["learned"]
+    assert (learned["window_s"], learned["window_quota"], learned["ceiling"]) == (2, 3, 2)
+
+    two.release(two.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
+    process = two.stats()["models"]["m1"]["process"]
+    assert (process["window_s"], process["window_quota"], process["ceiling"]) == (2, 3, 2)
+    assert process["limit"] <= 2
 
 
 def test_keys_are_namespaced_by_a_hash_of_the_api_key_and_never_contain_it(redis_url, rdb):

@@ -518,8 +518,10 @@ class RedisLimiter:
         ``models`` each lane this process used: fleet ``in_flight``, shared ``limit``,
         ``hold_remaining_s``, ``learned`` (what the fleet learned: ``rate_per_s``,
         ``token_rate_per_s``, ``window_s``, ``window_aligned``, ``window_quota``, ``ceiling``,
-        each present once a process learned it) and, in adaptive mode, the ``rate_per_s`` and
-        ``token_rate_per_s`` this process sends at now (the learned ones, grown since)."""
+        each present once a process learned it) and, in adaptive mode, ``process``: what this
+        process's adaptive policy holds now (its ``limit``, the ``rate_per_s`` and
+        ``token_rate_per_s`` it sends at -- the learned ones, grown since --, ``window_s``,
+        ``window_quota``, ``ceiling``, as the in-process limiter's ``stats()`` shows them)."""
         with self._lock:
             held = len(self._held)
             lanes = list(self._lanes.values())
@@ -556,8 +558,7 @@ class RedisLimiter:
                 "in_flight": in_flight, "limit": allowed,
                 "hold_remaining_s": max(0, hold_ms) / 1000.0, "learned": _decoded(learned)}
             if self._pacer is not None:
-                entry["rate_per_s"], entry["token_rate_per_s"] = self._pacer.with_control(
-                    lane.model, lambda control: (control.rate_per_s, control.token_rate_per_s))
+                entry["process"] = self._pacer.with_control(lane.model, self._snapshot)
         return out
 
     # -- shared admission ----------------------------------------------------------------------
@@ -722,6 +723,9 @@ class RedisLimiter:
                 for key in adopted:
                     lane.mine[key] = learned.get(key)
             logger.debug("model=%s: adopted what the fleet learned: %s", lane.label, adopted)
+
+    def _snapshot(self, control: AdaptiveControl) -> dict[str, Any]:
+        return control.snapshot(self.clock.monotonic())
 
     def _held_for(self, lane: _Lane) -> float:
         """Seconds the adaptive policy holds ``lane`` from now (after a refusal): the fleet
