@@ -339,18 +339,14 @@ class AdmissionLimiter:
         if new): how a store that shares what a fleet learned (the Redis store) reads and
         feeds the one adaptive policy. ``None`` when adaptive mode is off."""
         with self._lock:
-            self._mutating = True
-            try:
-                now = self.clock.monotonic()
-                lane = self._lanes.get(model) or self._new_lane(model, now)
-                if lane.control is None:
-                    return None
-                answer = apply(lane.control)
-                if self._queue:  # what it took in may admit a waiter sooner
-                    self._dispatch(now)
-                return answer
-            finally:
-                self._settle()
+            now = self.clock.monotonic()
+            lane = self._lanes.get(model) or self._new_lane(model, now)
+            if lane.control is None:
+                return None
+            answer = apply(lane.control)
+            if self._queue:  # what it took in may admit a waiter sooner
+                self._dispatch(now)
+            return answer
 
     # -- introspection -------------------------------------------------------------------------
 
