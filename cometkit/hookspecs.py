@@ -83,8 +83,9 @@ def cometkit_make_limiter(ctx: ClientContext) -> Optional[Limiter]:
     ``limiter.acquire(request, timeout_s)`` and, when the attempt ends, exactly once
     ``limiter.release(permit, result)`` with the :class:`cometkit.AttemptResult` (status,
     headers, usage) so an adaptive limiter can react to a 429. For a stream the slot is held
-    until the stream is exhausted, closed or garbage-collected. ``close()`` is called when the
-    client closes.
+    until the stream is exhausted, closed or garbage-collected; a garbage-collected stream's
+    ``release`` runs on the client's own thread, never inside a finalizer, so a limiter is not
+    re-entered from within its own locks. ``close()`` is called when the client closes.
 
     :param ctx: the client's context.
     :returns: a :class:`cometkit.Limiter`, or ``None`` to let another plugin decide. When every
