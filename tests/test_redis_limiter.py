@@ -14,14 +14,17 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
+from fakes import FakeClock
 from redis_server import REDIS_SERVER, RedisServer, free_port
+from requests.structures import CaseInsensitiveDict
 from scripted_server import wait_until
 
 import cometkit
 from cometkit import AttemptResult, RateLimitError, RequestInfo
+from cometkit.hints import parse_hints
 from cometkit.sandbox import Sandbox, SandboxProcess
 from cometkit_plugins.limiting.adaptive import CONCURRENCY_BACKOFF, INITIAL_LIMIT
 from cometkit_plugins.redis_limiter import DEFAULT_URL, RedisLimiter
@@ -196,9 +199,9 @@ def test_a_shared_requests_per_minute_keeps_the_fleets_429s_near_zero(redis_url)
 
 @pytest.mark.slow
 def test_a_fleet_told_nothing_loses_no_call_and_learns_not_to_flood_a_fast_server(redis_url):
-    """Two processes, adaptive, no rates told, against 20 calls/s with 10 ms answers: each
-    process learns its share of the rate (the in-process limiter's policy, per process), and
-    a 429 waits out the shared hold instead of failing the call."""
+    """Two processes, adaptive, no rates told, against 20 calls/s with 10 ms answers: the
+    fleet learns one rate (the in-process limiter's policy, fed the whole fleet's answers),
+    and a 429 waits out the shared hold instead of failing the call."""
     calls = 100
     with SandboxProcess(rps=20, latency_s=0.01) as sandbox:
         reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 16,
@@ -212,9 +215,32 @@ def test_a_fleet_told_nothing_loses_no_call_and_learns_not_to_flood_a_fast_serve
 
 
 @pytest.mark.slow
-def test_a_fleet_told_nothing_learns_a_token_limit_without_losing_a_call(redis_url):
+def test_four_processes_told_nothing_share_one_learned_rate_and_lose_no_call(redis_url, rdb):
+    """Four processes, defaults, against 20 calls/s with 10 ms answers (the benchmark's
+    fleet-4 shape). The server's bucket holds 20 calls; what the fleet sends before the
+    first refusals come back is bounded by its shared concurrency (4 at first, doubling per
+    round trip of 10 ms), and after that by the one learned rate every process sends at, so
+    the 429s are a wave or two, not one per process per signal: at most 10 % of the calls
+    (the issue's goal; the benchmark sees 2 to 4 %)."""
+    calls = 50
+    with SandboxProcess(rps=20, latency_s=0.01) as sandbox:
+        reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 16,
+                             "calls": calls, "plugins": {"redis_limiter": {"url": redis_url}}},
+                            4)
+        stats = sandbox.stats()
+    assert [r["errors"] for r in reports] == [[]] * 4
+    assert stats["attempts_by_status"].get(200) == 4 * calls
+    assert stats["attempts_by_status"].get(429, 0) <= 0.1 * 4 * calls, stats
+    # One rate for the fleet, near the server's 20/s -- not four shares, nor four times it.
+    learned = json.loads(rdb.hget(f"cometkit:{fingerprint()}:model:m1:learned", "rate_per_s"))
+    assert 10 <= learned <= 40, learned
+
+
+@pytest.mark.slow
+def test_a_fleet_told_nothing_learns_a_token_limit_without_losing_a_call(redis_url, rdb):
     """Two processes against 60k tokens per minute counted by the server's own tokenizer
-    (1.3x the client's estimate): each learns its share of the token rate from token 429s."""
+    (1.3x the client's estimate): the fleet learns one token rate from token 429s, and every
+    process spends it."""
     calls = 16
     with SandboxProcess(tpm=60_000, token_ratio=1.3, latency_s=0.02) as sandbox:
         reports = run_fleet({"key": KEY, "base_url": sandbox.base_url, "threads": 8,
@@ -225,6 +251,9 @@ def test_a_fleet_told_nothing_learns_a_token_limit_without_losing_a_call(redis_u
     assert [r["errors"] for r in reports] == [[]] * 2
     assert stats["attempts_by_status"].get(200) == 2 * calls
     assert stats["rate_limited"].get("tokens", 0) == stats["attempts_by_status"].get(429, 0)
+    if stats["rate_limited"].get("tokens"):  # a token 429 taught the fleet its token rate
+        learned = rdb.hget(f"cometkit:{fingerprint()}:model:m1:learned", "token_rate_per_s")
+        assert learned is not None and json.loads(learned) > 0
 
 
 @pytest.mark.slow
@@ -291,6 +320,25 @@ def test_a_call_held_by_the_shared_hold_ends_at_its_deadline(redis_url):
         limiter.close()
 
 
+def test_a_dropped_stream_gives_its_lease_back_through_the_engine(redis_url, rdb):
+    """A stream dropped mid-way is ended by its finalizer, which only hands the ending to the
+    client's engine: the lease comes back on the engine's thread, never from inside the
+    limiter (which therefore needs no guard against being re-entered)."""
+    slots_key = f"cometkit:{fingerprint()}:all:slots"
+    with Sandbox() as sandbox, cometkit.Client(KEY, sandbox.base_url, concurrency=2, config={
+            "plugins": {"redis_limiter": {"url": redis_url, "max_concurrency": 1,
+                                          "acquire_timeout": 10}}}) as client:
+        for _ in range(3):  # each stream needs the one slot the one before it held
+            stream = client.chat.completions.create(model="m1", messages=MESSAGES,
+                                                    stream=True)
+            next(iter(stream))
+            assert live_leases(rdb, slots_key) == 1
+            del stream
+        answer = client.chat.completions.create(model="m1", messages=MESSAGES)
+    assert answer.choices[0].message.content
+    assert live_leases(rdb, slots_key) == 0
+
+
 # -- the shared state, process by process ---------------------------------------------------
 
 
@@ -342,6 +390,144 @@ def test_tokens_are_charged_once_with_a_weight_and_corrected_from_usage(redis_ur
         limiter.release(limiter.acquire(small, 0.2), result(200))
     finally:
         limiter.close()
+
+
+# -- what the fleet learned, shared ------------------------------------------------------------
+#
+# Two RedisLimiter instances stand for two processes (the same Redis and namespace); their
+# adaptive policies run on an injected clock, so every learned rate below follows from the
+# answers given, whatever the machine's speed. Redis times the shared keys in real time: the
+# learned rates are kept low enough (0.5 calls/s, a few hundred tokens/s) that nothing the
+# test does in between takes as long as one learned interval.
+
+TOKENS_REQUEST = RequestInfo("ck-tok", "chat", "POST", "/chat/completions", model="m1",
+                             json={"messages": [{"role": "user", "content": "x" * 4000}]})
+QUICK_HINT = {"retry-after-ms": "1"}
+
+
+def answered(request: RequestInfo, status: int, clock: FakeClock, sent_at: float,
+             message: Optional[str] = None, **fields: Any) -> AttemptResult:
+    headers = CaseInsensitiveDict(QUICK_HINT if status == 429 else {})
+    out = AttemptResult(request, 1, status_code=status, headers=headers, started_at=sent_at,
+                        duration_s=clock.monotonic() - sent_at, **fields)
+    out.hints = parse_hints(headers, clock.time(), message if status == 429 else None)
+    return out
+
+
+def accept(limiter: RedisLimiter, clock: FakeClock, seconds: float,
+           request: RequestInfo = REQUEST, **fields: Any) -> None:
+    """One call of ``limiter``, in flight for ``seconds`` and accepted."""
+    sent_at = clock.monotonic()
+    permit = limiter.acquire(request, 5)
+    clock.advance(seconds)
+    limiter.release(permit, answered(request, 200, clock, sent_at, **fields))
+
+
+def refuse(limiter: RedisLimiter, clock: FakeClock, request: RequestInfo = REQUEST,
+           message: Optional[str] = None) -> None:
+    sent_at = clock.monotonic()
+    permit = limiter.acquire(request, 5)
+    clock.advance(0.1)
+    limiter.release(permit, answered(request, 429, clock, sent_at, message))
+    clock.advance(0.01)  # past the 1 ms hold the refusal asked for (and Redis' own)
+    time.sleep(0.01)
+
+
+@pytest.fixture
+def pair(redis_url: str) -> Iterator[tuple[RedisLimiter, RedisLimiter, FakeClock]]:
+    clock = FakeClock()
+    one, two = (RedisLimiter(url=redis_url, namespace="ns", max_concurrency=8, clock=clock)
+                for _ in range(2))
+    yield one, two, clock
+    one.close()
+    two.close()
+
+
+def test_a_process_that_joins_sends_at_the_rate_the_fleet_learned_and_redis_holds_it(
+        pair, rdb):
+    one, two, clock = pair
+    for _ in range(4):  # 4 calls accepted in 8 s of sending (2 s each): 0.5 calls/s
+        accept(one, clock, 2.0)
+    refuse(one, clock)
+    permit = one.acquire(REQUEST, 5)  # the first admission after the hold learns the rate
+    learned = one.stats()["models"]["m1"]["learned"]
+    assert learned["rate_per_s"] == pytest.approx(0.5, rel=0.05)
+    assert json.loads(rdb.hget("cometkit:ns:model:m1:learned", "rate_per_s")) == \
+        learned["rate_per_s"]
+
+    # A process that never saw a 429 sends at the fleet's rate from its first call ...
+    with pytest.raises(RateLimitError, match="fleet's learned send or token rate"):
+        two.acquire(REQUEST, 0.5)  # ... and that rate is the fleet's: one just sent
+    assert two.stats()["models"]["m1"]["process"]["rate_per_s"] == learned["rate_per_s"]
+    one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
+
+
+def test_the_learned_rate_is_measured_over_what_the_whole_fleet_had_accepted(pair):
+    one, two, clock = pair
+    sent_at = clock.monotonic()
+    permit = one.acquire(REQUEST, 5)  # one call of one's, in flight for 4 s ...
+    for _ in range(8):  # ... while two has 8 accepted
+        accept(two, clock, 0.5)
+    one.release(permit, answered(REQUEST, 200, clock, sent_at))
+    refuse(one, clock)
+    one.release(one.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
+    # 9 acceptances in one's 4.1 s of sending (a little more: its pacing after the hold is
+    # busy time too), not its own 1: the rate the server gives the fleet, about 2/s, where
+    # one's own share would be under 0.25/s.
+    rate = one.stats()["models"]["m1"]["learned"]["rate_per_s"]
+    assert 9 / 4.6 <= rate <= 9 / 4.1
+    two.acquire(REQUEST, 5)  # two takes it in with its next call
+    assert two.stats()["models"]["m1"]["process"]["rate_per_s"] == pytest.approx(rate)
+
+
+def test_a_learned_token_rate_is_shared_and_spent_by_the_whole_fleet(pair, rdb):
+    one, two, clock = pair
+    for _ in range(4):  # 4 calls of 500 tokens each in 4 s: 500 tokens/s
+        accept(one, clock, 1.0, TOKENS_REQUEST, input_tokens=500, output_tokens=0)
+    refuse(one, clock, TOKENS_REQUEST, "Rate limit reached for tokens per min")
+    # The next admission learns the token rate and spends ~1000 estimated tokens of the
+    # fleet's bucket (one second's worth of ~490 tokens/s): a debt of about a second.
+    permit = one.acquire(TOKENS_REQUEST, 5)
+    token_rate = one.stats()["models"]["m1"]["learned"]["token_rate_per_s"]
+    assert 400 <= token_rate <= 500
+    assert "rate_per_s" not in one.stats()["models"]["m1"]["learned"]  # tokens refused, only
+    assert rdb.exists("cometkit:ns:model:m1:learned_tpm")
+    with pytest.raises(RateLimitError, match="fleet's learned send or token rate"):
+        two.acquire(TOKENS_REQUEST, 0.5)
+    assert two.stats()["models"]["m1"]["process"]["token_rate_per_s"] == token_rate
+    one.release(permit, answered(TOKENS_REQUEST, 200, clock, clock.monotonic(),
+                                 input_tokens=1000, output_tokens=0))
+
+
+
+def test_a_window_and_a_ceiling_are_taken_by_a_process_that_has_not_met_them(pair):
+    one, two, clock = pair
+    for _ in range(3):  # a run of 3 acceptances, then "Retry-After: 2": a 2-second window
+        accept(one, clock, 0.5)
+    sent_at = clock.monotonic()
+    permit = one.acquire(REQUEST, 5)
+    clock.advance(0.1)
+    refused = AttemptResult(REQUEST, 1, status_code=429,
+                            headers=CaseInsensitiveDict({"retry-after": "2"}),
+                            started_at=sent_at, duration_s=0.1)
+    refused.hints = parse_hints(refused.headers, clock.time())
+    one.release(permit, refused)
+    clock.advance(0.5)  # past the window's end (and, in real time, past the fleet's hold)
+    time.sleep(0.5)
+    # Then a cap on calls in flight refuses the third of three: one keeps at most 2.
+    permits = [one.acquire(REQUEST, 5) for _ in range(3)]
+    one.release(permits[2], answered(REQUEST, 429, clock, clock.monotonic(),
+                                     "Too many parallel requests"))
+    for permit in permits[:2]:
+        one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
+    one.release(one.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
+    learned = one.stats()["models"]["m1"]["learned"]
+    assert (learned["window_s"], learned["window_quota"], learned["ceiling"]) == (2, 3, 2)
+
+    two.release(two.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
+    process = two.stats()["models"]["m1"]["process"]
+    assert (process["window_s"], process["window_quota"], process["ceiling"]) == (2, 3, 2)
+    assert process["limit"] <= 2
 
 
 def test_keys_are_namespaced_by_a_hash_of_the_api_key_and_never_contain_it(redis_url, rdb):

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from cometkit import AttemptResult
 from cometkit.hints import RateLimitHints, parse_hints
@@ -547,10 +547,15 @@ class AdaptiveControl:
             logger.debug("model=%s: %d of %d requests remain; send rate now %s/s",
                          result.request.model or "-", remaining, limit,
                          "-" if self.rate_per_s is None else f"{self.rate_per_s:.2f}")
-        elif self.rate_per_s is not None:
+        else:
+            self._grow_rate(1)
+
+    def _grow_rate(self, successes: int) -> None:
+        """The learned rate rises per success, by the share of a second of sending it took."""
+        if self.rate_per_s is not None:
             growth_per_s = (RATE_GROWTH_PER_S * self._anchor_rate
                             + RATE_ACCELERATION_PER_S * (self.rate_per_s - self._anchor_rate))
-            self.rate_per_s += growth_per_s / self.rate_per_s
+            self.rate_per_s += successes * growth_per_s / self.rate_per_s
 
     def _reopen(self, now: float, sent_at: float) -> None:
         """The probe (or a later attempt) was accepted: the limit is open again."""
@@ -677,6 +682,65 @@ class AdaptiveControl:
         if self.rate_floor_per_s is not None:
             rate = max(rate, self.rate_floor_per_s)
         self.rate_per_s = self._anchor_rate = rate
+
+    # -- sharing: a store that keeps one lane's learning for a fleet of processes ------------
+
+    def learned(self) -> dict[str, Any]:
+        """What this lane has *learned*, for a store to share with other processes (see
+        :meth:`adopt`): the send and token rates as last learned (not what they grew to
+        since), a recognised window, and a ceiling on calls in flight. ``None`` for what it
+        has not learned; a configured window is not learned and not shared."""
+        learned_window = self.window_s is not None and not self._window_configured
+        return {
+            "rate_per_s": self._anchor_rate if self.rate_per_s is not None else None,
+            "token_rate_per_s": (self._token_anchor if self.token_rate_per_s is not None
+                                 else None),
+            "window_s": self.window_s if learned_window else None,
+            "window_aligned": self.window_aligned if learned_window else None,
+            "window_quota": self.window_quota if learned_window else None,
+            "ceiling": self.ceiling,
+        }
+
+    def adopt(self, shared: Mapping[str, Any]) -> None:
+        """Take in what another process of the fleet learned (its :meth:`learned`, or part of
+        it). The rates are the fleet's (measured over what the whole fleet had accepted, see
+        :meth:`accepted_elsewhere`), so they replace this lane's, growth starting afresh from
+        them, as after a rate this lane learned itself. A window and a ceiling are taken only
+        when this lane knows none: a process that met them knows its own better."""
+        rate = shared.get("rate_per_s")
+        if rate:
+            self._set_rate(float(rate))
+            self._slow_start = False
+        token_rate = shared.get("token_rate_per_s")
+        if token_rate:
+            token_rate = max(1.0, float(token_rate))
+            if self._stated_token_rate is not None:
+                token_rate = min(token_rate, self._stated_token_rate)
+            self.token_rate_per_s = self._token_anchor = token_rate
+        window_s = shared.get("window_s")
+        if window_s and self.window_s is None:
+            self.window_s = float(window_s)
+            self.window_aligned = bool(shared.get("window_aligned"))
+            quota = shared.get("window_quota")
+            self.window_quota = int(quota) if quota else None
+        ceiling = shared.get("ceiling")
+        if ceiling and self.ceiling is None:
+            self.ceiling = max(1, min(int(ceiling), self.max_limit))
+            self.limit = min(self.limit, float(self.ceiling))
+            self._slow_start = False
+
+    def accepted_elsewhere(self, sent: int, accepted: int, sent_tokens: int = 0,
+                           accepted_tokens: int = 0) -> None:
+        """Attempts the rest of the fleet sent, and had accepted, while this lane was busy:
+        counted in what the server accepted since the rate was last learned, so that what
+        this lane measures and learns is the rate the server gives the *fleet* (which a store
+        enforces fleet-wide), and growing the rates as this lane's own successes do."""
+        self._epoch_sent += max(0, sent)
+        self._epoch_sent_tokens += max(0, sent_tokens)
+        if accepted > 0:
+            self._epoch_ok += accepted
+            self._grow_rate(accepted)
+        self._tokens_accepted(accepted_tokens)
 
     # -- reporting -----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from cometkit import (
     AttemptResult,
@@ -56,6 +56,8 @@ from .plan import (
 __all__ = ["AdmissionLimiter", "PLUGIN_NAME"]
 
 logger = logging.getLogger("cometkit.limiter")
+
+_T = TypeVar("_T")
 
 #: The configuration section (and the name in messages) of this store.
 PLUGIN_NAME = "limiter"
@@ -351,6 +353,21 @@ class AdmissionLimiter:
             self._closed = True
             for waiter in list(self._queue):
                 waiter.cond.notify()
+
+    def with_control(self, model: Optional[str],
+                     apply: Callable[[AdaptiveControl], _T]) -> Optional[_T]:
+        """``apply(control)`` under the lock, on the adaptive control of ``model``'s lane (made
+        if new): how a store that shares what a fleet learned (the Redis store) reads and
+        feeds the one adaptive policy. ``None`` when adaptive mode is off."""
+        with self._lock:
+            now = self.clock.monotonic()
+            lane = self._lanes.get(model) or self._new_lane(model, now)
+            if lane.control is None:
+                return None
+            answer = apply(lane.control)
+            if self._queue:  # what it took in may admit a waiter sooner
+                self._dispatch(now)
+            return answer
 
     # -- introspection -------------------------------------------------------------------------
 

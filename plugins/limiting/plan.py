@@ -22,6 +22,7 @@ __all__ = [
     "paced_rate",
     "lane_cap",
     "charged_tokens",
+    "token_refund",
     "factory_kwargs",
 ]
 
@@ -175,6 +176,19 @@ def charged_tokens(result: AttemptResult, answer_reserved: int) -> Optional[int]
     if result.input_tokens is None and result.output_tokens is None:
         return None
     return (result.input_tokens or 0) + max(answer_reserved, result.output_tokens or 0)
+
+
+def token_refund(cost: int, result: AttemptResult, answer_reserved: int) -> Optional[int]:
+    """Tokens to give back to the buckets an attempt estimated at ``cost`` was charged to: the
+    estimate less what the server charged (negative: it charged more); the whole estimate for
+    an error answer without ``usage`` (the server counted nothing); ``None`` when nothing is
+    known yet (no answer, or an answer without ``usage``)."""
+    charged = charged_tokens(result, answer_reserved)
+    if charged is not None:
+        return cost - charged
+    if result.status_code is not None and result.status_code >= 400:
+        return cost
+    return None
 
 
 def factory_kwargs(options: Mapping[str, Any], schema: Mapping[str, Option],

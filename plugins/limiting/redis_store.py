@@ -15,11 +15,19 @@ instead, with the ``limiter``'s options (plus where Redis is and what to do when
   weight (1 request, or the token estimate), so no per-token or per-request entries pile up.
   It is the ``limiter``'s token bucket (``burst`` seconds' worth, less ``safety_margin``) in
   one number; the token estimate is corrected from ``usage`` on release.
-- **Adaptive** mode is shared per model: a 429 seen by any process sets a *hold* key that
-  expires after the server's ``Retry-After`` (every process waits it out before admitting), and
-  cuts the model's shared concurrency limit multiplicatively -- once per burst: a 429 for an
-  attempt admitted before the last cut is an echo of it. Successes grow the limit back by one
-  per window (slow start until the first cut), as the in-process limiter does.
+- **Adaptive** mode is shared per model: a 429 seen by any process sets a *hold* key for as
+  long as the adaptive policy holds that process (every process waits it out before
+  admitting), and cuts the model's shared concurrency limit multiplicatively -- once per
+  burst: a 429 for an attempt admitted before the last cut is an echo of it. Successes grow
+  the limit back by one per window (slow start until the first cut), as the in-process
+  limiter does.
+- **What adaptive mode learns is the fleet's**: each process runs the one adaptive policy
+  (:mod:`.adaptive`, in an in-process ``AdmissionLimiter`` per process), told by every script
+  answer what the rest of the fleet sent and had accepted meanwhile, so the rates it learns
+  are the rates the server gives the fleet. What it learns is published to a ``learned`` hash
+  with its next acquire, taken in by every other process with theirs (and read once by a
+  process that joins), and the learned send and token rates are enforced in Redis for every
+  process together. This store keeps and passes on; the learning rules stay in the policy.
 
 Every change of state is one Lua script (``EVALSHA``), atomic in Redis and timed by Redis'
 own ``TIME``, so the hosts' clocks need not agree. Keys are ``<key_prefix>:<sha256 of the API
@@ -40,15 +48,15 @@ when a client enables the plugin. Documented in ``docs/deployment.md``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from importlib import resources
 from random import Random
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 from urllib.parse import quote, urlsplit
 
 from cometkit import (
@@ -62,15 +70,13 @@ from cometkit import (
     SystemClock,
     Throttle,
 )
-from cometkit.hints import retry_after_s
 from cometkit.options import validate_section
 
 from .adaptive import (
     CONCURRENCY_BACKOFF,
-    DEFAULT_HOLD_S,
     INITIAL_LIMIT,
-    MAX_HOLD_S,
     STORM_HORIZON_S,
+    AdaptiveControl,
 )
 from .local import AdmissionLimiter
 from .plan import OPTIONS as LIMITER_OPTIONS
@@ -81,6 +87,7 @@ from .plan import (
     factory_kwargs,
     lane_cap,
     paced_rate,
+    token_refund,
 )
 
 __all__ = [
@@ -208,8 +215,9 @@ def _gcra(per_minute: Optional[float], burst: float, margin: float) -> tuple[flo
 class _Lane:
     """One model's keys and limits (the calls without a model share one lane)."""
 
-    __slots__ = ("model", "label", "slots", "rpm", "tpm", "hold", "control", "max_concurrency",
-                 "rpm_gcra", "tpm_gcra")
+    __slots__ = ("model", "label", "slots", "rpm", "tpm", "hold", "control", "pace",
+                 "learned_tpm", "learned", "max_concurrency", "rpm_gcra", "tpm_gcra", "version",
+                 "shared", "mine", "counters", "active", "gap", "introduced")
 
     def __init__(self, base: str, model: Optional[str], max_concurrency: int,
                  rpm_gcra: tuple[float, float], tpm_gcra: tuple[float, float]) -> None:
@@ -222,19 +230,39 @@ class _Lane:
         self.tpm = f"{scope}:tpm"
         self.hold = f"{scope}:hold"
         self.control = f"{scope}:control"
+        #: The fleet's learned send interval and token bucket (GCRA), and what it learned.
+        self.pace = f"{scope}:pace"
+        self.learned_tpm = f"{scope}:learned_tpm"
+        self.learned = f"{scope}:learned"
         #: 0 when the lane needs no slots of its own (no model limit, not adaptive).
         self.max_concurrency = max_concurrency
         self.rpm_gcra = rpm_gcra
         self.tpm_gcra = tpm_gcra
+        # What this process knows of the fleet's learning (guarded by the limiter's lock):
+        #: the version of ``learned`` last seen, its fields as last seen, and this process's
+        #: own :meth:`AdaptiveControl.learned` as last published or adopted.
+        self.version = 0
+        self.shared: dict[str, Any] = {}
+        self.mine: dict[str, Any] = {}
+        #: The fleet's counters (sent, accepted, sent tokens, accepted tokens) last seen.
+        self.counters: Optional[list[int]] = None
+        #: Acquires under way plus leases held; ``gap``: it fell to 0 since the counters were
+        #: last seen (what the fleet did meanwhile happened while this lane was idle).
+        self.active = 0
+        self.gap = False
+        #: What the fleet learned was read before this process's first admission.
+        self.introduced = False
 
 
 class _RedisPermit:
     """A lease in Redis; handed back to :meth:`RedisLimiter.release` once."""
 
-    __slots__ = ("id", "lane", "cost", "answer_reserved", "admitted_at", "released", "paced")
+    __slots__ = ("id", "lane", "cost", "answer_reserved", "admitted_at", "released", "paced",
+                 "learned_tpm_interval")
 
     def __init__(self, permit_id: str, lane: _Lane, cost: int, admitted_at: str,
-                 paced: Any = None, answer_reserved: int = 0) -> None:
+                 paced: Any = None, answer_reserved: int = 0,
+                 learned_tpm_interval: float = 0.0) -> None:
         self.id = permit_id
         self.lane = lane
         self.cost = cost
@@ -244,6 +272,8 @@ class _RedisPermit:
         self.paced = paced
         #: Redis' time of admission (ms), to tell a new 429 from an echo of the last cut.
         self.admitted_at = admitted_at
+        #: The fleet's learned token interval (ms) it was charged at, refunded at the same.
+        self.learned_tpm_interval = learned_tpm_interval
         self.released = False
 
     def __repr__(self) -> str:
@@ -371,7 +401,8 @@ class RedisLimiter:
         self._client_tpm = f"{self.base_key}:all:tpm"
         self._client_rpm_gcra = _gcra(requests_per_minute, self.burst, self.safety_margin)
         self._client_tpm_gcra = _gcra(tokens_per_minute, self.burst, self.safety_margin)
-        self._count_tokens = tokens_per_minute is not None or any(
+        # Adaptive mode may learn a token rate the fleet then spends at: tokens are counted.
+        self._count_tokens = self.adaptive or tokens_per_minute is not None or any(
             section.get("tokens_per_minute") is not None for section in self.models.values())
         self._lanes: dict[Optional[str], _Lane] = {}
         self._lock = threading.Lock()
@@ -385,19 +416,16 @@ class RedisLimiter:
         self._state_lock = threading.Lock()
         self._probe_lock = threading.Lock()
         self._local: Optional[AdmissionLimiter] = None
-        # Adaptive mode learns as the in-process limiter does -- send rate, token rate, holds,
-        # probes, windows, caps on calls in flight -- from this process's own answers: the
-        # same policy, kept per process, on top of the shared hold and concurrency in Redis.
-        # Each process learns the share of the server's limit it gets (as TCP flows sharing a
-        # link do), so a fleet with no rates told does not flood a fast server.
+        # Adaptive mode is the in-process limiter's policy (send rate, token rate, holds,
+        # probes, windows, caps on calls in flight), one control per model in this process,
+        # fed what the whole fleet sent and had accepted: what it learns is the fleet's, and
+        # is shared through Redis (see _share and _take_in), where the learned rates are
+        # enforced fleet-wide.
         self._pacer: Optional[AdmissionLimiter] = (
             AdmissionLimiter(max_concurrency=self.max_concurrency, burst=self.burst,
                              safety_margin=self.safety_margin, clock=self.clock)
             if self.adaptive else None)
-        # A stream abandoned to the garbage collector is released by a finalizer, which may
-        # run on a thread that is inside this limiter (or redis-py's pool lock) already;
-        # such a release is deferred to the end of the outer section (see _guarded).
-        self._tls = threading.local()
+        self._control_ttl_ms = int(CONTROL_TTL_S * 1000)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], *, concurrency: int, namespace: str = "",
@@ -470,11 +498,7 @@ class RedisLimiter:
                 logger.debug("release() of something that is not a permit of this limiter: %r",
                              permit)
             return None
-        if getattr(self._tls, "depth", 0):  # a finalizer inside our own section: later
-            self._tls.deferred.append((permit, result))
-            return None
-        with self._guarded():
-            return self._release(permit, result)
+        return self._release(permit, result)
 
     def close(self) -> None:
         """Refuse new attempts and stop renewing leases (attempts in flight still release)."""
@@ -493,8 +517,13 @@ class RedisLimiter:
         """Current state: ``backend`` (``redis``, or while Redis is unreachable the
         ``on_redis_error`` mode), ``held`` (leases of this process), ``in_flight`` (leases of
         the whole fleet, ``None`` when Redis does not answer), ``max_concurrency``, and under
-        ``models`` each lane this process used: fleet ``in_flight``, shared ``limit`` and
-        ``hold_remaining_s``."""
+        ``models`` each lane this process used: fleet ``in_flight``, shared ``limit``,
+        ``hold_remaining_s``, ``learned`` (what the fleet learned: ``rate_per_s``,
+        ``token_rate_per_s``, ``window_s``, ``window_aligned``, ``window_quota``, ``ceiling``,
+        each present once a process learned it) and, in adaptive mode, ``process``: what this
+        process's adaptive policy holds now (its ``limit``, the ``rate_per_s`` and
+        ``token_rate_per_s`` it sends at -- the learned ones, grown since --, ``window_s``,
+        ``window_quota``, ``ceiling``, as the in-process limiter's ``stats()`` shows them)."""
         with self._lock:
             held = len(self._held)
             lanes = list(self._lanes.values())
@@ -506,29 +535,32 @@ class RedisLimiter:
         if self._down_at is not None:
             return out
         try:
-            with self._guarded():
-                seconds, micros = self._redis.time()
-                now_ms = seconds * 1000 + micros / 1000
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.zcount(self._client_slots, now_ms, "+inf")
-                for lane in lanes:
-                    pipe.zcount(lane.slots, now_ms, "+inf")
-                    pipe.hget(lane.control, "limit")
-                    pipe.pttl(lane.hold)
-                values = pipe.execute()
+            seconds, micros = self._redis.time()
+            now_ms = seconds * 1000 + micros / 1000
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zcount(self._client_slots, now_ms, "+inf")
+            for lane in lanes:
+                pipe.zcount(lane.slots, now_ms, "+inf")
+                pipe.hget(lane.control, "limit")
+                pipe.pttl(lane.hold)
+                pipe.hgetall(lane.learned)
+            values = pipe.execute()
         except self._redis_error as exc:
             self._went_down(exc)
             out["backend"] = self.on_redis_error
             return out
         out["in_flight"] = values[0]
         for index, lane in enumerate(lanes):
-            in_flight, limit, hold_ms = values[1 + 3 * index: 4 + 3 * index]
+            in_flight, limit, hold_ms, learned = values[1 + 4 * index: 5 + 4 * index]
             allowed = self._lane_cap(lane.model)
             if self.adaptive:
-                learned = float(limit) if limit is not None else float(INITIAL_LIMIT)
-                allowed = min(allowed, max(1, int(learned)))
-            out["models"][lane.model] = {"in_flight": in_flight, "limit": allowed,
-                                         "hold_remaining_s": max(0, hold_ms) / 1000.0}
+                shared = float(limit) if limit is not None else float(INITIAL_LIMIT)
+                allowed = min(allowed, max(1, int(shared)))
+            entry = out["models"][lane.model] = {
+                "in_flight": in_flight, "limit": allowed,
+                "hold_remaining_s": max(0, hold_ms) / 1000.0, "learned": _decoded(learned)}
+            if self._pacer is not None:
+                entry["process"] = self._pacer.with_control(lane.model, self._snapshot)
         return out
 
     # -- shared admission ----------------------------------------------------------------------
@@ -555,33 +587,163 @@ class RedisLimiter:
         lane = self._lane(request.model)
         permit_id = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
         keys = [self._client_slots, self._client_rpm, self._client_tpm, lane.slots, lane.rpm,
-                lane.tpm, lane.hold, lane.control]
-        args = [permit_id, self._lease_ms, self.max_concurrency, *self._client_rpm_gcra,
+                lane.tpm, lane.hold, lane.control, lane.pace, lane.learned_tpm, lane.learned]
+        head = [permit_id, self._lease_ms, self.max_concurrency, *self._client_rpm_gcra,
                 *self._client_tpm_gcra, lane.max_concurrency, *lane.rpm_gcra, *lane.tpm_gcra,
                 cost, 1 if self.adaptive else 0, min(lane.max_concurrency or 1, INITIAL_LIMIT)]
         backoff = POLL_MIN_S
-        while True:
-            with self._guarded():
-                granted, value, detail = self._acquire_script(keys=keys, args=args)
-                if granted == 1:
-                    permit = _RedisPermit(permit_id, lane, cost, _text(value))
+        with self._lock:
+            lane.active += 1
+        granted = False
+        try:
+            if not lane.introduced:
+                self._introduce(lane)
+            while True:
+                news, pace, token_pace = self._share(lane)
+                with self._lock:
+                    known = lane.version
+                reply = self._acquire_script(keys=keys, args=[
+                    *head, pace, *token_pace, known, self._control_ttl_ms, *news])
+                granted = reply[0] == 1
+                value, detail = reply[1], reply[2]
+                self._take_in(lane, reply[3:], (1, 0, cost, 0) if granted else (0, 0, 0, 0))
+                if granted:
+                    permit = _RedisPermit(permit_id, lane, cost, _text(value),
+                                          learned_tpm_interval=token_pace[0])
                     with self._lock:
                         self._held[permit_id] = permit
                     self._ensure_renewer()
                     return permit
-            now = self.clock.monotonic()
-            if deadline is not None and now >= deadline:
-                raise self._timeout_error(request, timeout, _text(detail))
-            if value >= 0:  # Redis knows when: a hold ending, a rate refilling
-                wait = min(MAX_SLEEP_S, value / 1000.0)
-            else:  # a slot held elsewhere: poll, backing off, with jitter
-                wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
-                backoff = min(POLL_MAX_S, backoff * 2)
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            self._sleep(max(0.0, wait))
-            if self._closed:
-                raise RuntimeError("the limiter was closed while this attempt waited")
+                now = self.clock.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise self._timeout_error(request, timeout, _text(detail))
+                if value >= 0:  # Redis knows when: a hold ending, a rate refilling
+                    wait = min(MAX_SLEEP_S, value / 1000.0)
+                else:  # a slot held elsewhere: poll, backing off, with jitter
+                    wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
+                    backoff = min(POLL_MAX_S, backoff * 2)
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+                self._sleep(max(0.0, wait))
+                if self._closed:
+                    raise RuntimeError("the limiter was closed while this attempt waited")
+        finally:
+            if not granted:
+                self._idle(lane)
+
+    # -- what the fleet learned ------------------------------------------------------------
+
+    def _share(self, lane: _Lane) -> tuple[list[str], float, tuple[float, float]]:
+        """What this process's control of ``lane`` learned since it last said (field/value
+        pairs for the acquire script to publish), and the learned rates it sends at now, as
+        GCRA numbers: the send interval in ms, and the token interval and capacity (``burst``
+        seconds' worth, as the in-process store's learned token bucket). The rates are the
+        fleet's, so Redis enforces them on every process together."""
+        if self._pacer is None:
+            return [], 0.0, (0.0, 0.0)
+
+        def read(control: AdaptiveControl) -> tuple[dict, Optional[float], Optional[float]]:
+            return control.learned(), control.rate_per_s, control.token_rate_per_s
+
+        found = self._pacer.with_control(lane.model, read)
+        if found is None:
+            return [], 0.0, (0.0, 0.0)
+        learned, rate, token_rate = found
+        with self._lock:
+            news = {key: value for key, value in learned.items()
+                    if value is not None and value != lane.mine.get(key)}
+            lane.mine = learned
+            lane.shared.update(news)
+        pairs = [item for key, value in news.items() for item in (key, json.dumps(value))]
+        token_pace = _gcra(token_rate * 60.0, self.burst, 0.0) if token_rate else (0.0, 0.0)
+        return pairs, (1000.0 / rate if rate else 0.0), token_pace
+
+    def _take_in(self, lane: _Lane, tail: list, own: tuple[int, int, int, int]) -> None:
+        """Feed this process's control of ``lane`` what a script answered: what the rest of
+        the fleet sent and had accepted since this process last looked (the growth of the
+        fleet's counters less ``own``, this call's part in it), counted only while this lane
+        was busy throughout; and what the fleet learned that this process has not seen yet.
+        """
+        if self._pacer is None or len(tail) < 4:
+            return
+        counters = [int(float(_text(value))) for value in tail[:4]]
+        adopted: dict[str, Any] = {}
+        with self._lock:
+            seen, lane.counters = lane.counters, (
+                counters if lane.counters is None
+                else [max(a, b) for a, b in zip(lane.counters, counters)])
+            elsewhere = None
+            if seen is not None and not lane.gap:
+                elsewhere = [max(0, now - then - mine)
+                             for now, then, mine in zip(counters, seen, own)]
+            lane.gap = False
+            if len(tail) > 4:
+                adopted = self._news(lane, int(_text(tail[4])), _decoded(dict(
+                    zip(tail[5::2], tail[6::2]))))
+        self._feed(lane, elsewhere, adopted)
+
+    def _introduce(self, lane: _Lane) -> None:
+        """Before this process's first admission of ``lane``: take in what the fleet learned,
+        so that even the first call goes out at the fleet's rates (one read, once)."""
+        if self._pacer is not None:
+            learned = self._redis.hgetall(lane.learned)
+            version = next((int(_text(value)) for key, value in learned.items()
+                            if _text(key) == "version"), 0)
+            with self._lock:
+                adopted = self._news(lane, version, _decoded(learned))
+            self._feed(lane, None, adopted)
+        lane.introduced = True
+
+    @staticmethod
+    def _news(lane: _Lane, version: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of a newer version of the fleet's learning that changed (with the lock
+        held)."""
+        if version <= lane.version:
+            return {}
+        lane.version = version
+        changed = {key: value for key, value in fields.items() if lane.shared.get(key) != value}
+        lane.shared.update(changed)
+        return changed
+
+    def _feed(self, lane: _Lane, elsewhere: Optional[list[int]],
+              adopted: Mapping[str, Any]) -> None:
+        """Hand the control what the others did (``elsewhere``: sent, accepted, sent tokens,
+        accepted tokens) and what the fleet learned that is new here (``adopted``)."""
+        if self._pacer is None or (not adopted and not (elsewhere and any(elsewhere))):
+            return
+
+        def feed(control: AdaptiveControl) -> dict[str, Any]:
+            if elsewhere and any(elsewhere):
+                control.accepted_elsewhere(*elsewhere)
+            if adopted:
+                control.adopt(adopted)
+            return control.learned()
+
+        learned = self._pacer.with_control(lane.model, feed)
+        if adopted and learned is not None:
+            with self._lock:  # taken in, not learned here: not news to publish back
+                for key in adopted:
+                    lane.mine[key] = learned.get(key)
+            logger.debug("model=%s: adopted what the fleet learned: %s", lane.label, adopted)
+
+    def _snapshot(self, control: AdaptiveControl) -> dict[str, Any]:
+        return control.snapshot(self.clock.monotonic())
+
+    def _held_for(self, lane: _Lane) -> float:
+        """Seconds the adaptive policy holds ``lane`` from now (after a refusal): the fleet
+        holds as long."""
+        if self._pacer is None:
+            return 0.0
+        now = self.clock.monotonic()
+        return self._pacer.with_control(
+            lane.model, lambda control: max(0.0, control.hold_until - now)) or 0.0
+
+    def _idle(self, lane: _Lane) -> None:
+        with self._lock:
+            lane.active -= 1
+            if lane.active <= 0:
+                lane.active = 0
+                lane.gap = True
 
     def _release(self, permit: _RedisPermit, result: AttemptResult) -> Optional[Throttle]:
         with self._lock:
@@ -593,59 +755,63 @@ class RedisLimiter:
         local = None
         if permit.paced is not None and self._pacer is not None:
             local = self._pacer.release(permit.paced, result)
+        try:
+            return self._release_shared(permit, result, local)
+        finally:
+            self._idle(permit.lane)
+
+    def _release_shared(self, permit: _RedisPermit, result: AttemptResult,
+                        local: Optional[Throttle]) -> Optional[Throttle]:
+        """Give the lease back, settle its tokens, and tell the fleet what the answer was: an
+        acceptance (counted, and the shared concurrency grows), or a refusal, which holds
+        every process for as long as the adaptive policy holds this one and cuts the shared
+        concurrency once per burst."""
         if self._down_at is not None:
             return local  # Redis is unreachable: the lease runs out by itself within lease_ttl
         lane = permit.lane
-        refund = self._refund(permit, result) if self._count_tokens else 0
+        refund = 0
+        if self._count_tokens:
+            refund = token_refund(permit.cost, result, permit.answer_reserved) or 0
+        charged = 0
         outcome, hold_s = "", 0.0
         if self.adaptive and result.status_code is not None:
             if result.status_code == 429:
-                hints = result.hints
-                hint = (hints.wait_s if hints is not None else
-                        retry_after_s(result.headers, self.clock.time()) if result.headers
-                        else None)
-                outcome, hold_s = "429", min(MAX_HOLD_S, DEFAULT_HOLD_S if hint is None else hint)
+                if local is not None and local.kind != "quota":  # a spent quota holds nothing
+                    outcome, hold_s = "429", self._held_for(lane)
             elif result.status_code < 400:
                 outcome = "ok"
+                charged = charged_tokens(result, permit.answer_reserved) or 0
         try:
-            _held, limit, cut, ok_age_ms = self._release_script(
+            reply = self._release_script(
                 keys=[self._client_slots, lane.slots, self._client_tpm, lane.tpm, lane.hold,
-                      lane.control],
-                args=[permit.id, refund, self._client_tpm_gcra[0], lane.tpm_gcra[0], outcome,
-                      int(round(hold_s * 1000)), permit.admitted_at, lane.max_concurrency,
+                      lane.control, lane.learned_tpm],
+                args=[permit.id, refund, self._client_tpm_gcra[0], lane.tpm_gcra[0],
+                      permit.learned_tpm_interval, outcome, int(round(hold_s * 1000)),
+                      permit.admitted_at, lane.max_concurrency,
                       min(lane.max_concurrency or 1, INITIAL_LIMIT), CONCURRENCY_BACKOFF,
-                      int(CONTROL_TTL_S * 1000)])
+                      self._control_ttl_ms, charged])
         except self._redis_error as exc:
             self._went_down(exc)
             return local
+        _held, limit, cut, ok_age_ms = reply[:4]
+        self._take_in(lane, reply[4:], (0, 1, 0, charged) if outcome == "ok" else (0, 0, 0, 0))
         if cut == 1:
             logger.info("429 for model=%s: shared concurrency now %d, holding admissions "
                         "%.2f s in every process", lane.label, max(1, int(float(limit))),
                         hold_s)
-        if outcome != "429":
+        if result.status_code != 429 or not self.adaptive:
             return local
         age_s = float(_text(ok_age_ms)) / 1000.0
         fleet_accepting = 0 <= age_s <= STORM_HORIZON_S
         if local is not None:
-            return Throttle(local.accepting or fleet_accepting, local.kind,
-                            local.wait_s if local.wait_s is not None else hold_s)
-        return Throttle(fleet_accepting, "rate", hold_s)
-
-    @staticmethod
-    def _refund(permit: _RedisPermit, result: AttemptResult) -> int:
-        """Tokens to give back: the estimate less what the server charged (negative: it
-        charged more), as the in-process store settles; the whole estimate for an error
-        answer without usage."""
-        charged = charged_tokens(result, permit.answer_reserved)
-        if charged is not None:
-            return permit.cost - charged
-        if result.status_code is not None and result.status_code >= 400:
-            return permit.cost
-        return 0
+            return Throttle((local.accepting or fleet_accepting) and local.kind != "quota",
+                            local.kind, local.wait_s)
+        return Throttle(fleet_accepting, "rate", None)
 
     def _timeout_error(self, request: RequestInfo, timeout: Optional[float],
                        reason: str) -> RateLimitError:
         waiting_for = {"hold": "a shared hold after a 429", "rate": "a shared rate limit",
+                       "pace": "the fleet's learned send or token rate",
                        "slots": "a shared concurrency slot"}.get(reason, reason)
         return RateLimitError(
             f"redis_limiter did not admit {request.method} {request.route} "
@@ -680,8 +846,7 @@ class RedisLimiter:
                     keys.append(permit.lane.slots)
                     args.append(permit.id)
             try:
-                with self._guarded():
-                    lost = {_text(item) for item in self._renew_script(keys=keys, args=args)}
+                lost = {_text(item) for item in self._renew_script(keys=keys, args=args)}
             except self._redis_error as exc:
                 self._went_down(exc)
                 continue
@@ -708,8 +873,7 @@ class RedisLimiter:
             if self._down_at is None:
                 return True
             try:
-                with self._guarded():
-                    self._redis.ping()
+                self._redis.ping()
             except self._redis_error as exc:
                 with self._state_lock:
                     self._down_at = self.clock.monotonic()
@@ -757,24 +921,6 @@ class RedisLimiter:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @contextmanager
-    def _guarded(self) -> Iterator[None]:
-        """Mark this thread as inside the limiter; releases by finalizers meanwhile wait for
-        the end of the outermost section (a redis-py pool lock could otherwise deadlock)."""
-        tls = self._tls
-        depth = getattr(tls, "depth", 0)
-        if depth == 0:
-            tls.deferred = []
-        tls.depth = depth + 1
-        try:
-            yield
-        finally:
-            tls.depth = depth
-            if depth == 0:
-                while tls.deferred:
-                    permit, result = tls.deferred.pop(0)
-                    self.release(permit, result)
-
     def _sleep(self, seconds: float) -> None:
         if self._real_time:
             self._closing.wait(seconds)  # close() cuts the wait short
@@ -793,8 +939,14 @@ class RedisLimiter:
         self._probe_lock = threading.Lock()
         self._held = {}
         self._renewer = None
-        self._tls = threading.local()
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decoded(learned: Mapping[Any, Any]) -> dict[str, Any]:
+    """The ``learned`` hash (or a script's field/value pairs) as values (JSON each), without
+    its version counter."""
+    return {_text(key): json.loads(_text(value)) for key, value in learned.items()
+            if _text(key) != "version"}

@@ -1,14 +1,45 @@
 -- KEYS: client slots, client rpm, client tpm, lane slots, lane rpm, lane tpm, lane hold,
--- lane control. ARGV: permit id, lease ms, client max, client rpm interval ms and capacity,
--- client tpm interval ms and capacity, lane max (0: no lane slots), lane rpm interval and
--- capacity, lane tpm interval and capacity, tokens, adaptive (1/0), initial limit.
--- Returns {1, admitted at, lane limit} or {0, wait ms (-1: a slot), reason}.
+-- lane control, lane pace, lane learned tpm, lane learned. ARGV: permit id, lease ms,
+-- client max, client rpm interval ms and capacity, client tpm interval ms and capacity, lane
+-- max (0: no lane slots), lane rpm interval and capacity, lane tpm interval and capacity,
+-- tokens, adaptive (1/0), initial limit, learned send interval ms (0: none), learned token
+-- interval ms and capacity, the learned version the caller knows, control ttl ms, then
+-- field/value pairs the caller learned (published to the fleet before anything else).
+-- Returns {1, admitted at, lane limit, ...} or {0, wait ms (-1: a slot), reason, ...},
+-- followed by the lane's counters (sent, oks, sent tokens, ok tokens), the learned version
+-- and, when the caller does not know that version yet, every learned field/value pair.
 local lease = tonumber(ARGV[2])
 local cost = tonumber(ARGV[13])
 local adaptive = ARGV[14] == '1'
+local ttl = tonumber(ARGV[20])
+-- What the fleet learned: the caller's news first, then what it has not seen yet.
+local known = tonumber(ARGV[19])
+local version = tonumber(redis.call('HGET', KEYS[11], 'version')) or 0
+if #ARGV > 20 then
+  local fields = {}
+  for i = 21, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[11], unpack(fields))
+  if version == known then known = version + 1 end
+  version = redis.call('HINCRBY', KEYS[11], 'version', 1)
+end
+if version > 0 then redis.call('PEXPIRE', KEYS[11], ttl) end
+local function answer(head)
+  for _, value in ipairs(counters(KEYS[8])) do head[#head + 1] = value end
+  head[#head + 1] = tostring(version)
+  if version ~= known then
+    local all = redis.call('HGETALL', KEYS[11])
+    for i = 1, #all, 2 do
+      if all[i] ~= 'version' then
+        head[#head + 1] = all[i]
+        head[#head + 1] = all[i + 1]
+      end
+    end
+  end
+  return head
+end
 if adaptive then
   local hold = redis.call('PTTL', KEYS[7])
-  if hold > 0 then return {0, hold, 'hold'} end
+  if hold > 0 then return answer({0, hold, 'hold'}) end
 end
 local function full(key, limit)
   if limit <= 0 then return false end
@@ -31,18 +62,25 @@ if adaptive and lane_limit > 0 then
   lane_limit = math.min(lane_limit, math.max(1, math.floor(learned)))
 end
 if full(KEYS[1], tonumber(ARGV[3])) or full(KEYS[4], lane_limit) then
-  return {0, -1, 'slots'}
+  return answer({0, -1, 'slots'})
 end
 local wait = math.max(
   wait_for(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), 1),
   wait_for(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]), cost),
   wait_for(KEYS[5], tonumber(ARGV[9]), tonumber(ARGV[10]), 1),
   wait_for(KEYS[6], tonumber(ARGV[11]), tonumber(ARGV[12]), cost))
-if wait > 0 then return {0, math.ceil(wait), 'rate'} end
+if wait > 0 then return answer({0, math.ceil(wait), 'rate'}) end
+-- The fleet's learned rates: one send interval and one token bucket for every process.
+local paced = math.max(
+  wait_for(KEYS[9], tonumber(ARGV[16]), 1, 1),
+  wait_for(KEYS[10], tonumber(ARGV[17]), tonumber(ARGV[18]), cost))
+if paced > 0 then return answer({0, math.ceil(paced), 'pace'}) end
 charge(KEYS[2], tonumber(ARGV[4]), 1)
 charge(KEYS[3], tonumber(ARGV[6]), cost)
 charge(KEYS[5], tonumber(ARGV[9]), 1)
 charge(KEYS[6], tonumber(ARGV[11]), cost)
+charge(KEYS[9], tonumber(ARGV[16]), 1)
+charge(KEYS[10], tonumber(ARGV[17]), cost)
 local expiry = fmt(now + lease)
 redis.call('ZADD', KEYS[1], expiry, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 2 * lease)
@@ -50,4 +88,9 @@ if lane_limit > 0 then
   redis.call('ZADD', KEYS[4], expiry, ARGV[1])
   redis.call('PEXPIRE', KEYS[4], 2 * lease)
 end
-return {1, fmt(now), lane_limit}
+if adaptive then
+  redis.call('HINCRBY', KEYS[8], 'sent', 1)
+  if cost > 0 then redis.call('HINCRBY', KEYS[8], 'sent_tokens', cost) end
+  redis.call('PEXPIRE', KEYS[8], ttl)
+end
+return answer({1, fmt(now), lane_limit})

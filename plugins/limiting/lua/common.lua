@@ -1,5 +1,6 @@
 -- Shared by every script: Redis' TIME in milliseconds (with fractions), number
--- formatting (Lua's default keeps only 14 digits), and GCRA arrival times.
+-- formatting (Lua's default keeps only 14 digits), GCRA arrival times, and the fleet's
+-- counters of a lane.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local function fmt(x) return string.format('%.3f', x) end
@@ -15,4 +16,10 @@ local function set_tat(key, tat)
   else
     redis.call('SET', key, fmt(tat), 'PX', math.ceil(tat - now) + 1000)
   end
+end
+-- What the whole fleet sent and had accepted of a lane (calls and tokens), ever: each
+-- process tells from the growth between two of its own calls what the others did meanwhile.
+local function counters(control)
+  local c = redis.call('HMGET', control, 'sent', 'oks', 'sent_tokens', 'ok_tokens')
+  return {c[1] or '0', c[2] or '0', c[3] or '0', c[4] or '0'}
 end
