@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["checkout_root", "map_plugins_package", "entry_points_from_setup_cfg"]
+__all__ = ["checkout_root", "installed", "map_plugins_package", "entry_points_from_setup_cfg"]
 
 #: The package name the ``plugins/`` folder is installed as.
 PLUGINS_PACKAGE = "cometkit_plugins"
@@ -32,6 +32,16 @@ def checkout_root() -> Optional[Path]:
     if (_ROOT / "setup.cfg").is_file() and (_ROOT / "plugins" / "__init__.py").is_file():
         return _ROOT
     return None
+
+
+def installed() -> bool:
+    """Whether a ``cometkit`` distribution is installed (perhaps editable): its metadata then
+    lists the entry points."""
+    try:
+        metadata.distribution("cometkit")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 class _PluginsFolder(importlib.abc.MetaPathFinder):
@@ -61,13 +71,8 @@ def entry_points_from_setup_cfg(group: str) -> list:
     """The checkout's ``[options.entry_points]`` of ``group`` as entry points, when no
     installed ``cometkit`` distribution provides them; else ``[]``."""
     root = checkout_root()
-    if root is None:
+    if root is None or installed():
         return []
-    try:
-        metadata.distribution("cometkit")
-        return []  # installed (perhaps editable): its metadata lists the entry points
-    except metadata.PackageNotFoundError:
-        pass
     parser = configparser.ConfigParser()
     try:
         parser.read(root / "setup.cfg", encoding="utf-8")

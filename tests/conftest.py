@@ -9,23 +9,16 @@ module here, and hand the checkout to subprocesses through ``PYTHONPATH``.
 from __future__ import annotations
 
 import os
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from cometkit._checkout import installed
 
 PLUGIN = "cometkit.sandbox.pytest_plugin"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _installed() -> bool:
-    try:
-        metadata.distribution("cometkit")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-if not _installed():
+if not installed():
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 

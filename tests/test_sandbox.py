@@ -14,7 +14,6 @@ import json
 import socket
 import struct
 import threading
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import requests
 from fakes import FakeClock
 from scripted_server import wait_until
 
+from cometkit._checkout import installed
 from cometkit.hints import retry_after_s
 from cometkit.sandbox import FAULT_KINDS, Sandbox, SandboxProcess
 from cometkit.sandbox.cli import add_arguments, run, sandbox_kwargs, to_argv
@@ -1074,19 +1074,11 @@ def test_factory_fixture_builds_sandboxes_with_arguments(cometkit_sandbox_factor
     assert locked.base_url != limited.base_url
 
 
-def _installed() -> bool:
-    try:
-        metadata.distribution("cometkit")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def test_factory_fixture_stops_its_sandboxes_after_the_test(pytester):
     ports = pytester.path / "ports.txt"
     # A bare checkout has no pytest11 entry point to load the fixtures by (conftest.py puts
     # the checkout on PYTHONPATH for subprocesses).
-    extra = () if _installed() else ("-p", "cometkit.sandbox.pytest_plugin")
+    extra = () if installed() else ("-p", "cometkit.sandbox.pytest_plugin")
     pytester.makepyfile(f"""
         import requests
 
