@@ -51,6 +51,7 @@ from .plan import (
     factory_kwargs,
     lane_cap,
     paced_rate,
+    token_refund,
 )
 
 __all__ = ["AdmissionLimiter", "PLUGIN_NAME"]
@@ -653,20 +654,15 @@ class AdmissionLimiter:
         larger of the reserved ``max_tokens`` and the answer (providers reserve
         ``max_tokens``); refund a refused call. Learn the server's tokenizer from ``usage``."""
         lane = permit.lane
-        charged = charged_tokens(result, permit.answer_reserved)
-        if charged is not None:
-            refund = permit.cost - charged
-            if (result.input_tokens is not None
-                    and permit.prompt_estimate >= MIN_RATIO_SAMPLE_TOKENS):
-                self._learn_token_ratio(lane, result.input_tokens / permit.prompt_estimate)
-            if result.output_tokens is not None:
-                output = float(result.output_tokens)
-                lane.answer_tokens = output if lane.answer_tokens is None else (
-                    lane.answer_tokens + TOKEN_RATIO_SMOOTHING * (output - lane.answer_tokens))
-        elif result.status_code is not None and result.status_code >= 400:
-            refund = permit.cost
-        else:
+        refund = token_refund(permit.cost, result, permit.answer_reserved)
+        if refund is None:
             return
+        if result.input_tokens is not None and permit.prompt_estimate >= MIN_RATIO_SAMPLE_TOKENS:
+            self._learn_token_ratio(lane, result.input_tokens / permit.prompt_estimate)
+        if result.output_tokens is not None:
+            output = float(result.output_tokens)
+            lane.answer_tokens = output if lane.answer_tokens is None else (
+                lane.answer_tokens + TOKEN_RATIO_SMOOTHING * (output - lane.answer_tokens))
         for bucket in (self._tokens, lane.tokens, lane.learned_tokens):
             if bucket is not None:
                 bucket.give(refund, now)
