@@ -500,26 +500,40 @@ def test_a_learned_token_rate_is_shared_and_spent_by_the_whole_fleet(pair, rdb):
 
 
 
-def test_a_window_and_a_ceiling_are_taken_by_a_process_that_has_not_met_them(pair):
-    one, two, clock = pair
-    for _ in range(3):  # a run of 3 acceptances, then "Retry-After: 2": a 2-second window
-        accept(one, clock, 0.5)
+def refuse_after(limiter: RedisLimiter, clock: FakeClock, retry_after: str) -> None:
+    """One call of ``limiter`` refused with ``Retry-After: <retry_after>``."""
     sent_at = clock.monotonic()
-    permit = one.acquire(REQUEST, 5)
+    permit = limiter.acquire(REQUEST, 5)
     clock.advance(0.1)
     refused = AttemptResult(REQUEST, 1, status_code=429,
-                            headers=CaseInsensitiveDict({"retry-after": "2"}),
+                            headers=CaseInsensitiveDict({"retry-after": retry_after}),
                             started_at=sent_at, duration_s=0.1)
     refused.hints = parse_hints(refused.headers, clock.time())
-    one.release(permit, refused)
-    clock.advance(0.5)  # past the window's end (and, in real time, past the fleet's hold)
+    limiter.release(permit, refused)
+
+
+def learn_window(limiter: RedisLimiter, clock: FakeClock) -> None:
+    """A run of 3 acceptances, then "Retry-After: 2": ``limiter`` takes it for a 2-second
+    window of 3 calls; then past the window's end (and, in real time, the fleet's hold)."""
+    for _ in range(3):
+        accept(limiter, clock, 0.5)
+    refuse_after(limiter, clock, "2")
+    clock.advance(0.5)
     time.sleep(0.5)
+    known = limiter.stats()["models"]["m1"]["process"]
+    assert (known["window_s"], known["window_quota"]) == (2, 3)
+
+
+def test_a_window_and_a_ceiling_are_taken_by_a_process_that_has_not_met_them(pair):
+    one, two, clock = pair
+    learn_window(one, clock)
     # Then a cap on calls in flight refuses the third of three: one keeps at most 2.
     permits = [one.acquire(REQUEST, 5) for _ in range(3)]
     one.release(permits[2], answered(REQUEST, 429, clock, clock.monotonic(),
                                      "Too many parallel requests"))
     for permit in permits[:2]:
         one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
+    time.sleep(2.1)  # those 3 were the window's quota, for the fleet, in Redis' time
     one.release(one.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
     learned = one.stats()["models"]["m1"]["learned"]
     assert (learned["window_s"], learned["window_quota"], learned["ceiling"]) == (2, 3, 2)
@@ -528,6 +542,58 @@ def test_a_window_and_a_ceiling_are_taken_by_a_process_that_has_not_met_them(pai
     process = two.stats()["models"]["m1"]["process"]
     assert (process["window_s"], process["window_quota"], process["ceiling"]) == (2, 3, 2)
     assert process["limit"] <= 2
+
+
+def test_a_known_window_admits_its_quota_once_per_window_for_the_whole_fleet(pair):
+    """The window's quota is the server's, for the fleet: what the processes admit together
+    in one window, not each of them (two would send twice the quota as the window opens)."""
+    one, two, clock = pair
+    learn_window(one, clock)
+    held = [one.acquire(REQUEST, 5), two.acquire(REQUEST, 5), one.acquire(REQUEST, 5)]
+    with pytest.raises(RateLimitError, match="quota of a window"):
+        two.acquire(REQUEST, 0.3)
+    assert two.stats()["models"]["m1"]["process"]["window_quota"] == 3
+    time.sleep(2.1)  # the window ends in Redis' time: the next one opens for anyone
+    held.append(two.acquire(REQUEST, 5))
+    for permit in held:
+        one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
+
+
+def test_a_learned_ceiling_caps_the_fleets_calls_in_flight_not_each_processs(pair, rdb):
+    """A cap on calls in flight counts the server's, whoever sent them: refused at the
+    fleet's fourth, the fleet keeps 3 in flight together -- the process that did not meet
+    the cap included, from its very next admission."""
+    one, two, clock = pair
+    held = [one.acquire(REQUEST, 5), one.acquire(REQUEST, 5), two.acquire(REQUEST, 5)]
+    fourth = two.acquire(REQUEST, 5)  # the fleet's 4th in flight, two's 2nd
+    two.release(fourth, answered(REQUEST, 429, clock, clock.monotonic(),
+                                 "Too many parallel requests"))
+    assert two.stats()["models"]["m1"]["learned"]["ceiling"] == 3
+    with pytest.raises(RateLimitError, match="shared concurrency slot"):
+        one.acquire(REQUEST, 0.3)  # 3 in flight: one's 3rd would be the fleet's 4th
+    one.release(held.pop(0), answered(REQUEST, 200, clock, clock.monotonic()))
+    held.append(one.acquire(REQUEST, 5))
+    assert live_leases(rdb, "cometkit:ns:model:m1:slots") == 3
+    for permit in held:
+        one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
+
+
+def test_a_window_found_wrong_is_withdrawn_from_the_fleet(pair, rdb):
+    """A hint that differs from the assumed window's length was a time left after all: the
+    process that assumed the window drops it, and so does one that had taken it in."""
+    one, two, clock = pair
+    learn_window(one, clock)
+    two.release(two.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
+    assert two.stats()["models"]["m1"]["process"]["window_s"] == 2
+    time.sleep(2.1)
+    refuse_after(one, clock, "7")  # not the window's 2 s: it was no window
+    assert one.stats()["models"]["m1"]["process"]["window_s"] is None
+    assert json.loads(rdb.hget("cometkit:ns:model:m1:learned", "window_s")) is None
+    clock.advance(8)
+    time.sleep(0.1)
+    rdb.delete("cometkit:ns:model:m1:hold")  # the 7 s hold is not what this test is about
+    two.release(two.acquire(REQUEST, 5), answered(REQUEST, 200, clock, clock.monotonic()))
+    assert two.stats()["models"]["m1"]["process"]["window_s"] is None
 
 
 def test_keys_are_namespaced_by_a_hash_of_the_api_key_and_never_contain_it(redis_url, rdb):

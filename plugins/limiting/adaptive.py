@@ -205,6 +205,9 @@ class AdaptiveControl:
         self.window_aligned = window_aligned
         self.window_quota = window_quota
         self._window_configured = window_s is not None
+        #: The window, and the ceiling, were taken from the fleet (:meth:`adopt`), not met.
+        self._window_adopted = False
+        self._ceiling_adopted = False
         self._window_end = -math.inf
         self._window_admitted = 0
         #: ``time() - monotonic()``, for wall-clock minutes.
@@ -333,7 +336,8 @@ class AdaptiveControl:
 
     def on_result(self, result: AttemptResult, now: float,
                   wall_time: Callable[[], float], *, probe: bool = False,
-                  in_flight: Optional[int] = None, charged_tokens: int = 0) -> Optional[str]:
+                  in_flight: Optional[int] = None, charged_tokens: int = 0,
+                  window_rank: int = 0) -> Optional[str]:
         """Learn from an attempt that ended at ``now``.
 
         :param wall_time: the clock's ``time()`` (HTTP dates, wall-clock minutes).
@@ -341,6 +345,10 @@ class AdaptiveControl:
         :param in_flight: attempts of the lane in flight when it was admitted, itself included.
         :param charged_tokens: tokens the server charged for it (prompt it counted plus the
             larger of the reserved ``max_tokens`` and the answer), 0 when unknown.
+        :param window_rank: its place among the admissions of the known window, where a store
+            counts them over a whole fleet (0: not counted). An accepted rank says the quota
+            is at least that; a refused one, that it is less -- exact where this process's
+            own count of acceptances sees only its share.
         :returns: for a 429, the kind of limit it was read as (``rate``, ``window``,
             ``tokens`` or ``concurrency``); else ``None``.
         """
@@ -358,19 +366,30 @@ class AdaptiveControl:
         hints = result.hints
         if hints is None:
             hints = parse_hints(result.headers, wall_time())
+        if window_rank and self.window_s is not None and not self._window_configured:
+            self._window_ranked(status, window_rank, hints)
         if status == 429:
-            return self._throttled(result, hints, now, probe, in_flight)
+            return self._throttled(result, hints, now, probe, in_flight, ranked=window_rank > 0)
         if status < 400:
             if in_flight is not None and in_flight > self._max_ok_level:
                 self._max_ok_level = in_flight
-            self._succeeded(result, hints, now, probe)
+            self._succeeded(result, hints, now, probe, ranked=window_rank > 0)
             self._tokens_accepted(charged_tokens)
         elif probe:  # an error of another kind: the next admission probes again
             pass
         return None
 
+    def _window_ranked(self, status: int, rank: int, hints: RateLimitHints) -> None:
+        """The quota of a learned window, from where in the fleet's window this answer's
+        attempt went out (see :meth:`on_result`)."""
+        if status == 429 and hints.refusal in (None, "requests"):
+            if self.window_quota is None or rank - 1 < self.window_quota:
+                self.window_quota = max(1, rank - 1)
+        elif status < 400 and self.window_quota is not None and rank > self.window_quota:
+            self.window_quota = rank
+
     def _throttled(self, result: AttemptResult, hints: RateLimitHints, now: float,
-                   probe: bool, in_flight: Optional[int]) -> str:
+                   probe: bool, in_flight: Optional[int], ranked: bool = False) -> str:
         self.throttled += 1
         if self.last_ok_at is None and self._first_refusal_at is None:
             self._first_refusal_at = now
@@ -385,8 +404,13 @@ class AdaptiveControl:
         if echo:
             return "window" if self.window_s is not None else kind
         hold_s, kind = self._hold_for(hints.wait_s, now, probe, kind)
+        if ranked and kind == "window":
+            # The store counts the fleet's window (its quota now below this refused rank):
+            # it holds every process until the window it saw open ends, a better clock
+            # than this process's own guess at when the window began.
+            hold_s = 0.0
         self.hold_until = max(self.hold_until, now + hold_s)
-        if self.window_s is not None and self._run_ok:
+        if self.window_s is not None and self._run_ok and not ranked:
             self.window_quota = self._run_ok  # what this window really accepted (so far)
         # A known window reopens with its whole quota at once; anything else is probed first
         # -- unless nothing is accepted at all (a storm): then the retry policy ends the calls.
@@ -511,7 +535,7 @@ class AdaptiveControl:
         return "concurrency"
 
     def _succeeded(self, result: AttemptResult, hints: RateLimitHints, now: float,
-                   probe: bool) -> None:
+                   probe: bool, ranked: bool = False) -> None:
         self.last_ok_at = now
         self._epoch_ok += 1
         self._ok_since_signal += 1
@@ -521,7 +545,7 @@ class AdaptiveControl:
         elif (self._run_started_at is not None
               and result.started_at >= self._run_started_at - 1e-9):
             self._run_ok += 1
-            if (self.window_quota is not None and not self._window_configured
+            if (self.window_quota is not None and not self._window_configured and not ranked
                     and self._run_ok > self.window_quota):
                 self.window_quota = self._run_ok  # late answers of the window's own calls
         if self.ceiling is not None:
@@ -706,7 +730,9 @@ class AdaptiveControl:
         it). The rates are the fleet's (measured over what the whole fleet had accepted, see
         :meth:`accepted_elsewhere`), so they replace this lane's, growth starting afresh from
         them, as after a rate this lane learned itself. A window and a ceiling are taken only
-        when this lane knows none: a process that met them knows its own better."""
+        when this lane knows none (a process that met them knows its own better); once taken,
+        they follow the fleet's: a newer quota or ceiling, and ``None`` for one the process
+        that met it found wrong."""
         rate = shared.get("rate_per_s")
         if rate:
             self._set_rate(float(rate))
@@ -723,11 +749,23 @@ class AdaptiveControl:
             self.window_aligned = bool(shared.get("window_aligned"))
             quota = shared.get("window_quota")
             self.window_quota = int(quota) if quota else None
+            self._window_adopted = True
+        elif "window_s" in shared and window_s is None and self._window_adopted:
+            # The process that met it found it wrong (a hint that was a time left after all).
+            self.window_s = self.window_quota = None
+            self._window_end = -math.inf
+            self._window_adopted = False
+        elif self._window_adopted and shared.get("window_quota"):
+            self.window_quota = int(shared["window_quota"])
         ceiling = shared.get("ceiling")
-        if ceiling and self.ceiling is None:
+        if ceiling and (self.ceiling is None or self._ceiling_adopted):
             self.ceiling = max(1, min(int(ceiling), self.max_limit))
             self.limit = min(self.limit, float(self.ceiling))
             self._slow_start = False
+            self._ceiling_adopted = True
+        elif "ceiling" in shared and ceiling is None and self._ceiling_adopted:
+            self.ceiling = None
+            self._ceiling_adopted = False
 
     def accepted_elsewhere(self, sent: int, accepted: int, sent_tokens: int = 0,
                            accepted_tokens: int = 0) -> None:
@@ -740,6 +778,8 @@ class AdaptiveControl:
         if accepted > 0:
             self._epoch_ok += accepted
             self._grow_rate(accepted)
+            if self._run_started_at is not None:  # a window's quota is the fleet's
+                self._run_ok += accepted
         self._tokens_accepted(accepted_tokens)
 
     # -- reporting -----------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class _Permit:
     """Handed out by :meth:`AdmissionLimiter.acquire`; given back once to ``release``."""
 
     __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "level", "seq",
-                 "released")
+                 "window_rank", "released")
 
     def __init__(self, lane: _Lane, cost: int, prompt_estimate: int = 0,
                  answer_reserved: int = 0, probe: bool = False, level: int = 1,
@@ -150,6 +150,9 @@ class _Permit:
         self.seq = seq
         #: The lane's attempts in flight when this one was admitted, itself included.
         self.level = level
+        #: Its place among the admissions of a known window, counted over the whole fleet by
+        #: a store that shares one (0: not counted).
+        self.window_rank = 0
         self.prompt_estimate = prompt_estimate
         self.answer_reserved = answer_reserved
         #: The probe of a half-open lane: its answer decides whether the lane reopens.
@@ -565,7 +568,8 @@ class AdmissionLimiter:
             signals = control.signals
             charged = charged_tokens(result, permit.answer_reserved) or 0
             kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
-                                     in_flight=permit.level, charged_tokens=charged)
+                                     in_flight=permit.level, charged_tokens=charged,
+                                     window_rank=permit.window_rank)
             lane.demand_changed(now)
             if control.token_rate_per_s is not None:
                 self._follow_token_rate(lane, control.token_rate_per_s, now)

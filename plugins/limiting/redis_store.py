@@ -76,6 +76,7 @@ from .adaptive import (
     CONCURRENCY_BACKOFF,
     INITIAL_LIMIT,
     STORM_HORIZON_S,
+    WINDOW_SLACK_S,
     AdaptiveControl,
 )
 from .local import AdmissionLimiter
@@ -216,8 +217,8 @@ class _Lane:
     """One model's keys and limits (the calls without a model share one lane)."""
 
     __slots__ = ("model", "label", "slots", "rpm", "tpm", "hold", "control", "pace",
-                 "learned_tpm", "learned", "max_concurrency", "rpm_gcra", "tpm_gcra", "version",
-                 "shared", "mine", "counters", "active", "gap", "introduced")
+                 "learned_tpm", "learned", "window", "max_concurrency", "rpm_gcra", "tpm_gcra",
+                 "version", "shared", "mine", "counters", "active", "gap", "introduced")
 
     def __init__(self, base: str, model: Optional[str], max_concurrency: int,
                  rpm_gcra: tuple[float, float], tpm_gcra: tuple[float, float]) -> None:
@@ -234,6 +235,8 @@ class _Lane:
         self.pace = f"{scope}:pace"
         self.learned_tpm = f"{scope}:learned_tpm"
         self.learned = f"{scope}:learned"
+        #: The fleet's admissions in the current window of a known window limit.
+        self.window = f"{scope}:window"
         #: 0 when the lane needs no slots of its own (no model limit, not adaptive).
         self.max_concurrency = max_concurrency
         self.rpm_gcra = rpm_gcra
@@ -258,11 +261,12 @@ class _RedisPermit:
     """A lease in Redis; handed back to :meth:`RedisLimiter.release` once."""
 
     __slots__ = ("id", "lane", "cost", "answer_reserved", "admitted_at", "released", "paced",
-                 "learned_tpm_interval")
+                 "learned_tpm_interval", "fleet_level", "window_rank")
 
     def __init__(self, permit_id: str, lane: _Lane, cost: int, admitted_at: str,
                  paced: Any = None, answer_reserved: int = 0,
-                 learned_tpm_interval: float = 0.0) -> None:
+                 learned_tpm_interval: float = 0.0, fleet_level: int = 0,
+                 window_rank: int = 0) -> None:
         self.id = permit_id
         self.lane = lane
         self.cost = cost
@@ -274,6 +278,11 @@ class _RedisPermit:
         self.admitted_at = admitted_at
         #: The fleet's learned token interval (ms) it was charged at, refunded at the same.
         self.learned_tpm_interval = learned_tpm_interval
+        #: The fleet's attempts of the lane in flight when it was admitted, itself included.
+        self.fleet_level = fleet_level
+        #: Its place among the fleet's admissions in a known window (1 for the first; 0: no
+        #: window known).
+        self.window_rank = window_rank
         self.released = False
 
     def __repr__(self) -> str:
@@ -476,6 +485,9 @@ class RedisLimiter:
                     raise
                 self._went_down(exc)
             else:
+                if paced is not None:  # a cap on calls in flight counts the fleet's ...
+                    paced.level = max(paced.level, permit.fleet_level)
+                    paced.window_rank = permit.window_rank  # ... and so does a window
                 permit.paced = paced
                 permit.answer_reserved = answer
                 return permit
@@ -587,7 +599,8 @@ class RedisLimiter:
         lane = self._lane(request.model)
         permit_id = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
         keys = [self._client_slots, self._client_rpm, self._client_tpm, lane.slots, lane.rpm,
-                lane.tpm, lane.hold, lane.control, lane.pace, lane.learned_tpm, lane.learned]
+                lane.tpm, lane.hold, lane.control, lane.pace, lane.learned_tpm, lane.learned,
+                lane.window]
         head = [permit_id, self._lease_ms, self.max_concurrency, *self._client_rpm_gcra,
                 *self._client_tpm_gcra, lane.max_concurrency, *lane.rpm_gcra, *lane.tpm_gcra,
                 cost, 1 if self.adaptive else 0, min(lane.max_concurrency or 1, INITIAL_LIMIT)]
@@ -599,17 +612,18 @@ class RedisLimiter:
             if not lane.introduced:
                 self._introduce(lane)
             while True:
-                news, pace, token_pace = self._share(lane)
+                news, pace, token_pace, limits = self._share(lane)
                 with self._lock:
                     known = lane.version
                 reply = self._acquire_script(keys=keys, args=[
-                    *head, pace, *token_pace, known, self._control_ttl_ms, *news])
+                    *head, pace, *token_pace, known, self._control_ttl_ms, *limits, *news])
                 granted = reply[0] == 1
                 value, detail = reply[1], reply[2]
-                self._take_in(lane, reply[3:], (1, 0, cost, 0) if granted else (0, 0, 0, 0))
+                self._take_in(lane, reply[5:], (1, 0, cost, 0) if granted else (0, 0, 0, 0))
                 if granted:
                     permit = _RedisPermit(permit_id, lane, cost, _text(value),
-                                          learned_tpm_interval=token_pace[0])
+                                          learned_tpm_interval=token_pace[0],
+                                          fleet_level=int(reply[3]), window_rank=int(reply[4]))
                     with self._lock:
                         self._held[permit_id] = permit
                     self._ensure_renewer()
@@ -633,30 +647,50 @@ class RedisLimiter:
 
     # -- what the fleet learned ------------------------------------------------------------
 
-    def _share(self, lane: _Lane) -> tuple[list[str], float, tuple[float, float]]:
+    def _share(self, lane: _Lane) -> tuple[list[str], float, tuple[float, float], list]:
         """What this process's control of ``lane`` learned since it last said (field/value
-        pairs for the acquire script to publish), and the learned rates it sends at now, as
-        GCRA numbers: the send interval in ms, and the token interval and capacity (``burst``
-        seconds' worth, as the in-process store's learned token bucket). The rates are the
-        fleet's, so Redis enforces them on every process together."""
+        pairs for the acquire script to publish; a value it unlearned is published as
+        ``null``), and the limits it sends under now, for Redis to enforce on every process
+        together: the learned send interval in ms, the learned token interval and capacity
+        (``burst`` seconds' worth, as the in-process store's learned token bucket), and the
+        known window (length ms, quota, aligned, slack ms) and ceiling on calls in flight.
+        They are the fleet's: rates measured over what the whole fleet had accepted, a
+        window's quota counted over the fleet's acceptances, a ceiling over its calls in
+        flight."""
         if self._pacer is None:
-            return [], 0.0, (0.0, 0.0)
-
-        def read(control: AdaptiveControl) -> tuple[dict, Optional[float], Optional[float]]:
-            return control.learned(), control.rate_per_s, control.token_rate_per_s
-
-        found = self._pacer.with_control(lane.model, read)
+            return [], 0.0, (0.0, 0.0), list(_NO_LIMITS)
+        found = self._pacer.with_control(lane.model, _fleet_view)
         if found is None:
-            return [], 0.0, (0.0, 0.0)
-        learned, rate, token_rate = found
+            return [], 0.0, (0.0, 0.0), list(_NO_LIMITS)
+        learned, rate, token_rate, limits = found
         with self._lock:
             news = {key: value for key, value in learned.items()
-                    if value is not None and value != lane.mine.get(key)}
+                    if value != lane.mine.get(key)
+                    and (value is not None or lane.shared.get(key) is not None)}
             lane.mine = learned
             lane.shared.update(news)
         pairs = [item for key, value in news.items() for item in (key, json.dumps(value))]
         token_pace = _gcra(token_rate * 60.0, self.burst, 0.0) if token_rate else (0.0, 0.0)
-        return pairs, (1000.0 / rate if rate else 0.0), token_pace
+        return pairs, (1000.0 / rate if rate else 0.0), token_pace, limits
+
+    def _publish(self, lane: _Lane) -> None:
+        """Tell the fleet at once what a refusal taught this process (a window, a ceiling),
+        rather than with its next admission, which may never come."""
+        pairs = self._share(lane)[0]
+        if not pairs:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(lane.learned, mapping=dict(zip(pairs[::2], pairs[1::2])))
+            pipe.hincrby(lane.learned, "version", 1)
+            pipe.pexpire(lane.learned, self._control_ttl_ms)
+            version = int(pipe.execute()[1])
+        except self._redis_error as exc:
+            self._went_down(exc)
+            return
+        with self._lock:
+            if lane.version == version - 1:  # nothing else was published meanwhile
+                lane.version = version
 
     def _take_in(self, lane: _Lane, tail: list, own: tuple[int, int, int, int]) -> None:
         """Feed this process's control of ``lane`` what a script answered: what the rest of
@@ -776,7 +810,9 @@ class RedisLimiter:
         outcome, hold_s = "", 0.0
         if self.adaptive and result.status_code is not None:
             if result.status_code == 429:
-                if local is not None and local.kind != "quota":  # a spent quota holds nothing
+                # A spent quota holds nothing; a cap on calls in flight neither holds nor
+                # cuts: the ceiling it taught keeps the fleet below it.
+                if local is not None and local.kind not in ("quota", "concurrency"):
                     outcome, hold_s = "429", self._held_for(lane)
             elif result.status_code < 400:
                 outcome = "ok"
@@ -801,6 +837,7 @@ class RedisLimiter:
                         hold_s)
         if result.status_code != 429 or not self.adaptive:
             return local
+        self._publish(lane)
         age_s = float(_text(ok_age_ms)) / 1000.0
         fleet_accepting = 0 <= age_s <= STORM_HORIZON_S
         if local is not None:
@@ -812,6 +849,7 @@ class RedisLimiter:
                        reason: str) -> RateLimitError:
         waiting_for = {"hold": "a shared hold after a 429", "rate": "a shared rate limit",
                        "pace": "the fleet's learned send or token rate",
+                       "window": "the fleet's quota of a window to open",
                        "slots": "a shared concurrency slot"}.get(reason, reason)
         return RateLimitError(
             f"redis_limiter did not admit {request.method} {request.route} "
@@ -939,6 +977,23 @@ class RedisLimiter:
         self._probe_lock = threading.Lock()
         self._held = {}
         self._renewer = None
+
+
+#: The acquire script's window and ceiling arguments when none is known.
+_NO_LIMITS = (0, 0, 0, 0, 0)
+
+
+def _fleet_view(control: AdaptiveControl) -> tuple[dict, Optional[float], Optional[float], list]:
+    """What :meth:`RedisLimiter._share` reads of a lane's control, under the pacer's lock."""
+    limits = list(_NO_LIMITS)
+    rate = control.rate_per_s
+    if control.window_s is not None and control.window_quota:
+        limits[:4] = [int(round(control.window_s * 1000)), int(control.window_quota),
+                      1 if control.window_aligned else 0, int(round(WINDOW_SLACK_S * 1000))]
+        rate = None  # a window's quota goes out together, as in the process (``ready_at``)
+    if control.ceiling is not None:
+        limits[4] = int(control.ceiling)
+    return control.learned(), rate, control.token_rate_per_s, limits
 
 
 def _text(value: Any) -> str:
