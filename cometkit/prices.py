@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from .options import Option
 
-__all__ = ["PRICE_OPTIONS", "ModelPrice", "PriceTable", "TOKENS_PER_PRICE_UNIT"]
+__all__ = ["PRICE_OPTIONS", "ModelPrice", "PriceTable", "TOKENS_PER_PRICE_UNIT", "format_usd"]
 
 #: Prices are per million tokens.
 TOKENS_PER_PRICE_UNIT = 1_000_000
@@ -34,6 +34,13 @@ PRICE_OPTIONS: dict[str, Option] = {
 
 #: A dated snapshot suffix: ``-2024-07-18``, ``-20241022``, ``-0613``.
 _SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
+
+
+def format_usd(amount: float, *, sign: bool = True) -> str:
+    """US dollars to the millionth below $1,000 (a batch of small calls costs fractions of a
+    cent), to the cent above: ``$0.001234``, ``$1,234.50``."""
+    text = f"{amount:.6f}" if abs(amount) < 1000 else f"{amount:,.2f}"
+    return f"${text}" if sign else text
 
 
 @dataclass(frozen=True)

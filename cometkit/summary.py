@@ -48,7 +48,7 @@ import threading
 import time as _time
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
-from .prices import PriceTable
+from .prices import PriceTable, format_usd
 from .records import ATTEMPT_FIELDS, AttemptRecord
 
 __all__ = [
@@ -401,7 +401,7 @@ def _percent(share: Optional[float]) -> str:
 
 
 def _usd(cost: Optional[float]) -> str:
-    return "-" if cost is None else f"{cost:.4f}"
+    return "-" if cost is None else format_usd(cost, sign=False)
 
 
 #: Table layout: (header, row key, width, formatter). Latencies are shown in milliseconds.

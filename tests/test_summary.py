@@ -369,7 +369,7 @@ def test_cost_per_model_is_its_tokens_at_its_price_and_the_total_adds_them_up():
     assert rows[AGGREGATED]["cost_usd"] == pytest.approx(0.49)
     lines = summary.format_table().splitlines()
     assert lines[0].split()[-2:] == ["Cost", "$"]
-    assert lines[2].split()[-1] == "0.4500" and lines[-1].split()[-1] == "0.4900"
+    assert lines[2].split()[-1] == "0.450000" and lines[-1].split()[-1] == "0.490000"
     assert len({len(line) for line in (lines[0], lines[2], lines[-1])}) == 1
 
 
