@@ -17,6 +17,7 @@ from test_cli_batch import (
     cli_env,
     config_for,
     count_lines,
+    interrupt_once,
     read_output,
     run_cli,
     start_cli,
@@ -43,14 +44,9 @@ def test_first_ctrl_c_in_a_budgeted_run_writes_in_flight_and_resumes(
     args = ("batch", source, "-o", output, "--config", config, "--concurrency", "4",
             "--max-total-tokens", "1000000", "--no-progress")
     err = tmp_path / "err"
-    process = start_cli(*args, cwd=tmp_path, env=env, stderr_path=err)
-    try:
-        wait_for(lambda: count_lines(output) >= 8)
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=TIMEOUT_S)
-    finally:
-        stop(process)
-    assert process.returncode == 130, err.read_text()  # interrupted, not "budget reached"
+    status = interrupt_once(*args, cwd=tmp_path, env=env, stderr_path=err,
+                            when=lambda: count_lines(output) >= 8)
+    assert status == 130, err.read_text()  # interrupted, not "budget reached"
     stderr = err.read_text()
     assert "interrupted: sending no more requests" in stderr
     assert "To resume, run the same command again" in stderr
