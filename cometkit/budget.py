@@ -135,7 +135,8 @@ class Budget:
         """
         if self.max_cost_usd is None:
             return
-        missing = sorted({str(m) for m in models if self.prices.price_of(m) is None})
+        missing = sorted({m or "(an answer naming no model)" for m in models
+                          if self.prices.price_of(m) is None})
         if not missing:
             return
         where = self.prices_where
