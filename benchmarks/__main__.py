@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import deadline, faults, goodput, limits, memory, overhead, scaling
+from . import budget, deadline, faults, goodput, limits, memory, overhead, scaling
 from .report import (
+    budget_table,
     checks,
     deadline_table,
     limits_table,
@@ -26,7 +27,8 @@ from .report import (
 
 #: In the order they run (and appear in the tables).
 BENCHMARKS = {module.NAME: module
-              for module in (overhead, goodput, faults, scaling, memory, limits, deadline)}
+              for module in (overhead, goodput, faults, scaling, memory, limits, deadline,
+                             budget)}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -85,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if table_rows(rows):
         print(table(rows))
         print()
-    for extra in (limits_table(rows), deadline_table(rows)):
+    for extra in (limits_table(rows), deadline_table(rows), budget_table(rows)):
         if extra:
             print(extra)
             print()

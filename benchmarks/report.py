@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .runner import Check, Row
 
-__all__ = ["machine", "table", "limits_table", "deadline_table", "checks", "results_markdown"]
+__all__ = ["machine", "table", "limits_table", "deadline_table", "budget_table", "checks",
+           "results_markdown"]
 
 #: Libraries whose versions are part of a result (absent ones are skipped).
 LIBRARIES = ("cometkit", "requests", "urllib3", "pluggy", "openai", "httpx", "httpx2",
@@ -25,6 +26,9 @@ LIMITS_COLUMNS = ("Limit shape", "Client", "Calls ok", "Wall s", "Ideal s", "x i
 #: The deadline bound table (rows with a ``deadline_s``).
 DEADLINE_COLUMNS = ("Case", "Client", "Calls ok", "Threads", "Deadline s", "Longest call s",
                     "Bound s", "Attempts", "Wall s")
+#: The batch budget table (rows with a ``budget_tokens``).
+BUDGET_COLUMNS = ("Case", "Client", "Lines", "Threads", "Batch tokens", "Budget", "Spent",
+                  "Overshoot", "Lines sent", "Lines left", "Exit", "Resume sent")
 #: How far past its deadline a call may end (the bound the ``deadline`` rows check).
 DEADLINE_SLACK_S = 0.25
 
@@ -126,7 +130,8 @@ def _markdown(header: Sequence[str], body: Iterable[Sequence[str]],
 
 def table_rows(rows: Sequence[Row]) -> list:
     """The rows of the main table: not the limit shapes, not the deadline bound."""
-    return [row for row in rows if row.shape is None and row.deadline_s is None]
+    return [row for row in rows if row.shape is None and row.deadline_s is None
+            and row.budget_tokens is None]
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -183,6 +188,22 @@ def deadline_table(rows: Sequence[Row]) -> str:
                       _deadline_cells)
 
 
+def _budget_cells(row: Row) -> list:
+    assert row.budget_tokens is not None
+    info = row.info
+    return [str(info.get("case", row.key)), row.client, str(row.calls), str(row.threads),
+            f"{info['all_tokens']:,}", f"{row.budget_tokens:,}", f"{info['spent']:,}",
+            f"{max(0, info['spent'] - row.budget_tokens):,}", str(row.ok), str(info["left"]),
+            str(info["exit"]), str(info["resent"])]
+
+
+def budget_table(rows: Sequence[Row]) -> str:
+    """The batch budget: one row per case, what was spent against a budget of half the
+    batch's tokens ("" when the run measured none)."""
+    return _own_table(rows, lambda row: row.budget_tokens is not None, BUDGET_COLUMNS,
+                      _budget_cells)
+
+
 def checks(results: Sequence[Check]) -> str:
     """The issue's targets, one line each: met, missed, or for information."""
     marks = {True: "met", False: "MISSED", None: "info"}
@@ -212,6 +233,7 @@ def results_markdown(rows: Sequence[Row], results: Sequence[Check], *, command: 
         *(["## Share of the limit achieved", "", limits_table(rows), ""]
           if limits_table(rows) else []),
         *(["## Deadline bound", "", deadline_table(rows), ""] if deadline_table(rows) else []),
+        *(["## Batch budget", "", budget_table(rows), ""] if budget_table(rows) else []),
         "## Targets",
         "",
         verdict,

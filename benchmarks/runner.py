@@ -80,6 +80,9 @@ class Row:
     #: The calls' deadline of a "deadline bound" row (those have a table of their own);
     #: ``None`` for every other benchmark.
     deadline_s: Optional[float] = None
+    #: The token budget of a "batch budget" row (those have a table of their own); ``None``
+    #: for every other benchmark.
+    budget_tokens: Optional[int] = None
 
     @property
     def calls_per_s(self) -> float:

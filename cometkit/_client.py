@@ -35,6 +35,7 @@ from ._transport import (
 )
 from .config import load_config, parse_deadline, parse_timeout
 from .options import InvalidValue
+from .prices import PriceTable
 from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
 __all__ = ["Client"]
@@ -234,6 +235,7 @@ class Client:
                 clock=self._clock,
                 random=rng or random.Random(),
                 config_path=loaded.path,
+                prices=PriceTable(data.get("prices")),
             ),
             extra_plugins=extra_plugins,
         )

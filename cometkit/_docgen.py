@@ -56,6 +56,8 @@ def _rows(schema: Mapping[str, Option], prefix: str) -> Iterator[str]:
         default = "" if option.default is None and not option.nullable else _code(option.default)
         if option.secret and option.default is not None:
             default = "(secret)"
+        if option.required:
+            default = "(required)"
         example = "" if option.example is None else _code(option.example)
         yield (f"| `{path}` | {_cell(describe_kind(option))} | {default} | "
                f"{_cell(option.help)} | {example} |")

@@ -46,12 +46,14 @@ import tempfile
 import threading
 import uuid
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator, Optional
 
 from ._client import check_count
+from ._engine import usage_tokens
 from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, CometError
 from ._idset import DigestSet
+from .budget import Budget, Reservation
 
 __all__ = [
     "ALLOWED_URLS",
@@ -241,6 +243,32 @@ def is_ok_record(record: Any) -> bool:
     return isinstance(status, int) and 200 <= status < 300
 
 
+def answer_usage(response: Any) -> tuple[Optional[str], Optional[int], Optional[int]]:
+    """``(model, input tokens, output tokens)`` of an output line's ``response``, from its
+    body's ``model`` and ``usage`` (``None`` for what it does not say)."""
+    body = response.get("body") if isinstance(response, dict) else None
+    if not isinstance(body, dict):
+        return None, None, None
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    input_tokens, output_tokens = usage_tokens(body.get("usage"))
+    return (model, input_tokens if _is_count(input_tokens) else None,
+            output_tokens if _is_count(output_tokens) else None)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _count_usage(usage_by_model: dict, response: Any) -> None:
+    """Add one answer of an earlier run to :attr:`BatchPlan.earlier_usage`."""
+    model, input_tokens, output_tokens = answer_usage(response)
+    if input_tokens is None and output_tokens is None:
+        return  # an answer without usage: what it cost is not known
+    longest, inputs, outputs = usage_by_model.get(model, (0, 0, 0))
+    usage_by_model[model] = (max(longest, output_tokens or 0), inputs + (input_tokens or 0),
+                             outputs + (output_tokens or 0))
+
+
 def encode_record(record: dict) -> bytes:
     """One output line, newline included, that reads back to exactly ``record``.
 
@@ -288,6 +316,11 @@ class BatchPlan:
     truncated_bytes: int = 0
     #: Output lines whose custom_id is not in the input (kept, not counted).
     foreign_lines: int = 0
+    #: The models the input's requests name (each once).
+    models: set = field(default_factory=set)
+    #: What the answers already in the output spent, by the model they name:
+    #: ``model -> (longest answer, input tokens, output tokens)`` from their ``usage``.
+    earlier_usage: dict = field(default_factory=dict)
 
     @property
     def pending(self) -> int:
@@ -304,6 +337,8 @@ class BatchResult:
     failed: int = 0
     #: The run was stopped (:meth:`BatchRunner.stop`) before every request was sent.
     interrupted: bool = False
+    #: The run's budget was reached before every request was sent: the rest were not.
+    budget_reached: bool = False
 
     @property
     def total_ok(self) -> int:
@@ -317,6 +352,11 @@ class BatchResult:
     def complete(self) -> bool:
         """Every input request has a line in the output."""
         return self.total_ok + self.total_failed == self.plan.total
+
+    @property
+    def unanswered(self) -> int:
+        """Input requests without a line in the output yet (a rerun sends them)."""
+        return self.plan.total - self.total_ok - self.total_failed
 
 
 _SKIPPED = object()
@@ -416,6 +456,7 @@ class BatchRunner:
                                                                  self.output_path):
             raise BatchOutputError("the output file is the input file: choose another -o")
         input_ids = DigestSet()
+        models: set = set()
         problems: list[Problem] = []
         count = 0
         total = 0
@@ -427,6 +468,7 @@ class BatchRunner:
             else:
                 if item is None:
                     continue
+                models.add(item.body.get("model"))
                 message = None
                 if not input_ids.add(item.custom_id):
                     message = f"duplicate custom_id {item.custom_id!r} (seen on an earlier line)"
@@ -438,7 +480,7 @@ class BatchRunner:
             total += 1
         if count:
             raise BatchInputError(self.input_path, problems, count)
-        plan = BatchPlan(total=total)
+        plan = BatchPlan(total=total, models=models)
         self._created = not os.path.exists(self.output_path)
         self._open_output()
         try:
@@ -489,6 +531,7 @@ class BatchRunner:
                 elif answered.add(custom_id):
                     if ok:
                         plan.done_ok += 1
+                        _count_usage(plan.earlier_usage, record["response"])
                     else:
                         plan.done_failed += 1
         if offset > keep_until:
@@ -566,6 +609,7 @@ class BatchRunner:
         *,
         max_in_flight: Optional[int] = None,
         on_result: Optional[Callable[[bool], None]] = None,
+        budget: Optional[Budget] = None,
     ) -> BatchResult:
         """Send every pending request through ``client`` and write each result line.
 
@@ -580,23 +624,51 @@ class BatchRunner:
         flight have finished. They are written, unless the output itself failed: then nothing
         is written after the failed write.
 
+        With a ``budget`` (:class:`cometkit.budget.Budget`), a request is sent only while
+        the job's spend -- earlier runs into this output included -- plus the reservations of
+        the calls in flight plus its own estimate stays within it. The first request that
+        would pass it, and every one after, is not sent: those in flight finish and are
+        written, and the result says :attr:`BatchResult.budget_reached`. A rerun with a higher
+        budget sends exactly the rest.
+
         :param on_result: called with ``True`` (ok) or ``False`` (failed) after each line is
             written, under the output lock, from a worker thread.
+        :param budget: the ceiling on tokens or cost; one budget serves one run.
         :raises BatchWriteError: a line could not be written (disk full, file size limit).
         :raises BatchRunError: another error stopped the run; what was written is kept.
+        :raises ConfigError: a cost budget without the price of a model of the input or of
+            the answers already in the output; nothing was sent.
         """
         window = _check_window(max_in_flight, client)
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result must be callable, got {type(on_result).__name__}")
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a cometkit.budget.Budget or None, got "
+                            f"{type(budget).__name__}")
         plan = self._plan if self._plan is not None else self.prepare()
+        if budget is not None:
+            self.check_budget(budget)
+            budget.add_earlier(plan.earlier_usage)
         result = BatchResult(plan)
         counts = [0, 0]  # ok, failed; changed under the write lock
         slots = threading.BoundedSemaphore(window)
 
-        def work(item: BatchItem) -> Any:
+        def settle(reservation: Optional[Reservation], response: Any = None, *,
+                   answered: bool = False) -> None:
+            """Replace a reservation with what the request spent (its answer's usage)."""
+            if reservation is not None and budget is not None:
+                _, input_tokens, output_tokens = answer_usage(response)
+                budget.settle(reservation, (input_tokens, output_tokens), answered=answered)
+
+        def work(item: BatchItem, reservation: Optional[Reservation]) -> Any:
             if self._stop.is_set():  # queued when the run was stopped: not started, not written
+                settle(reservation)
                 return _SKIPPED
-            ok, record = self._call(client, item)
+            ok, record = False, {"response": None}
+            try:
+                ok, record = self._call(client, item)
+            finally:
+                settle(reservation, record["response"] if ok else None, answered=ok)
             return self._write(item, encode_record(record), ok, counts, on_result)
 
         def finished(future: Future) -> None:
@@ -626,7 +698,16 @@ class BatchRunner:
                 holding = True
                 if self._stop.is_set():
                     break
-                future = client.submit(work, item)
+                reservation = None
+                if budget is not None:
+                    reservation = budget.admit(item.body, stopping=self._stop.is_set)
+                    if reservation is None:  # reached (or stopped while waiting to know)
+                        break
+                try:
+                    future = client.submit(work, item, reservation)
+                except BaseException:
+                    settle(reservation)
+                    raise
                 holding = False
                 submitted += 1
                 future.add_done_callback(finished)
@@ -645,11 +726,13 @@ class BatchRunner:
                 while not slots.acquire(timeout=0.5):
                     pass
         result.ok, result.failed = counts
-        result.interrupted = self._stop.is_set() and not result.complete
+        reached = budget is not None and budget.reached
+        result.budget_reached = reached and not result.complete
+        result.interrupted = self._stop.is_set() and not reached and not result.complete
         if self._failure is not None:
             self._failure.result = result
             raise self._failure
-        if not self._stop.is_set():
+        if not self._stop.is_set() and not reached:
             if submitted != plan.pending:
                 raise BatchRunError(f"{self.input_path} changed during the run: {plan.pending} "
                                     f"request(s) to send were counted, {submitted} found. "
@@ -659,6 +742,17 @@ class BatchRunner:
                 raise BatchRunError(f"{submitted - result.ok - result.failed} request(s) ended "
                                     "without a line in the output; rerun to send them", result)
         return result
+
+    def check_budget(self, budget: Budget) -> None:
+        """Refuse a cost budget without the price of every model the job involves: the
+        input's, and those of the answers already in the output (:meth:`prepare` first).
+
+        :raises ConfigError: naming the model, the configuration file and the key to add.
+        """
+        plan = self._plan if self._plan is not None else self.prepare()
+        budget.check_prices(plan.models, sent_from=self.input_path)
+        budget.check_prices(plan.earlier_usage, sent_from=f"the answers already in "
+                                                          f"{self.output_path}")
 
     def _pending_checked(self) -> Iterator[BatchItem]:
         """:meth:`pending_items`, with a line that no longer parses (the file was edited since

@@ -2,7 +2,7 @@
 
 This module is the only part of cometkit that writes to the terminal. Exit codes: 0 success,
 1 some requests of a batch failed, 2 usage, configuration or input errors (nothing was sent),
-130 interrupted.
+3 a batch reached its budget (the rest was not sent), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import logging
+import math
 import os
 import shlex
 import signal
@@ -32,13 +33,16 @@ from .batch import (
     BatchRunError,
     BatchRunner,
 )
+from .budget import Budget
 from .config import REDACTED, dump_yaml, load_config, parse_deadline, redact
+from .prices import PriceTable, format_usd
 
 __all__ = ["main", "build_parser"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BUDGET = 3
 EXIT_INTERRUPTED = 130
 
 #: What ``cometkit batch`` turns on unless the configuration sets ``stdout_metrics`` itself:
@@ -71,6 +75,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _usd(text: str) -> float:
+    """A ``--max-cost`` value: US dollars > 0 (``5``, ``0.50``, ``$5``)."""
+    try:
+        value = float(text.strip().lstrip("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an amount of US dollars such as 5 or "
+                                         f"0.50, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 US dollars, got {text!r}")
     return value
 
 
@@ -176,7 +192,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         return _error(f"--model: {exc}")
     try:
         plan = runner.prepare()
-    except (BatchInputError, BatchOutputError, BatchFileError) as exc:
+        budget = _budget(args, loaded, runner)
+    except (BatchInputError, BatchOutputError, BatchFileError, ConfigError) as exc:
+        runner.close()
         return _error(str(exc))
     with runner, contextlib.ExitStack() as stack:
         _describe_plan(plan, args.output)
@@ -202,11 +220,14 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         except (ConfigError, PluginError) as exc:
             return _error(str(exc))
         try:
-            result = _send(runner, client, plan, args)
+            result = _send(runner, client, plan, args, budget)
         except BatchRunError as exc:  # stopped at once: one line says why and what to do
             _say(f"cometkit batch: error: {exc}")
             return EXIT_FAILED
     _say(f"cometkit batch: {_final_line(result, args.output)}")
+    if result.budget_reached and budget is not None:
+        _say(_budget_message(budget, result, args))
+        return EXIT_BUDGET
     if result.interrupted:
         _say(f"Interrupted. To resume, run the same command again:\n  "
              f"{_resume_command(args.argv)}")
@@ -218,8 +239,36 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _send(runner: BatchRunner, client: Any, plan: BatchPlan,
-          args: argparse.Namespace) -> BatchResult:
+def _budget(args: argparse.Namespace, loaded: Any, runner: BatchRunner) -> Optional[Budget]:
+    """The ``--max-total-tokens`` / ``--max-cost`` budget, its prices checked against every
+    model of the job before anything is sent (``None`` without either flag)."""
+    if args.max_total_tokens is None and args.max_cost is None:
+        return None
+    budget = Budget(max_total_tokens=args.max_total_tokens, max_cost_usd=args.max_cost,
+                    prices=PriceTable(loaded.data.get("prices")), prices_where=loaded.where)
+    runner.check_budget(budget)
+    return budget
+
+
+def _budget_message(budget: Budget, result: BatchResult, args: argparse.Namespace) -> str:
+    earlier = budget.earlier
+    note = ""
+    if earlier.tokens or earlier.cost_usd:
+        shown = [f"{earlier.tokens:,} tokens"] + (
+            [format_usd(earlier.cost_usd)] if budget.max_cost_usd is not None else [])
+        note = f" ({' / '.join(shown)} of it by earlier runs)"
+    flags = " / ".join(flag for flag, value in (("--max-total-tokens", args.max_total_tokens),
+                                                ("--max-cost", args.max_cost))
+                       if value is not None)
+    return (f"cometkit batch: budget reached: spent {budget.describe()}{note}; the next "
+            f"request would pass it, so {result.unanswered} of {result.plan.total} requests "
+            f"were not sent. The budget covers the whole job (every run into "
+            f"{args.output}). To go on, rerun with a higher {flags}:\n  "
+            f"{_resume_command(args.argv)}")
+
+
+def _send(runner: BatchRunner, client: Any, plan: BatchPlan, args: argparse.Namespace,
+          budget: Optional[Budget] = None) -> BatchResult:
     """Run the batch with the progress bar and the Ctrl-C handling, then close the client
     (which flushes the metrics and prints the summary table)."""
     progress = _Progress(plan.pending, enabled=not args.no_progress, stats=lambda: client.stats)
@@ -246,7 +295,7 @@ def _send(runner: BatchRunner, client: Any, plan: BatchPlan,
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[logging.getLogger("cometkit")]):
-            result = runner.run(client, on_result=progress.update)
+            result = runner.run(client, on_result=progress.update, budget=budget)
     finally:
         progress.close()
         try:
@@ -273,7 +322,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         except MissingMatplotlib as exc:
             return _error(str(exc))
     try:
-        summary = Summary.from_csv(args.csv)
+        prices = PriceTable(load_config(args.config).data.get("prices"))
+    except ConfigError as exc:
+        return _error(str(exc))
+    try:
+        summary = Summary.from_csv(args.csv, prices=prices)
     except FileNotFoundError:
         return _error(f"{args.csv}: no such file")
     except OSError as exc:
@@ -424,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--deadline", type=_seconds, metavar="SECONDS",
                        help="seconds each request may take in all (waiting for admission, "
                             "attempts, retry waits); past it the line records a timeout")
+    batch.add_argument("--max-total-tokens", type=_positive_int, metavar="N",
+                       help="stop sending once the job's tokens (input + output, earlier "
+                            "runs into OUTPUT included) would pass N; exit status 3")
+    batch.add_argument("--max-cost", type=_usd, metavar="USD",
+                       help="stop sending once the job's cost in US dollars would pass USD, "
+                            "at the configuration's prices: (needed for every model); exit "
+                            "status 3")
     batch.add_argument("--metrics-csv", metavar="PATH",
                        help="write one CSV row per attempt here (csv_metrics plugin)")
     batch.add_argument("--sandbox", action="store_true",
@@ -441,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also draw calls/s, 429s, latency and concurrency over time "
                              "(needs the 'plot' extra: pip install 'cometkit[plot]')")
     report.add_argument("--json", action="store_true", help="print the summary as JSON")
+    report.add_argument("--config", metavar="FILE",
+                        help="YAML configuration whose prices: give each model's cost "
+                             "(default: $COMETKIT_CONFIG)")
     report.set_defaults(handler=_cmd_report)
 
     from .sandbox.cli import add_arguments as add_sandbox_arguments

@@ -26,6 +26,7 @@ import yaml
 from ._exceptions import ConfigError
 from .hints import parse_duration
 from .options import Interpolated, InvalidValue, Option, validate_section
+from .prices import PRICE_OPTIONS
 
 __all__ = [
     "CONFIG_ENV",
@@ -181,6 +182,13 @@ CORE_OPTIONS: dict[str, Option] = {
         help="Permit a plain http:// base_url to a non-loopback host, sending the key in "
              "clear text.",
         example=False),
+    "prices": Option(
+        "mapping", default={}, children=PRICE_OPTIONS,
+        help="Model name to its price in US dollars per million input and output tokens: "
+             "the per-model summary shows what a run cost, and cometkit batch --max-cost "
+             "needs the price of every model it sends to. A dated snapshot name "
+             "(gpt-4o-mini-2024-07-18) takes its model's price.",
+        example={"gpt-4o-mini": {"input": 0.15, "output": 0.6}}),
     "plugins": Option(
         "mapping", default={}, parse=parse_plugins, accepts=_PLUGINS_ACCEPTS,
         help="Plugin name to true (enable), false (disable) or its options; see each "

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .prices import PriceTable
 from .records import Clock, SystemClock
 
 __all__ = ["ClientContext"]
@@ -37,6 +38,8 @@ class ClientContext:
     :ivar config_path: the file the configuration came from, if any.
     :ivar plugin_name: the plugin this context was handed to (``None``: the client's own).
     :ivar enabled_plugins: names of every plugin enabled for this client.
+    :ivar prices: the configuration's ``prices:`` (what tokens cost per model), for sinks that
+        show or count money; empty when none are configured.
     """
 
     plugin_options: Mapping[str, Mapping[str, Any]]
@@ -50,6 +53,7 @@ class ClientContext:
     config_path: Optional[str] = None
     plugin_name: Optional[str] = None
     enabled_plugins: frozenset = frozenset()
+    prices: PriceTable = field(default_factory=PriceTable)
 
     def options(self, plugin_name: Optional[str] = None) -> Mapping[str, Any]:
         """Validated options (defaults filled in). In a plugin's context: that plugin's own

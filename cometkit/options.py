@@ -49,6 +49,8 @@ class Option:
     :param example: a typical value, for the configuration reference.
     :param accepts: what the value may be, in words, when ``parse`` accepts more shapes than
         ``kind`` says (``"seconds, or a mapping {connect, read}"``); used in errors and docs.
+    :param required: the key must be given (in a ``section`` or in each entry of a
+        ``mapping``): a missing one is an error naming it, never a silent default.
     """
 
     kind: str
@@ -64,6 +66,7 @@ class Option:
     parse: Optional[Callable[[Any], Any]] = None
     example: Any = None
     accepts: str = ""
+    required: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -315,6 +318,11 @@ def validate_section(
             # api_key goes to the transport alone and stays a plain str
             checked = SecretText(checked)
         out[name] = checked
+    for name, option in schema.items():
+        if option.required and name not in out:
+            full = f"{key_path}.{name}" if key_path else name
+            raise _fail(where, full, f"required key missing; add it: {describe_kind(option)}. "
+                        f"{option.help}")
     if fill_defaults:
         for name, option in schema.items():
             if name not in out:

@@ -19,7 +19,9 @@ Everything is derived from attempt records alone (the CSV holds nothing else):
   record, written with ``csv_metrics.calls_path``, includes). The table shows queue p50 / p95
   per call and each part's share of all calls' time. A CSV written before ``queue_s`` existed
   has no queue time: there it reads as 0;
-- *tokens* are summed over all attempts;
+- *tokens* are summed over all attempts; their *cost* is the model's price (the
+  configuration's ``prices:``, :class:`~cometkit.prices.PriceTable`) times those sums, shown
+  only where the price is known (the total only when every model's is);
 - *calls/s* is calls divided by the observed span: from the earliest attempt start
   (``timestamp - duration_s``; the timestamp is taken when an attempt ends) to the latest
   attempt end. Timestamps are taken to the millisecond, as the CSV stores them.
@@ -46,6 +48,7 @@ import threading
 import time as _time
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
+from .prices import PriceTable, format_usd
 from .records import ATTEMPT_FIELDS, AttemptRecord
 
 __all__ = [
@@ -397,6 +400,10 @@ def _percent(share: Optional[float]) -> str:
     return "-" if share is None else f"{share * 100.0:.0f}"
 
 
+def _usd(cost: Optional[float]) -> str:
+    return "-" if cost is None else format_usd(cost, sign=False)
+
+
 #: Table layout: (header, row key, width, formatter). Latencies are shown in milliseconds.
 _COLUMNS = (
     ("Calls", "calls", 8, str),
@@ -415,6 +422,8 @@ _COLUMNS = (
     ("Tokens out", "output_tokens", 11, str),
     ("Calls/s", "calls_per_s", 8, lambda v: f"{v:.2f}"),
 )
+#: Shown after the others when the summary has prices.
+_COST_COLUMN = ("Cost $", "cost_usd", 10, _usd)
 _MODEL_WIDTH_MIN = len(AGGREGATED)
 _MODEL_WIDTH_MAX = 40
 
@@ -423,8 +432,10 @@ class Summary:
     """Accumulates attempt records and sums them up per model (see the module docstring for how
     each number is computed). Thread-safe: one lock around each record."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, prices: Optional[PriceTable] = None) -> None:
         self._lock = threading.Lock()
+        #: What tokens cost per model; empty: no cost column.
+        self.prices = prices if prices is not None else PriceTable()
         self._models: dict[str, _Stats] = {}
         self._total = _Stats()
         self._open = OpenCalls()
@@ -469,7 +480,8 @@ class Summary:
             self.add_attempt(record)
 
     @classmethod
-    def from_csv(cls, path: Union[str, Any], *, encoding: str = "utf-8") -> Summary:
+    def from_csv(cls, path: Union[str, Any], *, encoding: str = "utf-8",
+                 prices: Optional[PriceTable] = None) -> Summary:
         """Read a metrics CSV written by the ``csv_metrics`` plugin (any version), streaming it
         row by row with :func:`read_attempts`.
 
@@ -477,7 +489,7 @@ class Summary:
         warning and counted in :attr:`skipped_rows`; a header that lacks a column this summary
         needs raises ``ValueError``.
         """
-        summary = cls()
+        summary = cls(prices=prices)
 
         def skipped(line_number: int, reason: str) -> None:
             summary.skipped_rows += 1
@@ -494,11 +506,22 @@ class Summary:
         call, ``None`` without calls), ``queue_s, wire_s, backoff_s`` (the finished calls'
         time by part, seconds), ``queue_share, wire_share, backoff_share`` (each part's share
         of their sum, ``None`` when it is 0), ``input_tokens, output_tokens, span_s,
-        calls_per_s``.
+        calls_per_s``, and ``cost_usd`` (US dollars at :attr:`prices`; ``None`` for a model
+        without a price, and in the total unless every model with tokens has one).
         """
         with self._lock:
             out = [self._models[name].as_row(name) for name in sorted(self._models)]
-            out.append(self._total.as_row(AGGREGATED))
+            total = self._total.as_row(AGGREGATED)
+        costs = []
+        for row in out:
+            row["cost_usd"] = self.prices.cost_usd(None if row["model"] == NO_MODEL
+                                                   else row["model"],
+                                                   row["input_tokens"], row["output_tokens"])
+            if row["cost_usd"] is not None or row["input_tokens"] or row["output_tokens"]:
+                costs.append(row["cost_usd"])
+        known = bool(self.prices) and None not in costs
+        total["cost_usd"] = sum(costs) if known else None
+        out.append(total)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -514,6 +537,7 @@ class Summary:
     def format_table(self) -> str:
         """A fixed-width table shaped like Locust's console statistics, ending in a newline."""
         rows = self.rows()
+        columns = _COLUMNS + ((_COST_COLUMN,) if self.prices else ())
         model_width = max([_MODEL_WIDTH_MIN] + [len(row["model"]) for row in rows])
         model_width = min(model_width, _MODEL_WIDTH_MAX)
 
@@ -521,16 +545,16 @@ class Summary:
             if len(model) > model_width:
                 model = model[: model_width - 1] + "~"
             parts = [f"{model:<{model_width}}"]
-            parts += [f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, _COLUMNS)]
+            parts += [f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, columns)]
             return " ".join(parts).rstrip()
 
-        rule = "-" * model_width + "".join("|" + "-" * width for _, _, width, _ in _COLUMNS)
-        out = [line("Model", (header for header, _, _, _ in _COLUMNS)), rule]
+        rule = "-" * model_width + "".join("|" + "-" * width for _, _, width, _ in columns)
+        out = [line("Model", (header for header, _, _, _ in columns)), rule]
         for row in rows[:-1]:
-            out.append(line(row["model"], (fmt(row[key]) for _, key, _, fmt in _COLUMNS)))
+            out.append(line(row["model"], (fmt(row[key]) for _, key, _, fmt in columns)))
         out.append(rule)
         total = rows[-1]
-        out.append(line(total["model"], (fmt(total[key]) for _, key, _, fmt in _COLUMNS)))
+        out.append(line(total["model"], (fmt(total[key]) for _, key, _, fmt in columns)))
         return "\n".join(out) + "\n"
 
 

@@ -36,6 +36,7 @@ from cometkit import (
     PluginSpec,
     hookimpl,
 )
+from cometkit.prices import PriceTable
 from cometkit.summary import Summary, column_formatter, format_timestamp
 
 __all__ = ["StdoutMetricsSink", "cometkit_plugin_spec", "cometkit_make_metrics_sink"]
@@ -64,11 +65,13 @@ class StdoutMetricsSink:
     :param summary: write the per-model summary at close (skipped when nothing was recorded).
     :param stream: ``stdout`` or ``stderr``.
     :param per_attempt: write one line per attempt.
+    :param prices: what tokens cost per model, for the summary's cost column.
     :raises ValueError: an unknown format or stream.
     """
 
     def __init__(self, *, format: str = "text", summary: bool = True,
-                 stream: str = "stdout", per_attempt: bool = True) -> None:
+                 stream: str = "stdout", per_attempt: bool = True,
+                 prices: Optional[PriceTable] = None) -> None:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
         if stream not in STREAMS:
@@ -77,7 +80,7 @@ class StdoutMetricsSink:
         self.stream = stream
         self.per_attempt = per_attempt
         #: The summary being accumulated (``None`` when ``summary`` is off).
-        self.summary: Optional[Summary] = Summary() if summary else None
+        self.summary: Optional[Summary] = Summary(prices=prices) if summary else None
         self._recorded = False
         self._closed = False
         self._close_lock = threading.Lock()
@@ -161,4 +164,4 @@ def cometkit_plugin_spec() -> PluginSpec:
 
 @hookimpl
 def cometkit_make_metrics_sink(ctx: ClientContext) -> Optional[StdoutMetricsSink]:
-    return StdoutMetricsSink(**ctx.options())
+    return StdoutMetricsSink(**ctx.options(), prices=ctx.prices)

@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``benchmarks`` lives at the repository root, not installed
     sys.path.insert(0, str(REPO))
 
-from benchmarks import deadline, goodput, limits  # noqa: E402
+from benchmarks import budget, deadline, goodput, limits  # noqa: E402
 from benchmarks.__main__ import parser  # noqa: E402
 from benchmarks.contenders import GUIDE_ATTEMPTS, Spec, expected_answer, guide_retry  # noqa: E402
 from benchmarks.report import (  # noqa: E402
+    budget_table,
     deadline_table,
     limits_table,
     results_markdown,
@@ -304,3 +305,38 @@ def test_token_shape_ideal_charges_what_the_sandbox_counts():
     assert shape.ideal(60, 0.0) == pytest.approx(limits.bucket_ideal_s(
         limits.chat_charges(limits.prompt_chars(60), 1.3), rate_per_s, rate_per_s, 0.05))
     assert shape.ideal(60, 0.0) > 60  # about 90 s of tokens at 40k per minute
+
+
+def _budget_row(key: str, spent: int, largest: int, *, ok: int = 40, attempts: int = 40,
+                exit_code: int = 3, resent: int = 60, order_kept: bool = True) -> Row:
+    return Row(bench=budget.NAME, key=key, client="cometkit batch", calls=100, threads=8,
+               ok=ok, failed=0, wall_s=1.0, attempts=attempts, budget_tokens=500,
+               info={"case": f"case {key}", "all_tokens": 1000, "spent": spent,
+                     "largest_line": largest, "exit": exit_code, "left": 100 - ok,
+                     "order_kept": order_kept, "resume_exit": 0, "resent": resent,
+                     "total_lines": 100, "each_once": True})
+
+
+def test_budget_rows_have_their_own_table_and_are_checked_against_the_budget():
+    rows = [_budget_row("max-tokens", 480, 12), _budget_row("max-tokens", 501, 12),
+            _budget_row("no-max-tokens", 600, 10), _budget_row("no-max-tokens", 700, 10),
+            _budget_row("no-max-tokens", 400, 10, exit_code=0, attempts=41, resent=59),
+            _row("requests-8", 8, 1.0, baseline=True)]
+    suite = Suite(rows=rows[:5])
+    budget._checks(suite)
+    passed = [c.passed for c in suite.checks]
+    assert passed[:8] == [True, True, True, True, True, False, True, True]  # 501 > 500
+    assert passed[8:16] == [True, True, True, True,   # 600 <= 500 + 16 in flight x 10
+                            True, False, True, True]  # 700 > 660
+    assert passed[16:] == [False, True, False, False]  # exit 0; 41 sent for 40 lines
+    rendered = budget_table(rows)
+    cells = [c.strip() for c in rendered.splitlines()[2].split("|")][1:-1]
+    assert cells == ["case max-tokens", "cometkit batch", "100", "8", "1,000", "500", "480",
+                     "0", "40", "60", "3", "60"]
+    assert [c.strip() for c in rendered.splitlines()[3].split("|")][8] == "1"  # overshoot
+    assert "requests-8" not in rendered and "case max-tokens" not in table(rows)
+    written = results_markdown(rows, [], command="python -m benchmarks", host={"CPU": "x"},
+                               elapsed_s=60.0)
+    assert "## Batch budget" in written and rendered in written
+    assert budget_table([_row("requests-8", 8, 1.0)]) == ""
+    assert parser().parse_args(["--only", "budget"]).only == ["budget"]

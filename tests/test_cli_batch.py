@@ -53,6 +53,22 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def interrupt_once(*args: str, cwd: Path, env: dict, stderr_path: Path,
+                   when: Callable[[], bool]) -> int:
+    """Start ``cometkit *args``, press Ctrl-C once when ``when()`` holds, wait for the exit;
+    the exit status."""
+    process = start_cli(*args, cwd=cwd, env=env, stderr_path=stderr_path)
+    try:
+        wait_for(when)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=TIMEOUT_S)
+    return process.returncode
+
+
 def write_prompts(path: Path, n: int, *, prefix: str = "item", model: Optional[str] = "m1"
                   ) -> list[str]:
     ids = [f"{prefix}-{i:04d}" for i in range(n)]
@@ -422,16 +438,9 @@ def test_ctrl_c_finishes_in_flight_flushes_and_resumes(tmp_path, cometkit_sandbo
     args = ("batch", source, "-o", output, "--config", config, "--concurrency", "4",
             "--metrics-csv", metrics)
     err = tmp_path / "err"
-    process = start_cli(*args, cwd=tmp_path, env=env, stderr_path=err)
-    try:
-        wait_for(lambda: count_lines(output) >= 8)
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=TIMEOUT_S)
-    assert process.returncode == 130
+    status = interrupt_once(*args, cwd=tmp_path, env=env, stderr_path=err,
+                            when=lambda: count_lines(output) >= 8)
+    assert status == 130
     stderr = err.read_text()
     assert "To resume, run the same command again" in stderr
     assert f"cometkit batch {source} -o {output}" in stderr

@@ -30,6 +30,7 @@ DEFAULTS = {
     "concurrency": 5,
     "verify": True,
     "allow_insecure_http": False,
+    "prices": {},
     "plugins": {},
 }
 
@@ -65,6 +66,9 @@ deadline: 1m30s
 concurrency: 32
 verify: {ca}
 allow_insecure_http: false
+prices:
+  gpt-4o-mini: {{input: 0.15, output: 0.6}}
+  text-embedding-3-small: {{input: 0.02, output: 0}}
 plugins:
   backoff: {{max_attempts: 3, retry_on: [429, 503]}}
   limiter: false
@@ -82,6 +86,8 @@ plugins:
         "concurrency": 32,
         "verify": str(ca),
         "allow_insecure_http": False,
+        "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.6},
+                   "text-embedding-3-small": {"input": 0.02, "output": 0.0}},
         "plugins": {"backoff": {"max_attempts": 3, "retry_on": [429, 503]}, "limiter": False,
                     "stdout_metrics": True, "csv_metrics": None},
     }
@@ -573,3 +579,22 @@ def test_docgen_check_mode_reports_a_stale_doc(tmp_path):
     assert _docgen.main([str(tmp_path)]) == 0
     assert _docgen.main(["--check", str(tmp_path)]) == 0
     assert os.path.getsize(doc) > 100
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("prices:\n  gpt-4o-mini: {input: 0.15}\n",
+     "prices.gpt-4o-mini.output: required key missing; add it: a number >= 0."),
+    ("prices:\n  gpt-4o-mini:\n",
+     "prices.gpt-4o-mini.input: required key missing; add it: a number >= 0."),
+    ("prices:\n  gpt-4o-mini: {input: -1, output: 1}\n",
+     "prices.gpt-4o-mini.input: must be a number >= 0, got -1"),
+    ("prices:\n  gpt-4o-mini: {inptu: 1, output: 1}\n",
+     "prices.gpt-4o-mini.inptu: unknown key 'inptu'. Did you mean 'input'?"),
+    ("prices: [0.15, 0.6]\n", "prices: must be a mapping of names to sections"),
+])
+def test_prices_are_checked_per_model_naming_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}: {expected}")
+    assert info.value.path == str(path)

@@ -12,6 +12,7 @@ import pytest
 import cometkit.summary as summary_module
 from cometkit import ATTEMPT_FIELDS, AttemptRecord
 from cometkit._plot import read_series
+from cometkit.prices import ModelPrice, PriceTable
 from cometkit.summary import (
     AGGREGATED,
     LatencySketch,
@@ -346,3 +347,55 @@ def test_open_calls_stay_bounded(monkeypatch):
     # the oldest were forgotten: their final attempt is a call on its own
     assert calls.add(attempt(request_id="r0", queue_s=0.5)).queue_us == 500_000
     assert calls.add(attempt(request_id="r4", queue_s=0.5)).queue_us == 1_500_000
+
+
+# -------------------------------------------------------------------------------------------
+# Cost per model
+# -------------------------------------------------------------------------------------------
+
+PRICES = PriceTable({"gpt-4o-mini": {"input": 0.15, "output": 0.60},
+                     "text-embedding-3-small": {"input": 0.02, "output": 0.0}})
+
+
+def test_cost_per_model_is_its_tokens_at_its_price_and_the_total_adds_them_up():
+    summary = Summary(prices=PRICES)
+    summary.add_attempt(attempt(request_id="a", model="gpt-4o-mini", input_tokens=1_000_000,
+                                output_tokens=500_000))
+    summary.add_attempt(attempt(request_id="b", model="text-embedding-3-small",
+                                input_tokens=2_000_000))
+    rows = by_model(summary)
+    assert rows["gpt-4o-mini"]["cost_usd"] == pytest.approx(0.15 + 0.30)
+    assert rows["text-embedding-3-small"]["cost_usd"] == pytest.approx(0.04)
+    assert rows[AGGREGATED]["cost_usd"] == pytest.approx(0.49)
+    lines = summary.format_table().splitlines()
+    assert lines[0].split()[-2:] == ["Cost", "$"]
+    assert lines[2].split()[-1] == "0.450000" and lines[-1].split()[-1] == "0.490000"
+    assert len({len(line) for line in (lines[0], lines[2], lines[-1])}) == 1
+
+
+def test_cost_only_where_the_price_is_known():
+    summary = Summary(prices=PRICES)
+    summary.add_attempt(attempt(request_id="a", model="gpt-4o-mini-2024-07-18",
+                                input_tokens=1_000_000, output_tokens=0))
+    summary.add_attempt(attempt(request_id="b", model="unpriced", input_tokens=10))
+    rows = by_model(summary)
+    assert rows["gpt-4o-mini-2024-07-18"]["cost_usd"] == pytest.approx(0.15)  # a snapshot
+    assert rows["unpriced"]["cost_usd"] is None
+    assert rows[AGGREGATED]["cost_usd"] is None  # a partial sum would understate it
+    assert summary.format_table().splitlines()[-1].split()[-1] == "-"
+
+
+def test_without_prices_there_is_no_cost_column():
+    summary = Summary()
+    summary.add_attempt(attempt(input_tokens=5, output_tokens=5))
+    assert "Cost" not in summary.format_table()
+    assert summary.rows()[-1]["cost_usd"] is None
+
+
+def test_price_table_names_models_and_their_dated_snapshots_only():
+    assert PRICES.price_of("gpt-4o-mini") == ModelPrice(0.15, 0.60)
+    assert PRICES.price_of("gpt-4o-mini-2024-07-18") == ModelPrice(0.15, 0.60)
+    assert PRICES.price_of("gpt-4o-mini-0613") == ModelPrice(0.15, 0.60)
+    assert PRICES.price_of("gpt-4o-mini-high") is None  # another model, not a snapshot
+    assert PRICES.price_of("gpt-4o") is None and PRICES.price_of(None) is None
+    assert PRICES.cost_usd("gpt-4o-mini", 2_000_000, 1_000_000) == pytest.approx(0.9)

@@ -1,5 +1,6 @@
-"""The limiting plan both stores carry out: its options, its token estimate, and the arithmetic
-of its rates, lane caps and token charges.
+"""The limiting plan both stores carry out: its options, and the arithmetic of its rates, lane
+caps and token charges (the token estimate is the core's, :mod:`cometkit.tokens`, which a
+batch budget reserves too).
 
 The in-process store (:mod:`.local`) and the Redis store (:mod:`.redis_store`) enforce the same
 plan, and adaptive mode is one policy (:mod:`.adaptive`) in both; what differs is only where
@@ -8,10 +9,10 @@ the state lives. Anything both stores compute is computed here, once.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional
 
 from cometkit import AttemptResult, Option
+from cometkit.tokens import CHARS_PER_TOKEN, estimate_parts, estimate_tokens
 
 __all__ = [
     "admission_timeout",
@@ -25,9 +26,6 @@ __all__ = [
     "token_refund",
     "factory_kwargs",
 ]
-
-#: Characters per token in the pre-call estimate (OpenAI's rule of thumb for English).
-CHARS_PER_TOKEN = 4
 
 _MODEL_OPTIONS = {
     "max_concurrency": Option(
@@ -85,56 +83,6 @@ OPTIONS = {
         help="Per-model limits, by model name; a call must fit both its model's and the "
              "client's.", example={"gpt-4o": {"requests_per_minute": 500}}),
 }
-
-
-# -------------------------------------------------------------------------------------------
-# Token estimate
-# -------------------------------------------------------------------------------------------
-
-
-def _text_chars(value: Any) -> int:
-    """Characters of prompt text in a message ``content``, ``input`` or ``prompt`` value."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):  # a token id (embeddings input may be token arrays)
-        return CHARS_PER_TOKEN
-    if isinstance(value, list):
-        return sum(_text_chars(item) for item in value)
-    if isinstance(value, Mapping):  # a content part: {"type": "text", "text": ...}
-        return _text_chars(value.get("text"))
-    return 0
-
-
-def estimate_parts(body: Optional[Mapping[str, Any]]) -> tuple[int, int]:
-    """``(prompt tokens, reserved answer tokens)`` a request may cost, before it is sent.
-
-    Prompt text is the ``content`` of every message (strings or text parts), ``input``
-    (embeddings, responses) and ``prompt`` (completions), at :data:`CHARS_PER_TOKEN`
-    characters per token. ``max_tokens`` (or ``max_completion_tokens``, ``max_output_tokens``)
-    is reserved for the answer, as providers reserve it; without it the answer is not reserved
-    and the correction from ``usage`` after the call takes it out of the bucket instead.
-    """
-    if not isinstance(body, Mapping):
-        return 0, 0
-    chars = _text_chars(body.get("input")) + _text_chars(body.get("prompt"))
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, Mapping):
-                chars += _text_chars(message.get("content"))
-    answer = body.get("max_tokens", body.get("max_completion_tokens",
-                                             body.get("max_output_tokens")))
-    if isinstance(answer, bool) or not isinstance(answer, int) or answer < 0:
-        answer = 0
-    return math.ceil(chars / CHARS_PER_TOKEN), answer
-
-
-def estimate_tokens(body: Optional[Mapping[str, Any]]) -> int:
-    """Tokens a request may cost before it is sent: :func:`estimate_parts`, summed."""
-    prompt, answer = estimate_parts(body)
-    return prompt + answer
 
 
 # -------------------------------------------------------------------------------------------
