@@ -47,11 +47,13 @@ from .plan import (
     OPTIONS,
     admission_timeout,
     charged_tokens,
+    concurrency_number,
     estimate_parts,
     factory_kwargs,
     lane_cap,
     paced_rate,
     token_refund,
+    tokens_limited,
 )
 
 __all__ = ["AdmissionLimiter", "PLUGIN_NAME"]
@@ -256,11 +258,8 @@ class AdmissionLimiter:
         if window is not None and requests_per_minute is None:
             raise ConfigError(f"{PLUGIN_NAME}.window: needs requests_per_minute (the window's "
                               "quota is requests_per_minute * window / 60)", key="window")
-        if max_concurrency is None:
-            raise ConfigError(f"{PLUGIN_NAME}.max_concurrency: AdmissionLimiter needs a number "
-                              "(from_options() turns null into the client's concurrency)",
-                              key="max_concurrency")
-        self.max_concurrency = int(max_concurrency)
+        self.max_concurrency = concurrency_number(max_concurrency, PLUGIN_NAME,
+                                                  "AdmissionLimiter")
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self.burst = float(burst)
@@ -278,8 +277,7 @@ class AdmissionLimiter:
         self._requests = (None if window is not None else
                           _rate_bucket(requests_per_minute, self.burst, self.safety_margin, now))
         self._tokens = _rate_bucket(tokens_per_minute, self.burst, self.safety_margin, now)
-        self._count_tokens = tokens_per_minute is not None or any(
-            section.get("tokens_per_minute") is not None for section in self.models.values())
+        self._count_tokens = tokens_limited(tokens_per_minute, self.models)
         # A plain lock: nothing calls back in while it is held. (A stream abandoned to the
         # garbage collector does not release from its finalizer, which may run inside any
         # critical section: the core queues that release and makes it on a normal thread.)

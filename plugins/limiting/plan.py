@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from cometkit import AttemptResult, Option
+from cometkit import AttemptResult, ConfigError, Option
 from cometkit.tokens import CHARS_PER_TOKEN, estimate_parts, estimate_tokens
 
 __all__ = [
@@ -25,6 +25,8 @@ __all__ = [
     "charged_tokens",
     "token_refund",
     "factory_kwargs",
+    "concurrency_number",
+    "tokens_limited",
 ]
 
 _MODEL_OPTIONS = {
@@ -147,3 +149,22 @@ def factory_kwargs(options: Mapping[str, Any], schema: Mapping[str, Option],
     if kwargs.get("max_concurrency") is None:
         kwargs["max_concurrency"] = concurrency
     return kwargs
+
+
+def concurrency_number(max_concurrency: Optional[int], plugin: str, store: str) -> int:
+    """A store's ``max_concurrency``, which its constructor needs as a number: ``null`` means
+    the client's concurrency only in a section that :func:`factory_kwargs` turned into
+    constructor keywords."""
+    if max_concurrency is None:
+        raise ConfigError(f"{plugin}.max_concurrency: {store} needs a number "
+                          "(from_options() turns null into the client's concurrency)",
+                          key="max_concurrency")
+    return int(max_concurrency)
+
+
+def tokens_limited(tokens_per_minute: Optional[float],
+                   models: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a configured token rate applies to some call (client-wide or one model's), so
+    that every admission must be estimated and charged in tokens."""
+    return tokens_per_minute is not None or any(
+        section.get("tokens_per_minute") is not None for section in models.values())

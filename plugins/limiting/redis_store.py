@@ -62,7 +62,6 @@ from urllib.parse import quote, urlsplit
 from cometkit import (
     AttemptResult,
     Clock,
-    ConfigError,
     Option,
     PluginError,
     RateLimitError,
@@ -84,11 +83,13 @@ from .plan import OPTIONS as LIMITER_OPTIONS
 from .plan import (
     admission_timeout,
     charged_tokens,
+    concurrency_number,
     estimate_parts,
     factory_kwargs,
     lane_cap,
     paced_rate,
     token_refund,
+    tokens_limited,
 )
 
 __all__ = [
@@ -363,10 +364,7 @@ class RedisLimiter:
             "lease_ttl": lease_ttl, "on_redis_error": on_redis_error,
             "socket_timeout": socket_timeout,
         }, where="<RedisLimiter>", key_path=PLUGIN_NAME)
-        if max_concurrency is None:
-            raise ConfigError(f"{PLUGIN_NAME}.max_concurrency: RedisLimiter needs a number "
-                              "(from_options() turns null into the client's concurrency)",
-                              key="max_concurrency")
+        max_concurrency = concurrency_number(max_concurrency, PLUGIN_NAME, "RedisLimiter")
         redis = _import_redis()
         # What a dead or stuck Redis raises (redis-py wraps most socket errors, not all).
         self._redis_error: tuple = (redis.RedisError, OSError)
@@ -375,7 +373,7 @@ class RedisLimiter:
         self.key_prefix = key_prefix
         self.namespace = namespace or "nokey"
         self.base_key = f"{key_prefix}:{self.namespace}"
-        self.max_concurrency = int(max_concurrency)
+        self.max_concurrency = max_concurrency
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self.burst = float(burst)
@@ -411,8 +409,8 @@ class RedisLimiter:
         self._client_rpm_gcra = _gcra(requests_per_minute, self.burst, self.safety_margin)
         self._client_tpm_gcra = _gcra(tokens_per_minute, self.burst, self.safety_margin)
         # Adaptive mode may learn a token rate the fleet then spends at: tokens are counted.
-        self._count_tokens = self.adaptive or tokens_per_minute is not None or any(
-            section.get("tokens_per_minute") is not None for section in self.models.values())
+        # Adaptive mode learns the fleet's token rate from the counted tokens of every call.
+        self._count_tokens = self.adaptive or tokens_limited(tokens_per_minute, self.models)
         self._lanes: dict[Optional[str], _Lane] = {}
         self._lock = threading.Lock()
         self._held: dict[str, _RedisPermit] = {}
