@@ -15,7 +15,7 @@ import random
 import threading
 import unicodedata
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 from urllib.parse import urlsplit
 
@@ -33,6 +33,7 @@ from ._transport import (
     Transport,
     check_base_url,
 )
+from ._workers import Window, WorkerPool
 from .config import load_config, parse_deadline, parse_timeout
 from .options import InvalidValue
 from .prices import PriceTable
@@ -161,6 +162,11 @@ def _nothing_to_finish(*_: Any) -> None:
     """The finisher of a stream whose attempt the engine already recorded."""
 
 
+#: Results ``Client.map`` may hold for its consumer at least (finished items behind one that
+#: is not), whatever its window: enough that the items behind a call asleep for a few seconds
+#: before a retry keep going out at the pool's pace, in a few megabytes at most.
+MIN_RESULTS_BUFFERED = 1024
+
 class Client:
     """A thread-safe CometAPI client with a worker pool.
 
@@ -244,8 +250,7 @@ class Client:
         self._engine = CallEngine(clock=self._clock, policy=self._plugins.retry_policy,
                                   limiter=self._plugins.limiter, sinks=list(self._plugins.sinks),
                                   server_address=self.server_address)
-        self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
-                                            thread_name_prefix="cometkit")
+        self._executor = WorkerPool(self.concurrency, thread_name_prefix="cometkit")
         self._close_lock = threading.Lock()
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
@@ -315,6 +320,13 @@ class Client:
                           timeout=timeout, operation=operation or operation_for(path),
                           model=model, deadline=deadline)
 
+    @property
+    def workers(self) -> WorkerPool:
+        """The worker pool that :meth:`map`, :meth:`submit` and ``cometkit batch`` run on: at
+        most ``concurrency`` calls run at once, and one asleep before a retry gives its place
+        to the next (see :mod:`cometkit._workers`)."""
+        return self._executor
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's worker pool."""
         _check_callable(fn)
@@ -331,15 +343,18 @@ class Client:
         """Run ``fn(item)`` on the worker pool; yield results in input order.
 
         At most ``max_in_flight`` items (default twice the concurrency) run or wait in the pool
-        at a time, and at most eight times that many finished results wait for the consumer,
-        so a huge iterator never fills memory. One slow item (a call sleeping before a retry)
-        does not stall the pool: later items keep being submitted while it runs. With
+        at a time, not counting calls asleep before a retry, and at most eight times that many
+        results (finished, or behind a slow one; at least :data:`MIN_RESULTS_BUFFERED`) wait
+        for the consumer, so a huge iterator never fills memory while one item's back-off of
+        a few seconds does not hold back the items behind it. A call sleeping before a retry
+        gives its worker's place to the next item, so the pool keeps sending while it waits
+        (see :mod:`cometkit._workers`). With
         ``return_exceptions`` an item's exception is yielded in its place instead of raised.
         """
         _check_callable(fn)
         window = 2 * self.concurrency if max_in_flight is None else check_count(
             "max_in_flight", max_in_flight)
-        buffered_max = 8 * window
+        buffered_max = max(8 * window, MIN_RESULTS_BUFFERED)
         try:
             items = iter(iterable)
         except TypeError:
@@ -347,18 +362,19 @@ class Client:
                             f"{type(iterable).__name__}") from None
         pending: deque[Future[R]] = deque()
         exhausted = False
+        in_flight = Window(self._executor, window)
 
         def refill() -> None:
             nonlocal exhausted
-            running = sum(1 for future in pending if not future.done())
-            while not exhausted and running < window and len(pending) < buffered_max:
+            while not exhausted and in_flight.has_room() and len(pending) < buffered_max:
                 try:
                     item = next(items)
                 except StopIteration:
                     exhausted = True
                     return
-                pending.append(self._executor.submit(fn, item))
-                running += 1
+                future = self._executor.submit(fn, item)
+                in_flight.add(future)
+                pending.append(future)
 
         refill()
 
@@ -368,7 +384,11 @@ class Client:
                     head = pending[0]
                     while not head.done():
                         refill()
-                        wait([f for f in pending if not f.done()], return_when=FIRST_COMPLETED)
+                        # until the head is done, or room opens for more (an item ended, a
+                        # call fell asleep before a retry)
+                        in_flight.wait(lambda head=head: head.done() or (
+                            not exhausted and in_flight.has_room()
+                            and len(pending) < buffered_max))
                     pending.popleft()
                     try:
                         value: Union[R, BaseException] = head.result()

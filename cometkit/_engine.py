@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ._exceptions import APIConnectionError, APITimeoutError
+from ._workers import sleep_aside
 from .hints import DEFAULT_REFUSALS, RefusalRules, parse_hints, refusal_text
 from .records import (
     AttemptRecord,
@@ -280,8 +281,8 @@ class CallEngine:
                     decision.requeue and limiter is not None) else 0.0
                 if self.sinks:
                     self._emit_attempt(result, sent, "retry", sleep_s)
-                if sleep_s:
-                    clock.sleep(sleep_s)
+                if sleep_s:  # on a pool's worker, another call runs meanwhile
+                    sleep_aside(clock.sleep, sleep_s)
                     timing.backoff_s += sleep_s
                 continue
             if self.sinks:

@@ -53,6 +53,7 @@ from ._client import check_count
 from ._engine import usage_tokens
 from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, CometError
 from ._idset import DigestSet
+from ._workers import Window
 from .budget import Budget, Reservation
 
 __all__ = [
@@ -651,7 +652,7 @@ class BatchRunner:
             budget.add_earlier(plan.earlier_usage)
         result = BatchResult(plan)
         counts = [0, 0]  # ok, failed; changed under the write lock
-        slots = threading.BoundedSemaphore(window)
+        in_flight = Window(client.workers, window)
 
         def settle(reservation: Optional[Reservation], response: Any = None, *,
                    answered: bool = False) -> None:
@@ -678,24 +679,19 @@ class BatchRunner:
                 error = None
                 self._fail(BatchRunError("the client's worker pool was shut down during the "
                                          "run; rerun the same command to resume"))
-            try:
-                if error is not None:
-                    self._fail(BatchRunError(
-                        f"the batch stopped: {type(error).__name__} while handling a result: "
-                        f"{error}. The lines written so far are kept; rerun to resume."),
-                        cause=error)
-            finally:
-                slots.release()
+            if error is not None:
+                self._fail(BatchRunError(
+                    f"the batch stopped: {type(error).__name__} while handling a result: "
+                    f"{error}. The lines written so far are kept; rerun to resume."),
+                    cause=error)
 
         if self._out is None:
             raise RuntimeError("BatchRunner.run() after close()")
         submitted = 0
-        holding = False  # a slot taken for an item not handed to the pool yet
         try:
             for item in self._pending_checked():
-                while not slots.acquire(timeout=0.5):
+                while not in_flight.wait(in_flight.has_room):
                     pass
-                holding = True
                 if self._stop.is_set():
                     break
                 reservation = None
@@ -708,9 +704,9 @@ class BatchRunner:
                 except BaseException:
                     settle(reservation)
                     raise
-                holding = False
                 submitted += 1
                 future.add_done_callback(finished)
+                in_flight.add(future)  # after ``finished``: counted done once it has run
         except BaseException as exc:
             self._stop.set()  # e.g. KeyboardInterrupt without the CLI's handler: admit no more
             if isinstance(exc, CometError) or not isinstance(exc, Exception):
@@ -719,12 +715,9 @@ class BatchRunner:
                                      "lines written so far are kept; rerun to resume."),
                        cause=exc)
         finally:
-            if holding:
-                slots.release()
-            # wait for those in flight: every slot back (each call is bounded by its timeouts)
-            for _ in range(window):
-                while not slots.acquire(timeout=0.5):
-                    pass
+            # wait for those in flight (each call is bounded by its timeouts)
+            while not in_flight.wait(lambda: in_flight.unfinished == 0):
+                pass
         result.ok, result.failed = counts
         reached = budget is not None and budget.reached
         result.budget_reached = reached and not result.complete

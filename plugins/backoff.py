@@ -213,7 +213,8 @@ class BackoffPolicy:
     422, nor a 429 whose code says the quota is spent or the request is too large); at most
     ``max_attempts`` attempts; the server's hint (``retry-after-ms``, ``Retry-After``,
     ``x-ratelimit-reset-*``) plus up to 10 % jitter, else ``base_delay * 2 ** (attempt - 1)``
-    capped at ``max_delay`` with ``jitter``; a hint over ``max_retry_after`` fails at once; a
+    (``failure_base_delay`` for a failure other than a 429) capped at ``max_delay`` with
+    ``jitter``; a hint over ``max_retry_after`` fails at once; a
     wait that would end past ``deadline`` fails at once; and the client-wide
     :class:`RetryBudget` must allow the retry. The deadline is the call's own
     (:attr:`cometkit.RequestInfo.deadline_s`); ``deadline`` here is deprecated and only
@@ -235,6 +236,9 @@ class BackoffPolicy:
     DEFAULT_RETRY_ON = (429,)
     DEFAULT_MAX_ATTEMPTS = 5
     DEFAULT_BASE_DELAY = 1.0
+    #: A temporary failure (5xx, a broken connection) is retried sooner than a 429, as the
+    #: openai SDK does: nothing says the server is saving up capacity.
+    DEFAULT_FAILURE_BASE_DELAY = 0.5
     DEFAULT_MAX_DELAY = 30.0
     DEFAULT_JITTER = "additive"
     DEFAULT_MAX_RETRY_AFTER = 120.0
@@ -248,6 +252,7 @@ class BackoffPolicy:
         retry_on: Iterable[Union[int, str]] = DEFAULT_RETRY_ON,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         base_delay: float = DEFAULT_BASE_DELAY,
+        failure_base_delay: float = DEFAULT_FAILURE_BASE_DELAY,
         max_delay: float = DEFAULT_MAX_DELAY,
         jitter: str = DEFAULT_JITTER,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
@@ -272,6 +277,7 @@ class BackoffPolicy:
                               key="max_attempts")
         self.max_attempts = int(max_attempts)
         self.base_delay = float(base_delay)
+        self.failure_base_delay = float(failure_base_delay)
         self.max_delay = float(max_delay)
         self.jitter = jitter
         self.max_retry_after = float(max_retry_after)
@@ -411,17 +417,20 @@ class BackoffPolicy:
         return True, str(status)
 
     def _delay(self, result: AttemptResult, hint: Optional[float]) -> float:
+        # A 429 starts at base_delay (CometAPI's guide), any other failure at
+        # failure_base_delay; additive jitter adds up to a second, or up to the base if less.
+        base = self.base_delay if result.status_code == 429 else self.failure_base_delay
         if hint is not None:
             delay = hint + self.rng.uniform(0.0, HINT_JITTER_RATIO * hint)
         elif self.jitter == "decorrelated":
             previous = next((d.delay_s for d in reversed(result.history) if not d.requeue),
-                            self.base_delay)
-            delay = min(self.max_delay, self.rng.uniform(self.base_delay, previous * 3))
+                            base)
+            delay = min(self.max_delay, self.rng.uniform(base, previous * 3))
         else:
             exponent = min(result.attempt - 1, _MAX_EXPONENT)
-            capped = min(self.max_delay, self.base_delay * 2.0 ** exponent)
+            capped = min(self.max_delay, base * 2.0 ** exponent)
             if self.jitter == "additive":
-                delay = capped + self.rng.uniform(0.0, 1.0)
+                delay = capped + self.rng.uniform(0.0, min(1.0, base))
             elif self.jitter == "full":
                 delay = self.rng.uniform(0.0, capped)
             else:
@@ -468,6 +477,10 @@ OPTIONS: Mapping[str, Option] = {
     "base_delay": Option(
         "float", default=BackoffPolicy.DEFAULT_BASE_DELAY, minimum=0,
         help="Seconds before the first retry when the server gives no hint; doubles each time."),
+    "failure_base_delay": Option(
+        "float", default=BackoffPolicy.DEFAULT_FAILURE_BASE_DELAY, minimum=0,
+        help="Seconds before the first retry of an opted-in temporary failure (5xx, connect, "
+             "read) without a hint; doubles each time. A 429 waits base_delay."),
     "max_delay": Option(
         "float", default=BackoffPolicy.DEFAULT_MAX_DELAY, minimum=0,
         help="Largest computed delay in seconds, before jitter."),

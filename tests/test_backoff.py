@@ -73,7 +73,8 @@ def clock() -> FakeClock:
 def test_defaults_are_the_documented_ones():
     options = validate_section(OPTIONS, {})
     assert options == {
-        "retry_on": [429], "max_attempts": 5, "base_delay": 1.0, "max_delay": 30.0,
+        "retry_on": [429], "max_attempts": 5, "base_delay": 1.0, "failure_base_delay": 0.5,
+        "max_delay": 30.0,
         "jitter": "additive", "max_retry_after": 120.0, "deadline": None,
         "budget_ratio": 0.2, "budget_floor": 5, "budget_window": 10.0,
         "give_up_codes": sorted(backoff.HOPELESS_ERROR_CODES),
@@ -81,6 +82,30 @@ def test_defaults_are_the_documented_ones():
     }
     built = BackoffPolicy.from_options(options)
     assert built.retry_on == {429} and built.max_attempts == 5 and built.jitter == "additive"
+
+
+def failed_with(kind: object, request: RequestInfo, attempt: int) -> AttemptResult:
+    if kind == 429:
+        return rate_limited(request, attempt)
+    if kind == "connect":
+        return connection_failure(request, "connect", attempt)
+    return status_failure(request, int(kind), attempt)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(("kind", "first_wait_s"), [(429, 1.0), (503, 0.5), ("connect", 0.5)])
+def test_a_429_waits_base_delay_and_a_temporary_failure_failure_base_delay(clock, kind,
+                                                                          first_wait_s):
+    p = policy(clock, retry_on=[429, 503, "connect"])
+    request = make_request(clock)
+    waits = [p.decide(failed_with(kind, request, attempt)).delay_s for attempt in (1, 2, 3)]
+    assert waits == [first_wait_s, 2 * first_wait_s, 4 * first_wait_s]
+
+
+def test_additive_jitter_is_at_most_the_base_when_the_base_is_under_a_second(clock):
+    p = policy(clock, fraction=1.0, jitter="additive", retry_on=[429, 503])
+    request = make_request(clock)
+    assert p.decide(failed_with(503, request, 1)).delay_s == pytest.approx(0.5 + 0.5)
+    assert p.decide(failed_with(429, request, 1)).delay_s == pytest.approx(1.0 + 1.0)
 
 
 def test_retry_on_accepts_the_opt_in_list():
@@ -589,7 +614,7 @@ def test_every_retry_is_logged_at_info_in_the_documented_format(clock, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert lines == [
         "retry 2/5 of POST /chat/completions model=gpt-x after 429 in 1.8 s",
-        "retry 4/5 of POST /chat/completions model=gpt-x after connect error in 4.0 s",
+        "retry 4/5 of POST /chat/completions model=gpt-x after connect error in 2.0 s",
         "retry 2/5 of POST /chat/completions model=- after 429 in 0.25 s",
     ]
     assert all(r.name == "cometkit.backoff" and r.request_id == "ck-1"
