@@ -190,7 +190,7 @@ def _explained(result: AttemptResult, explanation: str,
             return type(error)(
                 f"{explanation}; last error: {error}", status_code=error.status_code,
                 request_id=error.request_id, body=error.body, code=error.code,
-                response=error.response,
+                response=error.response, response_body=error.response_body,
                 retry_after_s=hint_s if hint_s is not None else error.retry_after_s)
         if isinstance(error, APIConnectionError):
             return type(error)(f"{explanation}; last error: {error}",
