@@ -24,7 +24,7 @@ from ._exceptions import (
     RateLimitError,
     UnprocessableEntityError,
 )
-from ._objects import ApiObject
+from ._objects import ApiObject, ListObject
 from ._streaming import Stream
 from ._version import __version__
 from .context import ClientContext
@@ -51,6 +51,7 @@ __all__ = [
     "__version__",
     "Client",
     "ApiObject",
+    "ListObject",
     "Stream",
     "hookimpl",
     "ClientContext",

@@ -24,7 +24,7 @@ import requests
 from ._answers import send_attempt
 from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
 from ._exceptions import APIError, ConfigError
-from ._objects import ApiObject
+from ._objects import json_default, wrap_answer
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
 from ._streaming import Stream, completion_as_chunk, event_error
@@ -292,8 +292,10 @@ class Client:
         :param deadline: seconds the whole call may take (admission, attempts, retry waits);
             ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
 
-        :returns: an :class:`ApiObject` for a JSON object answer, a list for a JSON array, a
-            :class:`Stream` when ``stream`` is true, or ``None`` for an empty body.
+        :returns: an :class:`ApiObject` for a JSON object answer (a :class:`ListObject`
+            for a list answer, paged with ``after`` when it says ``has_more``), a list for a
+            JSON array, a :class:`Stream` when ``stream`` is true, or ``None`` for an empty
+            body.
         """
         if not isinstance(method, str):
             raise TypeError(f"method must be a string such as \"POST\", got "
@@ -461,7 +463,8 @@ class Client:
         deadline_s = call_deadline(deadline, self.deadline_s)
         request = RequestInfo(new_request_id(), operation, method, route, model, stream,
                               body, self._clock.monotonic(), deadline_s)
-        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        payload = None if body is None else json.dumps(body, separators=(",", ":"),
+                                                       default=json_default).encode()
         send = self._transport.send
         secrets = self._transport.secrets  # answers come through it already blanked
 
@@ -500,7 +503,13 @@ class Client:
             return Stream(sent.response, _nothing_to_finish, monotonic=self._clock.monotonic,
                           started_at=result.started_at, request_id=sent.provider_request_id,
                           preloaded=[completion_as_chunk(sent.value)], defer=self._engine.defer)
-        return self._wrap(sent.value, sent.provider_request_id)
+        next_page = None
+        if method == "GET" and isinstance(sent.value, dict) and sent.value.get("has_more"):
+            def next_page(after: str) -> Any:
+                return self._call(method, route, body, operation=operation, model=model,
+                                  params={**(params or {}), "after": after}, headers=headers,
+                                  timeout=timeout, deadline=deadline)
+        return wrap_answer(sent.value, sent.provider_request_id, next_page)
 
     @staticmethod
     def _decode(content: bytes, response: requests.Response) -> Any:
@@ -516,10 +525,3 @@ class Client:
                 body=content.decode("utf-8", "replace")[:1000],
             ) from exc
 
-    @staticmethod
-    def _wrap(value: Any, request_id: Optional[str] = None) -> Any:
-        if isinstance(value, dict):
-            return ApiObject(value, request_id)
-        if isinstance(value, list):
-            return [ApiObject(v) if isinstance(v, dict) else v for v in value]
-        return value
