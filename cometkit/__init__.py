@@ -25,6 +25,7 @@ from ._exceptions import (
     UnprocessableEntityError,
 )
 from ._objects import ApiObject, ListObject
+from ._raw_response import RawResponse
 from ._streaming import Stream
 from ._version import __version__
 from .context import ClientContext
@@ -52,6 +53,7 @@ __all__ = [
     "Client",
     "ApiObject",
     "ListObject",
+    "RawResponse",
     "Stream",
     "hookimpl",
     "ClientContext",
