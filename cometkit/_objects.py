@@ -23,6 +23,7 @@ __all__ = ["ApiObject", "ListObject", "wrap_answer", "json_default", "MAX_PAGES"
 _METHOD_PREFIXES = ("model_", "to_", "with_", "_")
 _METHOD_NAMES = frozenset({"parse"})
 _SLOTS = ("_data", "_request_id", "_children")
+_SLOT_NAMES = frozenset(_SLOTS + ("_next_page",))
 _MISSING = object()
 #: The values of ``mode=``, as pydantic spells them: decoded JSON is the same in both.
 _DUMP_MODES = ("python", "json")
@@ -35,7 +36,8 @@ def _wrap(value: Any) -> Any:
     if isinstance(value, dict):
         return ApiObject(value)
     if isinstance(value, list):
-        return [_wrap(item) for item in value]
+        return [ApiObject(item) if isinstance(item, dict) else
+                _wrap(item) if isinstance(item, list) else item for item in value]
     return value
 
 
@@ -79,18 +81,24 @@ class ApiObject:
     def _child(self, key: str, value: Any) -> Any:
         if isinstance(value, (dict, list)):
             children = self._children
-            cached = children.get(key, _MISSING)
-            if cached is _MISSING:
+            cached = children.get(key)
+            if cached is None:
                 cached = children.setdefault(key, _wrap(value))
             return cached
         return value
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in _SLOTS:
+        if name[:2] == "__" or name in _SLOT_NAMES:
             raise AttributeError(name)
         value = self._data.get(name, _MISSING)
+        if isinstance(value, (dict, list)):  # _child, inlined: the hot path of every read
+            children = self._children
+            cached = children.get(name)
+            if cached is None:
+                cached = children.setdefault(name, _wrap(value))
+            return cached
         if value is not _MISSING:
-            return self._child(name, value)
+            return value
         if name.startswith(_METHOD_PREFIXES) or name in _METHOD_NAMES:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r} "
                                  f"(and the answer has no field {name!r})")
