@@ -459,8 +459,10 @@ class Client:
     def openai(self, **kwargs: Any) -> Any:
         """A ready ``openai.OpenAI`` that sends through this client (:meth:`httpx_client`):
         ``base_url``, the API key, ``max_retries=0`` (cometkit retries; two layers would
-        multiply) and ``http_client`` are preset; ``kwargs`` win. Closing it leaves this
-        client open."""
+        multiply), ``http_client`` and this client's ``default_headers`` (with
+        ``organization``/``project``) and ``default_query`` are preset; ``kwargs`` win. Its
+        calls make this client's ``max_retries + 1`` attempts when it has one. Closing it
+        leaves this client open."""
         try:
             import openai
         except ImportError:
@@ -469,6 +471,10 @@ class Client:
         kwargs.setdefault("api_key", self._transport.api_key or "no-key")
         kwargs.setdefault("base_url", self.base_url)
         kwargs.setdefault("max_retries", 0)
+        if self._default_headers:
+            kwargs.setdefault("default_headers", dict(self._default_headers))
+        if self._default_query:
+            kwargs.setdefault("default_query", dict(self._default_query))
         if "http_client" not in kwargs:
             kwargs["http_client"] = self.httpx_client()  # the library this SDK sends through
         return openai.OpenAI(**kwargs)

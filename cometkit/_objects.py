@@ -9,7 +9,6 @@ as that JSON (:func:`json_default`), and answers pickle, so they cross process p
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -41,12 +40,14 @@ def _wrap(value: Any) -> Any:
     return value
 
 
-def _without_none(value: Any) -> Any:
-    """``value`` with every ``None`` member of every object dropped, at any depth."""
+def _copied(value: Any, drop_none: bool) -> Any:
+    """A copy of decoded JSON (faster than ``copy.deepcopy``: no memo), without the ``None``
+    members of its objects, at any depth, when ``drop_none``."""
     if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
+        return {k: _copied(v, drop_none) for k, v in value.items()
+                if v is not None or not drop_none}
     if isinstance(value, list):
-        return [_without_none(item) for item in value]
+        return [_copied(item, drop_none) for item in value]
     return value
 
 
@@ -152,7 +153,7 @@ class ApiObject:
         if include is not None or exclude is not None:
             wanted = set(data if include is None else include) - set(exclude or ())
             data = {k: v for k, v in data.items() if k in wanted}
-        return _without_none(data) if exclude_none else copy.deepcopy(data)
+        return _copied(data, exclude_none)
 
     def model_dump(self, *, mode: str = "python", include: Optional[Iterable[str]] = None,
                    exclude: Optional[Iterable[str]] = None, by_alias: bool = True,

@@ -260,3 +260,26 @@ def test_with_options_refuses_what_it_cannot_change(server, no_plugins):
             client.with_options(api_key="sk-other")
         with pytest.raises(ValueError, match="max_retries"):
             client.with_options(max_retries=-1)
+
+
+# -- through client.openai() ------------------------------------------------------------------
+
+
+def test_client_openai_carries_default_headers_query_and_max_retries(monkeypatch):
+    pytest.importorskip("openai")
+    monkeypatch.setenv("COMETKIT_LOAD_PLUGINS", "backoff")
+    with ScriptedServer(lambda seen: json_reply(200, chat_body())) as srv, \
+            client_for(srv, organization="org-9", default_query={"tenant": "t"}) as client:
+        sdk = client.openai()
+        sdk.chat.completions.create(model="m1", messages=MESSAGES)
+    (seen,) = srv.seen
+    headers = {name.lower(): value for name, value in seen.headers.items()}
+    assert headers["openai-organization"] == "org-9"
+    assert seen.path == "/v1/chat/completions?tenant=t"
+    with failing_server() as srv, client_for(srv, config=RETRY_500, clock=FakeClock()) as client:
+        sdk = client.with_options(max_retries=1).openai()
+        with pytest.raises(Exception) as info:
+            sdk.models.list()
+    assert type(info.value).__name__ == "InternalServerError"  # the SDK's own
+    assert type(info.value).__module__.startswith("openai")
+    assert srv.count == 2  # cometkit's max_retries=1, the SDK's own retries off
