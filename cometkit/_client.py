@@ -277,6 +277,7 @@ class Client:
             ),
             extra_plugins=extra_plugins,
         )
+        self._check_retry_policy()
         #: Seconds one call may take in all, unless the call gives its own ``deadline=``.
         self.deadline_s: Optional[float] = _client_deadline(data, self._plugins, where)
         self._engine = CallEngine(clock=self._clock, policy=self._plugins.retry_policy,
@@ -285,7 +286,6 @@ class Client:
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                             thread_name_prefix="cometkit")
         self._close_lock = threading.Lock()
-        self._check_retry_policy()
         self._mount_resources()
 
     def _mount_resources(self) -> None:

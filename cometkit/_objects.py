@@ -92,7 +92,9 @@ class ApiObject:
         if name[:2] == "__" or name in _SLOT_NAMES:
             raise AttributeError(name)
         value = self._data.get(name, _MISSING)
-        if isinstance(value, (dict, list)):  # _child, inlined: the hot path of every read
+        # _child, inlined: this is the hot path of every read, and the method call doubled
+        # the cost of reading a scalar field (measured: 0.6 -> 1.2 us)
+        if isinstance(value, (dict, list)):
             children = self._children
             cached = children.get(name)
             if cached is None:
