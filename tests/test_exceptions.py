@@ -3,13 +3,14 @@ object), ``e.code``/``e.type``/``e.param``, and the transport error chained as `
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 import requests
 import urllib3
 from misbehaving_server import MisbehavingServer, bad_status_line
-from scripted_server import ScriptedServer, json_reply
+from scripted_server import Reply, ScriptedServer, json_reply
 from test_security import exception_texts, new_marker
 
 import cometkit
@@ -99,3 +100,15 @@ def test_a_transport_error_quoting_the_key_is_not_chained(no_plugins):
             client.models.list()
     assert info.value.__cause__ is None
     assert key not in exception_texts(info.value)
+
+
+def test_an_error_event_in_a_stream_has_the_same_fields(no_plugins):
+    error = {"message": "quota gone", "type": "insufficient_quota", "param": None,
+             "code": "insufficient_quota"}
+    events = [json.dumps({"error": error})]
+    with ScriptedServer(lambda seen: Reply(events=events)) as srv, \
+            cometkit.Client(KEY, srv.base_url) as client:
+        with pytest.raises(APIError) as info:
+            list(client.chat.completions.create(model="m1", messages=[], stream=True))
+    assert info.value.body == error and info.value.response_body == {"error": error}
+    assert info.value.code == "insufficient_quota" and info.value.type == "insufficient_quota"
