@@ -18,12 +18,14 @@ from ._exceptions import (
     ConflictError,
     InternalServerError,
     NotFoundError,
+    OpenAIError,
     PermissionDeniedError,
     PluginError,
     RateLimitError,
     UnprocessableEntityError,
 )
-from ._objects import ApiObject
+from ._objects import ApiObject, ListObject
+from ._raw_response import RawResponse
 from ._streaming import Stream
 from ._version import __version__
 from .context import ClientContext
@@ -50,6 +52,8 @@ __all__ = [
     "__version__",
     "Client",
     "ApiObject",
+    "ListObject",
+    "RawResponse",
     "Stream",
     "hookimpl",
     "ClientContext",
@@ -70,6 +74,7 @@ __all__ = [
     "SystemClock",
     "Throttle",
     "CometError",
+    "OpenAIError",
     "ConfigError",
     "PluginError",
     "APIError",

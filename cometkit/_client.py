@@ -7,6 +7,7 @@ every attempt and every call. Plugins decide *what*. With no plugins, a call goe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -22,10 +23,18 @@ from urllib.parse import urlsplit
 import requests
 
 from ._answers import send_attempt
+from ._call_options import (
+    checked_headers,
+    checked_query,
+    identity_headers,
+    max_attempts_for,
+    timeout_parts,
+)
 from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
 from ._exceptions import APIError, ConfigError
-from ._objects import ApiObject
+from ._objects import json_default, wrap_answer
 from ._plugins import PluginSet, build_plugins
+from ._raw_response import RawResponse
 from ._resources import Chat, Embeddings, Models
 from ._streaming import Stream, completion_as_chunk, event_error
 from ._transport import (
@@ -90,15 +99,21 @@ def _check_mapping(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a mapping (a dict) or None, got {type(value).__name__}")
 
 
-def _call_timeout(timeout: Any) -> Optional[tuple[float, float]]:
+def _call_timeout(timeout: Any, default_s: tuple[float, float]) -> tuple[float, float]:
     """A per-call ``timeout=`` as ``(connect_s, read_s)``, in the forms the configuration's
-    ``timeout`` takes (seconds, ``"30s"``, ``(connect, read)``, ``{connect:, read:}``)."""
+    ``timeout`` takes (seconds, ``"30s"``, ``(connect, read)``, ``{connect:, read:}``) or as
+    an object with ``.connect`` and ``.read`` (an ``httpx.Timeout``: a part that is ``None``
+    keeps ``default_s``'s); ``None``: ``default_s``."""
     if timeout is None:
-        return None
+        return default_s
+    parts = timeout_parts(timeout)
+    if parts is not None:
+        timeout = {"connect": default_s[0], "read": default_s[1], **parts}
     if not isinstance(timeout, (int, float, str, tuple, list, Mapping)) or isinstance(
             timeout, bool):
-        raise TypeError(f"timeout must be seconds, a duration such as \"30s\" or a (connect, "
-                        f"read) pair, got {type(timeout).__name__}")
+        raise TypeError(f"timeout must be seconds, a duration such as \"30s\", a (connect, "
+                        f"read) pair or an object with .connect and .read (an httpx.Timeout), "
+                        f"got {type(timeout).__name__}")
     try:
         return parse_timeout(dict(timeout) if isinstance(timeout, Mapping) else timeout)
     except InvalidValue as exc:
@@ -178,8 +193,16 @@ class Client:
     :param clock: the clock for sleeping and timing (tests inject a fake one).
     :param rng: random source for jitter (tests inject a seeded one).
     :param extra_plugins: plugin objects to register directly, besides the installed ones.
+    :param organization: sent as the ``OpenAI-Organization`` header, as the openai SDK does.
+    :param project: sent as the ``OpenAI-Project`` header.
+    :param default_headers: headers sent with every call (a call's ``extra_headers`` win).
+    :param default_query: query parameters sent with every call (``extra_query`` wins).
+    :param max_retries: the openai SDK's knob: each call makes at most ``max_retries + 1``
+        attempts, in place of the retry policy's ``backoff.max_attempts`` (the policy still
+        decides what is retried, and how long to wait).
     :param overrides: any top-level config key (``concurrency=8``, ``timeout=30``,
-        ``deadline=20``...), winning over the file.
+        ``deadline=20``...), winning over the file. ``timeout`` may also be an object with
+        ``.connect`` and ``.read`` (an ``httpx.Timeout``).
     """
 
     def __init__(
@@ -191,10 +214,27 @@ class Client:
         clock: Optional[Clock] = None,
         rng: Optional[random.Random] = None,
         extra_plugins: Sequence[Any] = (),
+        organization: Optional[str] = None,
+        project: Optional[str] = None,
+        default_headers: Optional[Mapping[str, str]] = None,
+        default_query: Optional[Mapping[str, Any]] = None,
+        max_retries: Optional[int] = None,
         **overrides: Any,
     ) -> None:
         self._closed = True  # until fully built, so __del__/close() are safe on failure
+        #: The client that owns the pool, limiter and sinks: itself, or for a view made by
+        #: :meth:`with_options`, the client it came from.
+        self._root: Client = self
         _check_construction_args(base_url, clock, rng, extra_plugins)
+        #: Sent with every call, below the call's own ``extra_headers`` / ``extra_query``.
+        self._default_headers = {**identity_headers(organization, project),
+                                 **checked_headers("default_headers", default_headers)}
+        self._default_query = checked_query("default_query", default_query)
+        #: Attempts per call in place of the retry policy's own limit (``max_retries + 1``).
+        self._max_attempts = None if max_retries is None else max_attempts_for(max_retries)
+        parts = timeout_parts(overrides.get("timeout"))
+        if parts is not None:
+            overrides["timeout"] = parts
         loaded = load_config(config, overrides=overrides)
         data = loaded.data
         where = loaded.where
@@ -245,6 +285,7 @@ class Client:
             ),
             extra_plugins=extra_plugins,
         )
+        self._check_retry_policy()
         #: Seconds one call may take in all, unless the call gives its own ``deadline=``.
         self.deadline_s: Optional[float] = _client_deadline(data, self._plugins, where)
         self._engine = CallEngine(clock=self._clock, policy=self._plugins.retry_policy,
@@ -252,9 +293,21 @@ class Client:
                                   server_address=self.server_address)
         self._executor = WorkerPool(self.concurrency, thread_name_prefix="cometkit")
         self._close_lock = threading.Lock()
+        self._mount_resources()
+
+    def _mount_resources(self) -> None:
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
         self.models = Models(self)
+
+    def _check_retry_policy(self) -> None:
+        """``max_retries`` above 0 asks for retries: refuse it when no plugin retries."""
+        if self._max_attempts is not None and self._max_attempts > 1 \
+                and self._plugins.retry_policy is None:
+            raise ConfigError(
+                f"max_retries={self._max_attempts - 1}: no retry policy is enabled, so no call "
+                "would be retried. Enable the backoff plugin (plugins.backoff: true), or pass "
+                "max_retries=0.", key="max_retries")
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -299,8 +352,10 @@ class Client:
         :param deadline: seconds the whole call may take (admission, attempts, retry waits);
             ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
 
-        :returns: an :class:`ApiObject` for a JSON object answer, a list for a JSON array, a
-            :class:`Stream` when ``stream`` is true, or ``None`` for an empty body.
+        :returns: an :class:`ApiObject` for a JSON object answer (a :class:`ListObject`
+            for a list answer, paged with ``after`` when it says ``has_more``), a list for a
+            JSON array, a :class:`Stream` when ``stream`` is true, or ``None`` for an empty
+            body.
         """
         if not isinstance(method, str):
             raise TypeError(f"method must be a string such as \"POST\", got "
@@ -311,7 +366,7 @@ class Client:
             raise TypeError(f"path must be a string such as \"/chat/completions\", got "
                             f"{type(path).__name__}")
         _check_mapping("params", params)
-        _check_mapping("headers", headers)
+        headers = checked_headers("headers", headers) or None
         if not path.startswith("/"):
             path = "/" + path
         method = method.upper()
@@ -426,8 +481,10 @@ class Client:
     def openai(self, **kwargs: Any) -> Any:
         """A ready ``openai.OpenAI`` that sends through this client (:meth:`httpx_client`):
         ``base_url``, the API key, ``max_retries=0`` (cometkit retries; two layers would
-        multiply) and ``http_client`` are preset; ``kwargs`` win. Closing it leaves this
-        client open."""
+        multiply), ``http_client`` and this client's ``default_headers`` (with
+        ``organization``/``project``) and ``default_query`` are preset; ``kwargs`` win. Its
+        calls make this client's ``max_retries + 1`` attempts when it has one. Closing it
+        leaves this client open."""
         try:
             import openai
         except ImportError:
@@ -436,16 +493,61 @@ class Client:
         kwargs.setdefault("api_key", self._transport.api_key or "no-key")
         kwargs.setdefault("base_url", self.base_url)
         kwargs.setdefault("max_retries", 0)
+        if self._default_headers:
+            kwargs.setdefault("default_headers", dict(self._default_headers))
+        if self._default_query:
+            kwargs.setdefault("default_query", dict(self._default_query))
         if "http_client" not in kwargs:
             kwargs["http_client"] = self.httpx_client()  # the library this SDK sends through
         return openai.OpenAI(**kwargs)
 
+    def with_options(
+        self,
+        *,
+        timeout: Any = None,
+        deadline: Union[float, str, None] = None,
+        max_retries: Optional[int] = None,
+        default_headers: Optional[Mapping[str, str]] = None,
+        default_query: Optional[Mapping[str, Any]] = None,
+        organization: Optional[str] = None,
+        project: Optional[str] = None,
+    ) -> Client:
+        """A view of this client with other per-call defaults, as the openai SDK's
+        ``with_options``: it shares the connection pool, the worker pool, the limiter, the
+        retry policy's budget and the sinks (nothing is opened and no plugin is loaded
+        again); only what is given changes. ``default_headers``/``default_query`` are merged
+        over this client's. Closing the view ends only the view: the client it came from
+        stays open, and closing that one ends every view of it.
+        """
+        self._check_open()
+        view = copy.copy(self)
+        view._closed = False
+        view.timeout_s = _call_timeout(timeout, self.timeout_s)
+        view.deadline_s = call_deadline(deadline, self.deadline_s)
+        if max_retries is not None:
+            view._max_attempts = max_attempts_for(max_retries)
+            view._check_retry_policy()
+        view._default_headers = {**self._default_headers,
+                                 **identity_headers(organization, project),
+                                 **checked_headers("default_headers", default_headers)}
+        view._default_query = {**self._default_query,
+                               **checked_query("default_query", default_query)}
+        view._mount_resources()
+        return view
+
+    def _check_open(self) -> None:
+        if self._closed or self._root._closed:
+            raise RuntimeError("this cometkit.Client is closed")
+
     def close(self) -> None:
-        """Finish queued work, then close the pool, the limiter, the sinks and the session."""
+        """Finish queued work, then close the pool, the limiter, the sinks and the session.
+        On a view made by :meth:`with_options`, end only the view."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+        if self._root is not self:
+            return
         self._executor.shutdown(wait=True)
         self._engine.close()
         self._transport.close()
@@ -473,17 +575,24 @@ class Client:
         params: Optional[Mapping[str, Any]] = None,
         headers: Optional[Mapping[str, str]] = None,
         stream: bool = False,
-        timeout: Union[float, tuple[float, float], None] = None,
+        timeout: Any = None,
         deadline: Union[float, str, None] = None,
+        raw: bool = False,
     ) -> Any:
-        if self._closed:
-            raise RuntimeError("this cometkit.Client is closed")
+        """One call to its end. ``raw``: answer with a :class:`RawResponse`."""
+        self._check_open()
         # checked here, for request() and every resource
-        timeout_s = _call_timeout(timeout) or self.timeout_s
+        timeout_s = _call_timeout(timeout, self.timeout_s)
         deadline_s = call_deadline(deadline, self.deadline_s)
+        if self._default_headers:
+            headers = {**self._default_headers, **(headers or {})}
+        if self._default_query:
+            params = {**self._default_query, **(params or {})}
         request = RequestInfo(new_request_id(), operation, method, route, model, stream,
-                              body, self._clock.monotonic(), deadline_s)
-        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+                              body, self._clock.monotonic(), deadline_s,
+                              max_attempts=self._max_attempts)
+        payload = None if body is None else json.dumps(body, separators=(",", ":"),
+                                                       default=json_default).encode()
         send = self._transport.send
         secrets = self._transport.secrets  # answers come through it already blanked
 
@@ -513,6 +622,25 @@ class Client:
         sent, result, error, permit = self._engine.execute(request, attempt)
         if error is not None:
             raise error
+        answer = self._answer(sent, result, permit, stream=stream, secrets=secrets,
+                              method=method, route=route, body=body, operation=operation,
+                              model=model, params=params, headers=headers, timeout=timeout,
+                              deadline=deadline)
+        if not raw:
+            return answer
+        return RawResponse(status_code=sent.response.status_code,
+                           headers=sent.response.headers,
+                           content=None if sent.held else sent.response.content,
+                           parsed=answer, request_id=sent.provider_request_id,
+                           retries_taken=result.attempt - 1)
+
+    def _answer(self, sent: Sent, result: AttemptResult, permit: Any, *, stream: bool,
+                secrets: Any, method: str, route: str, body: Any, operation: str,
+                model: Optional[str], params: Optional[Mapping[str, Any]],
+                headers: Optional[Mapping[str, str]], timeout: Any,
+                deadline: Union[float, str, None]) -> Any:
+        """What a successful call returns: a :class:`Stream`, or the decoded answer (a list
+        answer that says ``has_more`` fetches its next page with the same options)."""
         if sent.held:
             return Stream(sent.response, self._engine.finisher(sent, result, permit),
                           monotonic=self._clock.monotonic, started_at=result.started_at,
@@ -522,7 +650,13 @@ class Client:
             return Stream(sent.response, _nothing_to_finish, monotonic=self._clock.monotonic,
                           started_at=result.started_at, request_id=sent.provider_request_id,
                           preloaded=[completion_as_chunk(sent.value)], defer=self._engine.defer)
-        return self._wrap(sent.value, sent.provider_request_id)
+        next_page = None
+        if method == "GET" and isinstance(sent.value, dict) and sent.value.get("has_more"):
+            def next_page(after: str) -> Any:
+                return self._call(method, route, body, operation=operation, model=model,
+                                  params={**(params or {}), "after": after}, headers=headers,
+                                  timeout=timeout, deadline=deadline)
+        return wrap_answer(sent.value, sent.provider_request_id, next_page)
 
     @staticmethod
     def _decode(content: bytes, response: requests.Response) -> Any:
@@ -538,10 +672,3 @@ class Client:
                 body=content.decode("utf-8", "replace")[:1000],
             ) from exc
 
-    @staticmethod
-    def _wrap(value: Any, request_id: Optional[str] = None) -> Any:
-        if isinstance(value, dict):
-            return ApiObject(value, request_id)
-        if isinstance(value, list):
-            return [ApiObject(v) if isinstance(v, dict) else v for v in value]
-        return value

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CometError",
+    "OpenAIError",
     "ConfigError",
     "PluginError",
     "APIError",
@@ -125,6 +126,22 @@ class CometError(Exception):
     """Base of every error cometkit raises on purpose."""
 
 
+#: The openai SDK's name for the base of its exceptions, so ``except openai.OpenAIError``
+#: ports by changing the import: it catches every API error and every configuration error.
+OpenAIError = CometError
+
+
+def error_object(body: Any) -> Any:
+    """The inner ``error`` object of an OpenAI-style error body (``{"error": {...}}``), or the
+    body itself when it has none: what openai-python calls an exception's ``body``."""
+    return body.get("error", body) if isinstance(body, dict) else body
+
+
+def _field(error: Any, name: str) -> Optional[str]:
+    value = error.get(name) if isinstance(error, dict) else None
+    return None if value is None else str(value)
+
+
 class ConfigError(CometError, ValueError):
     """The configuration is invalid: the message names the file, the key path and the fix."""
 
@@ -143,7 +160,11 @@ class PluginError(CometError):
 
 
 class APIError(CometError):
-    """A call to the API failed. ``request_id`` is the provider's id when known."""
+    """A call to the API failed. ``request_id`` is the provider's id when known.
+
+    ``body``, ``code``, ``type`` and ``param`` read as in openai-python: ``body`` is the inner
+    ``error`` object of the answer; the whole decoded answer is ``response_body``.
+    """
 
     def __init__(
         self,
@@ -152,15 +173,31 @@ class APIError(CometError):
         request_id: Optional[str] = None,
         body: Any = None,
         code: Optional[str] = None,
+        response_body: Any = None,
     ) -> None:
+        """
+        :param body: the whole decoded answer (``{"error": {...}}``) or its raw text;
+            :attr:`body` keeps its inner ``error`` object.
+        :param response_body: the whole answer when ``body`` is already the inner object
+            (an error rebuilt from another keeps both this way).
+        """
         super().__init__(message)
         self.message = message
         #: The provider's request id (``x-request-id`` header or found in the message).
         self.request_id = request_id
-        #: The decoded JSON error body, or the raw text when it was not JSON.
-        self.body = body
-        #: The provider's machine-readable error code (``insufficient_quota``), if any.
+        #: The whole decoded answer as sent (``{"error": {...}}``), or its raw text when it
+        #: was not JSON.
+        self.response_body = body if response_body is None else response_body
+        #: The answer's inner ``error`` object (``{"message", "type", "param", "code"}``),
+        #: as openai-python's ``e.body``; the raw text when the answer was not JSON.
+        self.body = error_object(body)
+        #: The provider's machine-readable error code (``insufficient_quota``), if any; its
+        #: ``type`` when the error object names no code.
         self.code = code
+        #: The error object's ``type`` (``invalid_request_error``), if any.
+        self.type = _field(self.body, "type")
+        #: The request parameter the error is about (``messages``), if the server named one.
+        self.param = _field(self.body, "param")
 
 
 class APIStatusError(APIError):
@@ -179,8 +216,10 @@ class APIStatusError(APIError):
         code: Optional[str] = None,
         response: Optional[requests.Response] = None,
         retry_after_s: Optional[float] = None,
+        response_body: Any = None,
     ) -> None:
-        super().__init__(message, request_id=request_id, body=body, code=code)
+        super().__init__(message, request_id=request_id, body=body, code=code,
+                         response_body=response_body)
         self.status_code = status_code
         #: The ``requests.Response`` (its body already read), when there was one.
         self.response = response

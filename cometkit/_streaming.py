@@ -227,8 +227,9 @@ def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilt
             broken = connection_error(exc, secrets)
             broken.request_id = request_id
         if broken is not None:
-            # raised outside the handler, so neither chained nor carrying it as context:
-            # the HTTP library's exception may quote what the server sent
+            # raised outside the handler, so it carries no context: the HTTP library's
+            # exception may quote what the server sent (connection_error chains it as the
+            # cause only when it quotes no secret)
             raise broken
     except GeneratorExit:
         # closed from outside: by Stream.close() (already ended), or because the iterator

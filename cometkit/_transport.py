@@ -94,14 +94,39 @@ def connection_error(exc: BaseException, secrets: Optional[SecretFilter] = None
     answer or inside a stream).
 
     The HTTP library quotes what the server sent in some messages (a malformed status or
-    chunk-size line), so the text goes through ``secrets`` when given.
+    chunk-size line), so the text goes through ``secrets`` when given. ``exc`` is chained as
+    the error's ``__cause__`` (what a traceback shows below it) unless some exception in its
+    chain quotes the secret: then the chain is left out rather than shown.
     """
     error = _mapped_connection_error(exc)
     if secrets is not None:
         clean = secrets.text(error.message)
         if clean is not error.message:
             error = type(error)(clean, stage=error.stage)
+    if secrets is None or _chain_is_clean(exc, secrets):
+        error.__cause__ = exc
     return error
+
+
+#: How deep :func:`_chain_is_clean` looks into an exception's causes and contexts.
+_MAX_CHAIN = 16
+
+
+def _chain_is_clean(exc: BaseException, secrets: SecretFilter) -> bool:
+    """Whether no exception in ``exc``'s chain (causes and contexts, as a traceback prints
+    them) has text or arguments holding the secret."""
+    seen: set[int] = set()
+    pending: list[Optional[BaseException]] = [exc]
+    while pending and len(seen) < _MAX_CHAIN:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        texts = [str(current), *(str(arg) for arg in current.args)]
+        if any(secrets.text(text) is not text for text in texts):
+            return False
+        pending += [current.__cause__, current.__context__]
+    return not pending or all(item is None or id(item) in seen for item in pending)
 
 
 def _mapped_connection_error(exc: BaseException) -> APIConnectionError:

@@ -806,7 +806,7 @@ class BatchRunner:
             value = client.request(item.method, item.route, json=item.body)
         except APIStatusError as exc:
             record["response"] = {"status_code": exc.status_code, "request_id": exc.request_id,
-                                  "body": exc.body}
+                                  "body": exc.response_body}
             record["error"] = {"code": exc.code or _status_code_name(exc.status_code),
                                "message": str(exc)}
             return False, record

@@ -154,7 +154,7 @@ class Transport:
         method = request.method
         info = RequestInfo(new_request_id(), operation_for(path), method, path,
                            payload.get("model") if payload else None, stream, payload,
-                           engine.clock.monotonic())
+                           engine.clock.monotonic(), max_attempts=client._max_attempts)
         timeout_s = _timeout_s(request.extensions)
         send, secrets = transport.send, transport.secrets
         authorization = picked.get("authorization") or ""

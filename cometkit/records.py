@@ -69,6 +69,10 @@ class RequestInfo:
     :ivar deadline_s: seconds the whole call may take from ``started_at`` -- admission waits,
         attempts and retry waits together (``None``: no deadline). The core enforces it; a
         retry policy reads it (:meth:`time_left_s`) to refuse a wait that would pass it.
+    :ivar max_attempts: attempts this call may make, set by the openai SDK's
+        ``max_retries`` (``Client(max_retries=)``, ``client.with_options(max_retries=)``)
+        as ``max_retries + 1``; a retry policy honours it in place of its own limit
+        (``None``: the policy's own).
     """
 
     request_id: str
@@ -80,6 +84,7 @@ class RequestInfo:
     json: Optional[Mapping[str, Any]] = None
     started_at: float = 0.0
     deadline_s: Optional[float] = None
+    max_attempts: Optional[int] = None
 
     def time_left_s(self, now: float) -> Optional[float]:
         """Seconds left of the deadline at ``now`` (``clock.monotonic()``; negative once it

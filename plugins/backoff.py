@@ -190,7 +190,7 @@ def _explained(result: AttemptResult, explanation: str,
             return type(error)(
                 f"{explanation}; last error: {error}", status_code=error.status_code,
                 request_id=error.request_id, body=error.body, code=error.code,
-                response=error.response,
+                response=error.response, response_body=error.response_body,
                 retry_after_s=hint_s if hint_s is not None else error.retry_after_s)
         if isinstance(error, APIConnectionError):
             return type(error)(f"{explanation}; last error: {error}",
@@ -326,11 +326,13 @@ class BackoffPolicy:
             return self._requeue(result, hint, throttle.wait_s)
         # Attempts this call spent itself; those a limit made it repeat (requeues) are free.
         spent = result.attempt - sum(1 for decision in result.history if decision.requeue)
-        if spent >= self.max_attempts:
+        max_attempts = result.request.max_attempts or self.max_attempts
+        if spent >= max_attempts:
+            limit = (f"max_retries={max_attempts - 1}" if result.request.max_attempts
+                     else f"max_attempts={max_attempts}")
             return self._final(result, RetryDecision(
                 False, reason="max_attempts reached",
-                error=_explained(result, f"gave up after {result.attempt} attempts "
-                                         f"(max_attempts={self.max_attempts})")))
+                error=_explained(result, f"gave up after {result.attempt} attempts ({limit})")))
 
         too_long = self._hint_too_long(result, hint)
         if too_long is not None:
@@ -346,7 +348,7 @@ class BackoffPolicy:
 
         request = result.request
         logger.info("retry %d/%d of %s %s model=%s after %s in %s s",
-                    spent + 1, self.max_attempts, request.method, request.route,
+                    spent + 1, max_attempts, request.method, request.route,
                     request.model or "-", reason, _seconds(delay),
                     extra={"request_id": request.request_id})
         return RetryDecision(True, delay, reason)

@@ -195,7 +195,8 @@ class TestErrors:
         assert err.status_code == status
         assert err.request_id == "req-77"
         assert err.code == "some_code"
-        assert err.body["error"]["message"] == f"boom {status}"
+        assert err.body["message"] == f"boom {status}"  # the inner error, as openai's
+        assert err.response_body["error"]["message"] == f"boom {status}"
         assert err.response.status_code == status
         assert f"boom {status}" in str(err) and "req-77" in str(err)
         assert srv.count == 1  # no plugins: sent once

@@ -1095,3 +1095,95 @@ def test_factory_fixture_stops_its_sandboxes_after_the_test(pytester):
     for port in ports.read_text().split():
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", int(port)), timeout=TIMEOUT).close()
+
+
+# -------------------------------------------------------------------------------------------
+# Tool calls and structured output
+# -------------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "f"]},
+        "days": {"type": "integer"}}}}}
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"utc": {"type": "boolean"}}}}}
+
+
+def test_tools_get_a_deterministic_tool_call(sandbox):
+    response = post(sandbox, "/chat/completions", chat("Paris", tools=[WEATHER_TOOL, CLOCK_TOOL]))
+    assert response.status_code == 200
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None
+    (call,) = message["tool_calls"]
+    assert call["id"].startswith("call_sandbox_") and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "celsius",
+                                                         "days": 5}
+    named = post(sandbox, "/chat/completions", chat("x", tools=[WEATHER_TOOL, CLOCK_TOOL],
+                 tool_choice={"type": "function", "function": {"name": "get_time"}})).json()
+    function = named["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert function == {"name": "get_time", "arguments": '{"utc": true}'}
+
+
+def test_a_tool_result_is_answered_with_text_and_none_never_calls(sandbox):
+    messages = [{"role": "user", "content": "Paris"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    answer = post(sandbox, "/chat/completions", {"model": MODEL, "messages": messages,
+                                                 "tools": [WEATHER_TOOL]}).json()
+    assert answer["choices"][0]["message"]["content"] == "echo: sunny, 21 C"
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    never = post(sandbox, "/chat/completions", chat("x", tools=[WEATHER_TOOL],
+                                                    tool_choice="none")).json()
+    assert never["choices"][0]["message"]["content"] == "echo: x"
+    again = post(sandbox, "/chat/completions", {"model": MODEL, "messages": messages,
+                                                "tools": [WEATHER_TOOL],
+                                                "tool_choice": "required"}).json()
+    assert again["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_streamed_tool_call_arrives_in_one_delta(sandbox):
+    response = post(sandbox, "/chat/completions", chat("Rome", tools=[WEATHER_TOOL],
+                                                       stream=True))
+    events = sse_events(response.content)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    (call,) = chunks[0]["choices"][0]["delta"]["tool_calls"]
+    assert call["index"] == 0 and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] == "Rome"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": []}, "tools"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function",
+                                               "function": {"name": "nope"}}}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+])
+def test_malformed_tools_and_formats_are_a_400(sandbox, extra, param):
+    response = post(sandbox, "/chat/completions", chat("x", **extra))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_json_schema_and_json_object_answers_fit_the_request(sandbox):
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string"}, "score": {"type": "number"},
+        "tags": {"type": "array", "items": {"$ref": "#/$defs/Tag"}},
+        "maybe": {"anyOf": [{"type": "integer"}, {"type": "null"}]}},
+        "$defs": {"Tag": {"type": "object", "properties": {"label": {"type": "string"}}}}}
+    answer = post(sandbox, "/chat/completions", chat("abc", response_format={
+        "type": "json_schema", "json_schema": {"name": "r", "schema": schema,
+                                               "strict": True}})).json()
+    content = json.loads(answer["choices"][0]["message"]["content"])
+    assert content == {"name": "abc", "score": 3.0, "tags": [{"label": "abc"}], "maybe": 3}
+    plain = post(sandbox, "/chat/completions", chat("abc", response_format={
+        "type": "json_object"})).json()
+    assert json.loads(plain["choices"][0]["message"]["content"]) == {"echo": "abc"}

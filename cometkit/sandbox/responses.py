@@ -26,6 +26,7 @@ __all__ = [
     "estimate_tokens",
     "scale_tokens",
     "plan_chat",
+    "example_value",
     "plan_embeddings",
     "chat_body",
     "chat_stream_events",
@@ -95,6 +96,96 @@ def _model(body: Any) -> str:
     return model
 
 
+#: How deep :func:`example_value` follows a JSON schema (a recursive one would not end).
+MAX_SCHEMA_DEPTH = 8
+
+
+def example_value(schema: Any, text: str, root: Any = None, depth: int = 0) -> Any:
+    """A value that fits the JSON ``schema``, made from ``text``: strings are ``text``,
+    numbers its length, booleans true, arrays one item, objects every property; the first
+    of an ``enum``/``anyOf``/``oneOf``; ``$ref`` into ``$defs`` (as pydantic writes them)."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > MAX_SCHEMA_DEPTH:
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return example_value(target, text, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return example_value(schema[key][0], text, root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties")
+        return {name: example_value(sub, text, root, depth + 1)
+                for name, sub in (properties.items() if isinstance(properties, dict) else ())}
+    if kind == "array":
+        return [example_value(schema.get("items"), text, root, depth + 1)]
+    return {"string": text, "integer": len(text), "number": float(len(text)),
+            "boolean": True}.get(kind) if isinstance(kind, str) else None
+
+
+def _tool_call(body: dict, last_role: Optional[str], text: str) -> Optional[tuple[str, str]]:
+    """``(function name, arguments JSON)`` when the answer is a tool call: ``tools`` were
+    given, ``tool_choice`` is not ``"none"``, and the conversation does not end with a tool's
+    result (unless a tool call is required). The function is the one ``tool_choice`` names,
+    else the first; its arguments fit its ``parameters`` schema (:func:`example_value`)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not tools or not all(
+            isinstance(tool, dict) and tool.get("type") == "function"
+            and isinstance(tool.get("function"), dict)
+            and isinstance(tool["function"].get("name"), str) for tool in tools):
+        raise BadRequest("Invalid 'tools': expected a non-empty array of "
+                         "{\"type\": \"function\", \"function\": {\"name\": ...}}.", "tools")
+    choice = body.get("tool_choice", "auto")
+    functions = {tool["function"]["name"]: tool["function"] for tool in tools}
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in functions:
+            raise BadRequest("Invalid 'tool_choice': it names no function of 'tools'.",
+                             "tool_choice")
+    elif choice == "none" or (choice == "auto" and last_role == "tool"):
+        return None
+    elif choice in ("auto", "required"):
+        name = next(iter(functions))
+    else:
+        raise BadRequest("Invalid 'tool_choice': expected 'none', 'auto', 'required' or a "
+                         "named function.", "tool_choice")
+    arguments = example_value(functions[name].get("parameters") or {"type": "object"}, text)
+    return name, json.dumps(arguments if isinstance(arguments, dict) else {})
+
+
+def _formatted_reply(body: dict, text: str) -> Optional[str]:
+    """The answer's content for ``response_format`` ``json_schema`` (a document fitting the
+    schema) or ``json_object`` (``{"echo": text}``); ``None`` for plain text."""
+    spec = body.get("response_format")
+    if spec is None:
+        return None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "json_schema":
+        schema = spec.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+            raise BadRequest("Invalid 'response_format.json_schema': expected an object with "
+                             "a 'schema'.", "response_format")
+        return json.dumps(example_value(schema["schema"], text), ensure_ascii=False)
+    if kind == "json_object":
+        return json.dumps({"echo": text}, ensure_ascii=False)
+    if kind == "text":
+        return None
+    raise BadRequest("Invalid 'response_format.type': expected 'text', 'json_object' or "
+                     "'json_schema'.", "response_format")
+
+
 @dataclass(frozen=True)
 class ChatPlan:
     """A chat request and its answer, decided before admission so tpm can charge for it."""
@@ -108,10 +199,14 @@ class ChatPlan:
     include_usage: bool
     #: Tokens charged against tpm: the prompt plus ``max_tokens`` (or the answer when unset).
     charge: int
+    #: ``(function name, arguments JSON)`` when the answer is a tool call instead of text.
+    tool_call: Optional[tuple[str, str]] = None
 
 
 def plan_chat(body: Any, token_ratio: float = 1.0) -> ChatPlan:
-    """Validate a ``/chat/completions`` body and decide the answer: ``echo: <last user text>``.
+    """Validate a ``/chat/completions`` body and decide the answer: ``echo: <text>`` of the
+    last user message (or tool result); a tool call when ``tools`` ask for one; a JSON
+    document for a ``json_schema``/``json_object`` ``response_format``.
 
     ``token_ratio`` scales the prompt's token count (see :func:`scale_tokens`), in ``usage``
     and in the charge alike.
@@ -124,18 +219,22 @@ def plan_chat(body: Any, token_ratio: float = 1.0) -> ChatPlan:
         raise BadRequest("Missing required parameter: 'messages'.", "messages")
     prompt_chars = 0
     last_user = ""
+    last_role = None
     for message in messages:
         if not isinstance(message, dict):
             raise BadRequest("Invalid 'messages': every message must be an object.", "messages")
         text = _text(message.get("content"))
         prompt_chars += len(text)
-        if message.get("role") == "user":
+        last_role = message.get("role")
+        if last_role in ("user", "tool"):
             last_user = text
-    reply = "echo: " + last_user
-    completion_tokens = estimate_tokens(len(reply))
+    tool_call = _tool_call(body, last_role, last_user)
+    formatted = _formatted_reply(body, last_user)
+    reply = "" if tool_call else formatted if formatted is not None else "echo: " + last_user
+    completion_tokens = estimate_tokens(len(reply) + sum(map(len, tool_call or ())))
     limit = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
-    finish_reason = "stop"
-    if limit is not None and completion_tokens > limit:
+    finish_reason = "tool_calls" if tool_call else "stop"
+    if limit is not None and completion_tokens > limit and not tool_call:
         reply, completion_tokens, finish_reason = reply[: limit * 4], limit, "length"
     prompt_tokens = scale_tokens(estimate_tokens(prompt_chars), token_ratio)
     stream = body.get("stream") is True
@@ -143,7 +242,7 @@ def plan_chat(body: Any, token_ratio: float = 1.0) -> ChatPlan:
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     charge = prompt_tokens + (limit if limit is not None else completion_tokens)
     return ChatPlan(model, reply, finish_reason, prompt_tokens, completion_tokens, stream,
-                    include_usage, charge)
+                    include_usage, charge, tool_call)
 
 
 _CHAT = (
@@ -155,8 +254,27 @@ _CHAT = (
 )
 
 
+def _tool_message(plan: ChatPlan, number: int, *, index: bool) -> dict:
+    assert plan.tool_call is not None
+    name, arguments = plan.tool_call
+    call: dict = {"id": f"call_sandbox_{number}", "type": "function",
+                  "function": {"name": name, "arguments": arguments}}
+    return {"role": "assistant", "content": None, "refusal": None,
+            "tool_calls": [{"index": 0, **call} if index else call]}
+
+
 def chat_body(plan: ChatPlan, number: int, created: int) -> bytes:
     """The JSON answer to a non-streaming chat request; ``number`` makes the id unique."""
+    if plan.tool_call is not None:
+        usage = {"prompt_tokens": plan.prompt_tokens,
+                 "completion_tokens": plan.completion_tokens,
+                 "total_tokens": plan.prompt_tokens + plan.completion_tokens}
+        return json.dumps({
+            "id": f"chatcmpl-sandbox-{number}", "object": "chat.completion", "created": created,
+            "model": plan.model, "choices": [{
+                "index": 0, "message": _tool_message(plan, number, index=False),
+                "logprobs": None, "finish_reason": plan.finish_reason}],
+            "usage": usage, "system_fingerprint": "fp_sandbox"}).encode()
     return (_CHAT % (
         number, created, _quote(plan.model), _quote(plan.reply), plan.finish_reason,
         plan.prompt_tokens, plan.completion_tokens, plan.prompt_tokens + plan.completion_tokens,
@@ -188,8 +306,11 @@ def chat_stream_events(plan: ChatPlan, number: int, created: int) -> list[bytes]
     """
     head = (number, created, _quote(plan.model))
     usage_null = ',"usage":null' if plan.include_usage else ""
-    deltas = ['{"role":"assistant","content":""}']
-    deltas += [f'{{"content":{_quote(piece)}}}' for piece in _pieces(plan.reply)]
+    if plan.tool_call is not None:
+        deltas = [json.dumps(_tool_message(plan, number, index=True))]
+    else:
+        deltas = ['{"role":"assistant","content":""}']
+        deltas += [f'{{"content":{_quote(piece)}}}' for piece in _pieces(plan.reply)]
     events = [_CHUNK % (*head, _DELTA % (delta, "null"), usage_null) for delta in deltas]
     events.append(_CHUNK % (*head, _DELTA % ("{}", f'"{plan.finish_reason}"'), usage_null))
     if plan.include_usage:
