@@ -5,7 +5,8 @@ token bucket (OpenAI-style), a fixed window opened by the first request (LiteLLM
 429 says ``Retry-After: <window length>``), a calendar minute without any hint (LiteLLM's
 router), a leaky bucket (nginx ``limit_req`` in front of the sandbox: Debian's own nginx), a
 token-per-minute bucket counted by the server's tokenizer, a concurrency cap worded as
-LiteLLM's ``max_parallel_requests``, and a fleet of processes sharing a ``redis_limiter``.
+LiteLLM's ``max_parallel_requests``, and fleets of processes sharing a ``redis_limiter`` (against a
+bucket, a window and a cap: the server counts the whole fleet's calls).
 
 The clients: cometkit with its defaults (the limit unknown to it), cometkit told the limit
 (the ``limiter`` options that describe it), the ``openai`` SDK with its own retries, and the
@@ -211,6 +212,16 @@ SHAPES = (
           dict(rps=20, latency_s=0.01), _bucket_shape(20, 20, 0.01), fleet=2),
     Shape("fleet-4", "fleet: 4 processes, redis_limiter, 20 calls/s, 10 ms answers", 200, None,
           dict(rps=20, latency_s=0.01), _bucket_shape(20, 20, 0.01), fleet=4),
+    Shape("fleet-4-window", "fleet: 4 processes, redis_limiter, fixed window 10 per 10 s "
+                            "(LiteLLM proxy)", 40, None,
+          dict(window_requests=10, window_s=10.0, window_align="first_request",
+               window_retry_after="window", latency_s=LATENCY_S),
+          _window_shape(10, 10.0, LATENCY_S), fleet=4),
+    Shape("fleet-2-in-flight", "fleet: 2 processes, redis_limiter, concurrency cap 4 "
+                               "(LiteLLM wording)", 100, None,
+          dict(max_in_flight=4, in_flight_style="litellm", in_flight_retry_after_s=10.0,
+               latency_s=0.2),
+          lambda calls, _phase: in_flight_ideal_s(calls, 4, 0.2), fleet=2),
 )
 
 
