@@ -31,12 +31,12 @@ from ._call_options import (
     timeout_parts,
 )
 from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
-from ._exceptions import APIError, ConfigError
+from ._exceptions import APIConnectionError, APIError, APIStatusError, ConfigError
 from ._objects import json_default, wrap_answer
 from ._plugins import PluginSet, build_plugins
 from ._raw_response import RawResponse
 from ._resources import Chat, Embeddings, Models
-from ._streaming import Stream, completion_as_chunk, event_error
+from ._streaming import Stream, completion_as_chunk, event_error, read_first_event
 from ._transport import (
     DEFAULT_BASE_URL,
     Transport,
@@ -617,6 +617,17 @@ class Client:
                         request_id=sent.provider_request_id, body=value)
                 if failure is not None:
                     result.error, result.error_code = failure, failure.code
+            elif sent.held:  # an event stream: its first event is part of the attempt
+                sent.events, failure = read_first_event(sent.response, secrets,
+                                                        sent.provider_request_id)
+                if failure is not None:
+                    sent.response.close()
+                    sent.held = False
+                    result.error, result.error_code = failure, failure.code
+                    if isinstance(failure, APIConnectionError):
+                        result.error_stage = failure.stage
+                    elif isinstance(failure, APIStatusError):
+                        result.status_code = failure.status_code
             return sent
 
         sent, result, error, permit = self._engine.execute(request, attempt)
@@ -645,7 +656,7 @@ class Client:
             return Stream(sent.response, self._engine.finisher(sent, result, permit),
                           monotonic=self._clock.monotonic, started_at=result.started_at,
                           request_id=sent.provider_request_id, secrets=secrets,
-                          defer=self._engine.defer)
+                          defer=self._engine.defer, preloaded=sent.events)
         if stream:  # answered whole (already recorded): the completion as one chunk
             return Stream(sent.response, _nothing_to_finish, monotonic=self._clock.monotonic,
                           started_at=result.started_at, request_id=sent.provider_request_id,

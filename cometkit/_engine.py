@@ -82,6 +82,8 @@ class Sent:
     #: A success whose body is still being read (a stream): the limiter slot stays held and
     #: the attempt is finished later through :meth:`CallEngine.finisher`.
     held: bool = False
+    #: A held stream's events, its first one already read within the attempt.
+    events: Any = None
 
 
 #: Sends one attempt: fills ``result`` (status, headers, error, usage) and returns what it got.

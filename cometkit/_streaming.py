@@ -15,6 +15,7 @@ queue (``defer``), which runs it on a normal thread.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import weakref
@@ -22,12 +23,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import requests
 
-from ._exceptions import APIConnectionError, APIError, SecretFilter
+from ._exceptions import APIConnectionError, APIError, SecretFilter, status_error_class
 from ._objects import ApiObject
 from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
 
 __all__ = ["Stream", "StreamCloser", "end_when_dropped", "iter_sse_data", "sse_lines",
-           "event_error", "completion_as_chunk"]
+           "event_error", "event_status", "read_first_event", "completion_as_chunk"]
 
 #: Called once when the stream ends: (error or None, usage dict or None, response model,
 #: time to first chunk in seconds or None).
@@ -123,6 +124,59 @@ def event_error(payload: Any, request_id: Optional[str] = None) -> Optional[APIE
                     body=payload, code=str(code) if code else None)
 
 
+#: Words of an error event's ``code`` / ``type`` that stand for a status a retry policy may
+#: retry: a rate limit, or a server that failed or is overloaded.
+_EVENT_STATUS_WORDS = (("rate_limit", 429), ("too_many", 429), ("overloaded", 503),
+                       ("unavailable", 503), ("server_error", 500), ("internal", 500),
+                       ("api_error", 500), ("timeout", 504))
+
+
+def event_status(failure: APIError) -> Optional[int]:
+    """The HTTP status an error event stands for (its ``code`` or ``type``), for the retry
+    policy to decide on as it would on a status; ``None`` when it names none of them."""
+    words = " ".join(str(part) for part in (failure.code, failure.type) if part).lower()
+    return next((status for word, status in _EVENT_STATUS_WORDS if word in words), None)
+
+
+def read_first_event(response: requests.Response, secrets: SecretFilter,
+                     request_id: Optional[str]) -> tuple[Optional[Iterator[Any]],
+                                                         Optional[APIError]]:
+    """Read a held stream up to its first event, inside the attempt, so that a stream that
+    fails before it delivered anything (an error event first, a connection broken before
+    any event) fails its attempt, which the retry policy may retry like any other; once
+    content was delivered, a failure can only be the stream's typed error.
+
+    :returns: ``(events, None)``: the stream's events, the first one included (none, for an
+        empty body); or ``(None, error)``: the attempt's error (an
+        :class:`APIConnectionError` with stage ``read``, or the error event's typed error).
+    """
+    events = iter_sse_data(iter_body_chunks(response), secrets)
+    try:
+        first = next(events, None)
+    except TRANSPORT_ERRORS as exc:
+        broken = connection_error(exc, secrets)
+        broken.request_id = request_id
+        return None, broken
+    except APIError as exc:  # no event stream at all: the stream's own error, at once
+        exc.request_id = exc.request_id or request_id
+        return None, exc
+    if first is None:
+        return iter(()), None
+    try:
+        payload = json.loads(first)
+    except ValueError:
+        payload = None  # "[DONE]", or invalid JSON: the stream itself tells
+    failure = event_error(payload, request_id)
+    if failure is not None:
+        status = event_status(failure)
+        if status is not None:
+            error_class = status_error_class(status)
+            failure = error_class(str(failure), status_code=status, request_id=request_id,
+                                  body=payload, code=failure.code)
+        return None, failure
+    return itertools.chain((first,), events), None
+
+
 def completion_as_chunk(body: dict) -> dict:
     """A whole chat completion in the shape of one stream chunk (``message`` -> ``delta``),
     so code reading ``chunk.choices[0].delta.content`` works on it unchanged."""
@@ -191,7 +245,8 @@ def end_when_dropped(owner: Any, defer: Defer, closer: StreamCloser,
 
 def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilter,
             defer: Defer, monotonic: Callable[[], float], started_at: float,
-            request_id: Optional[str], preloaded: Optional[list]) -> Iterator[ApiObject]:
+            request_id: Optional[str], preloaded: Optional[Iterable[Any]]
+            ) -> Iterator[ApiObject]:
     """The iterator of a stream. A module function, not a method: its frame must not hold
     the :class:`Stream`, or the two would form a cycle only the garbage collector breaks."""
     closer = anchor.closer
@@ -269,14 +324,16 @@ class Stream:
         request_id: Optional[str] = None,
         secrets: Optional[SecretFilter] = None,
         defer: Defer,
-        preloaded: Optional[list] = None,
+        preloaded: Optional[Iterable[Any]] = None,
     ) -> None:
         """
         :param secrets: blanks the API key out of every event line.
         :param defer: how an abandoned stream's ending is handed over (the client's engine
             queue): never run from the finalizer itself.
-        :param preloaded: chunks (dicts) already read, for an answer that was not an event
-            stream; the response is then not read again.
+        :param preloaded: the events (``data`` strings, or chunks as dicts) to yield in
+            place of reading ``response``: the events of a stream whose first one was read
+            within its attempt, or the one chunk of an answer that was not an event stream;
+            the response is then not read again.
         """
         self.response = response
         self.request_id = request_id

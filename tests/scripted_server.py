@@ -33,7 +33,8 @@ class Reply:
     status: int = 200
     body: Any = b""
     headers: dict = field(default_factory=dict)
-    #: "reset": abort the connection without answering; "stall": sleep ``delay_s`` first.
+    #: "reset": abort the connection without answering; "stall": sleep ``delay_s`` first;
+    #: "cut": send the headers and ``events``, then abort the connection.
     action: Optional[str] = None
     delay_s: float = 0.0
     #: SSE events (strings, sent as ``data: ...``), chunked.
@@ -103,6 +104,12 @@ class ScriptedServer:
                             data = f"data: {event}\n\n".encode()
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                             self.wfile.flush()
+                        if reply.action == "cut":  # reset mid-stream, after these events
+                            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                       struct.pack("ii", 1, 0))
+                            self.close_connection = True
+                            self.connection.close()
+                            return
                         self.wfile.write(b"0\r\n\r\n")
                         return
                     payload = reply.body if isinstance(reply.body, bytes) else \

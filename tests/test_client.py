@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import pytest
 from scripted_server import Reply, ScriptedServer, chat_body, json_reply, wait_until
@@ -378,18 +379,22 @@ class TestMapDoesNotStall:
             finished.append(i)
             return i
 
+        from cometkit._client import MIN_RESULTS_BUFFERED
+
+        items = MIN_RESULTS_BUFFERED + 200
         with make_client(server, concurrency=2) as client:
             out = []
             consumer = threading.Thread(
-                target=lambda: out.extend(client.map(fn, range(30), max_in_flight=2)))
+                target=lambda: out.extend(client.map(fn, range(items), max_in_flight=2)))
             consumer.start()
             # the consumer waits for item 0; later items still run (well past the window of
-            # 2), up to the bound on finished results waiting for it (8 x window)
-            assert wait_until(lambda: len(finished) >= 15)
-            assert len(finished) <= 16
+            # 2), up to the bound on results waiting for it (max(8 x window, 1024))
+            assert wait_until(lambda: len(finished) >= MIN_RESULTS_BUFFERED - 1)
+            time.sleep(0.05)
+            assert len(finished) <= MIN_RESULTS_BUFFERED
             release.set()
             consumer.join(timeout=10)
-            assert out == list(range(30))
+            assert out == list(range(items))
 
 
 @pytest.mark.parametrize("path,operation", [
