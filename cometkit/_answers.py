@@ -19,7 +19,7 @@ from ._exceptions import APIConnectionError, APIError, SecretFilter, make_status
 from ._transport import TRANSPORT_ERRORS, Answer, answers_in_events, connection_error
 from .records import AttemptResult
 
-__all__ = ["json_object", "note_head", "note_body", "send_attempt"]
+__all__ = ["failure_from", "json_object", "note_head", "note_body", "send_attempt"]
 
 
 def json_object(body: Any, content_type: Optional[str]) -> Optional[dict]:
@@ -39,25 +39,35 @@ def _json_object_of(content: bytes, response: Any) -> Optional[dict]:
     return json_object(content, response.headers.get("Content-Type"))
 
 
-def note_head(result: AttemptResult, sent: Sent, response: Any) -> None:
-    """Status, headers and the provider's request id: known as soon as the headers are."""
+def failure_from(follows_redirects: bool) -> int:
+    """The one rule for which answers fail their attempt: a status of 400 or more, and a 3xx
+    for a sender that follows no redirect (its caller would get a redirect, not an answer)."""
+    return 400 if follows_redirects else 300
+
+
+def note_head(result: AttemptResult, sent: Sent, response: Any, *,
+              follows_redirects: bool = True) -> None:
+    """Status, headers and the provider's request id: known as soon as the headers are; and
+    whether the status fails the attempt (:func:`failure_from`, read back as
+    :attr:`AttemptResult.accepted` by the limiters and the rest of the core)."""
     result.status_code = response.status_code
     result.headers = response.headers
+    result.failure_from = failure_from(follows_redirects)
     sent.provider_request_id = response.headers.get("x-request-id")
 
 
 def note_body(result: AttemptResult, sent: Sent, response: Any, content: bytes, *,
-              method: str, route: str, error_from: int = 400, secret: Optional[str] = None,
+              method: str, route: str, secret: Optional[str] = None,
               decode: Callable[[bytes, Any], Any] = _json_object_of) -> Any:
-    """Read a complete answer: a status of ``error_from`` or more becomes the attempt's typed
-    error (``secret`` blanked out of it, when the body was not blanked already); a success
-    is decoded with ``decode`` (which may raise), and a JSON object's ``model`` and
-    ``usage`` are noted.
+    """Read a complete answer (after :func:`note_head`): a status that fails the attempt
+    becomes its typed error (``secret`` blanked out of it, when the body was not blanked
+    already); a success is decoded with ``decode`` (which may raise), and a JSON object's
+    ``model`` and ``usage`` are noted.
 
     :returns: the decoded body of a success, ``None`` for an error status.
     """
     status = response.status_code
-    if status >= error_from:
+    if not result.accepted:
         full = response.as_response() if isinstance(response, Answer) else response
         error = make_status_error(status, content, response.headers, response=full,
                                   method=method, route=route, secret=secret)
@@ -71,7 +81,7 @@ def note_body(result: AttemptResult, sent: Sent, response: Any, content: bytes, 
 
 
 def send_attempt(result: AttemptResult, send: Callable[[], Any], *, stream: bool, method: str,
-                 route: str, secrets: SecretFilter, error_from: int = 400,
+                 route: str, secrets: SecretFilter, follows_redirects: bool = True,
                  secret: Optional[str] = None,
                  decode: Callable[[bytes, Any], Any] = _json_object_of) -> Sent:
     """One attempt through cometkit's transport (``send()`` calls its ``send``), read with
@@ -82,13 +92,13 @@ def send_attempt(result: AttemptResult, send: Callable[[], Any], *, stream: bool
     sent = Sent()
     try:
         response = sent.response = send()
-        note_head(result, sent, response)
+        note_head(result, sent, response, follows_redirects=follows_redirects)
         if answers_in_events(response, stream):
             sent.held = True
             return sent
         # read whole (and checked against its length) by the transport
         sent.value = note_body(result, sent, response, response.content, method=method,
-                               route=route, error_from=error_from, secret=secret,
+                               route=route, secret=secret,
                                decode=decode)
     except TRANSPORT_ERRORS as exc:
         mapped = connection_error(exc, secrets)

@@ -602,7 +602,7 @@ class Client:
                                      stream=stream,
                                      timeout_s=cut_timeout(timeout_s, result.time_left_s)),
                 stream=stream, method=method, route=route, secrets=secrets,
-                error_from=300, decode=self._decode)  # the transport follows no redirect
+                follows_redirects=False, decode=self._decode)  # the transport follows none
             if stream and result.error is None and not sent.held:
                 # a whole JSON answer to a stream request: an error, or the lot
                 sent.response.close()

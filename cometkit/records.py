@@ -177,9 +177,17 @@ class AttemptResult:
     #: deadline): whoever sends the attempt cuts its connect and read timeouts to it.
     time_left_s: Optional[float] = None
 
+    #: The status from which the front that sent this attempt counts an answer as failed:
+    #: 400, or 300 for one that follows no redirect (set once, by the attempt function).
+    failure_from: int = 400
+
     @property
-    def ok(self) -> bool:
-        return self.error is None and self.status_code is not None and self.status_code < 400
+    def accepted(self) -> bool:
+        """The server answered with a status this attempt's front does not count as a failure
+        (the limiter grows on it; a 429 or a 5xx is not, nor is a 3xx to a front that follows
+        no redirect). Whether the call then succeeded is ``error is None``: a stream can still
+        break, a body fail to decode."""
+        return self.status_code is not None and self.status_code < self.failure_from
 
 
 @dataclass(frozen=True)

@@ -171,3 +171,4 @@ def test_map_submits_at_most_its_window_and_yields_every_item_in_order(window):
         assert list(client.map(work, range(200), max_in_flight=window)) == \
             [i * 2 for i in range(200)]
     assert max(seen_running) <= min(window, 4)
+

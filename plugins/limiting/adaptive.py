@@ -367,10 +367,10 @@ class AdaptiveControl:
         if hints is None:
             hints = parse_hints(result.headers, wall_time())
         if window_rank and self.window_s is not None and not self._window_configured:
-            self._window_ranked(status, window_rank, hints)
+            self._window_ranked(result, window_rank, hints)
         if status == 429:
             return self._throttled(result, hints, now, probe, in_flight, ranked=window_rank > 0)
-        if status < 400:
+        if result.accepted:
             if in_flight is not None and in_flight > self._max_ok_level:
                 self._max_ok_level = in_flight
             self._succeeded(result, hints, now, probe, ranked=window_rank > 0)
@@ -379,13 +379,13 @@ class AdaptiveControl:
             pass
         return None
 
-    def _window_ranked(self, status: int, rank: int, hints: RateLimitHints) -> None:
+    def _window_ranked(self, result: AttemptResult, rank: int, hints: RateLimitHints) -> None:
         """The quota of a learned window, from where in the fleet's window this answer's
         attempt went out (see :meth:`on_result`)."""
-        if status == 429 and hints.refusal in (None, "requests"):
+        if result.status_code == 429 and hints.refusal in (None, "requests"):
             if self.window_quota is None or rank - 1 < self.window_quota:
                 self.window_quota = max(1, rank - 1)
-        elif status < 400 and self.window_quota is not None and rank > self.window_quota:
+        elif result.accepted and self.window_quota is not None and rank > self.window_quota:
             self.window_quota = rank
 
     def _throttled(self, result: AttemptResult, hints: RateLimitHints, now: float,

@@ -562,7 +562,7 @@ class AdmissionLimiter:
         if control is not None:
             hints = result.hints
             if hints is not None and result.status_code is not None:
-                self._learn_stated_limits(lane, permit, result.status_code, hints, now)
+                self._learn_stated_limits(lane, permit, result.accepted, hints, now)
             signals = control.signals
             charged = charged_tokens(result, permit.answer_reserved) or 0
             kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
@@ -615,7 +615,7 @@ class AdmissionLimiter:
         elif lane.control is not None:
             lane.control.refused_at_floor()
 
-    def _learn_stated_limits(self, lane: _Lane, permit: _Permit, status: int, hints: Any,
+    def _learn_stated_limits(self, lane: _Lane, permit: _Permit, accepted: bool, hints: Any,
                              now: float) -> None:
         """An answer saying that no request (or token) remains holds the lane until the
         server's reset -- or, for a per-minute limit, until one more is due (``60 / limit``
@@ -643,7 +643,7 @@ class AdmissionLimiter:
             if reset is not None:
                 wait = min(reset, 60.0 / limit) if limit else reset
                 control.hold_until = max(control.hold_until, now + min(wait, MAX_HOLD_S))
-            elif of_requests and status < 400:
+            elif of_requests and accepted:
                 control.stated_exhausted(now)
         if hints.limit_tokens:
             # A stated token limit is per minute in every header family (unlike requests,

@@ -812,7 +812,7 @@ class RedisLimiter:
                 # cuts: the ceiling it taught keeps the fleet below it.
                 if local is not None and local.kind not in ("quota", "concurrency"):
                     outcome, hold_s = "429", self._held_for(lane)
-            elif result.status_code < 400:
+            elif result.accepted:
                 outcome = "ok"
                 charged = charged_tokens(result, permit.answer_reserved) or 0
         try:
