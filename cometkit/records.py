@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time as _time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, runtime_checkable
+
+from .tokens import estimate_parts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hints import RateLimitHints
@@ -85,6 +88,13 @@ class RequestInfo:
     started_at: float = 0.0
     deadline_s: Optional[float] = None
     max_attempts: Optional[int] = None
+
+    @cached_property
+    def token_estimate(self) -> tuple[int, int]:
+        """``(prompt tokens, reserved answer tokens)`` the body may cost
+        (:func:`cometkit.tokens.estimate_parts`): worked out once per call, however many
+        attempts and limiters read it."""
+        return estimate_parts(self.json)
 
     def time_left_s(self, now: float) -> Optional[float]:
         """Seconds left of the deadline at ``now`` (``clock.monotonic()``; negative once it

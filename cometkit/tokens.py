@@ -28,6 +28,8 @@ def _text_chars(value: Any) -> int:
         return sum(_text_chars(item) for item in value)
     if isinstance(value, Mapping):  # a content part: {"type": "text", "text": ...}
         return _text_chars(value.get("text"))
+    if callable(getattr(value, "to_dict", None)):  # an answer's part, sent back as it came
+        return _text_chars(value.to_dict())
     return 0
 
 
@@ -46,6 +48,8 @@ def estimate_parts(body: Optional[Mapping[str, Any]]) -> tuple[int, int]:
     messages = body.get("messages")
     if isinstance(messages, list):
         for message in messages:
+            if not isinstance(message, Mapping) and callable(getattr(message, "to_dict", None)):
+                message = message.to_dict()  # an answer's message put back (a tool loop)
             if isinstance(message, Mapping):
                 chars += _text_chars(message.get("content"))
     answer = body.get("max_tokens", body.get("max_completion_tokens",

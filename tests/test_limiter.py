@@ -619,3 +619,21 @@ def test_adaptive_off_ignores_429s(clock):
     t = clock.monotonic()
     assert attempt(lim, clock) == t
     assert lane(lim) == {"in_flight": 0, "waiting": 0, "max_concurrency": 3, "limit": 3}
+
+
+def test_a_calls_token_estimate_is_worked_out_once_and_counts_answers_put_back(monkeypatch):
+    """Every attempt and every limiter reads ``RequestInfo.token_estimate``: worked out once
+    per call. An answer's message appended to ``messages`` (the tool loop) is counted as the
+    JSON it is sent as."""
+    import cometkit.records as records
+    from cometkit._objects import ApiObject
+
+    calls = []
+    real = records.estimate_parts
+    monkeypatch.setattr(records, "estimate_parts", lambda body: calls.append(1) or real(body))
+    answer = ApiObject({"role": "assistant", "content": "x" * 400})
+    request = RequestInfo("ck-t", "chat", "POST", "/chat/completions", "m1",
+                          json={"messages": [{"role": "user", "content": "y" * 40}, answer],
+                                "max_tokens": 7})
+    assert request.token_estimate == (110, 7) == request.token_estimate
+    assert len(calls) == 1

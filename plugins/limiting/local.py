@@ -48,7 +48,6 @@ from .plan import (
     admission_timeout,
     charged_tokens,
     concurrency_number,
-    estimate_parts,
     factory_kwargs,
     lane_cap,
     paced_rate,
@@ -193,7 +192,7 @@ class _Waiter:
         if not self.lane.count_tokens:
             return
         if self.estimate is None:
-            self.estimate = estimate_parts(self.request.json)
+            self.estimate = self.request.token_estimate
         self.parts = self.lane.price(self.estimate)
         self.cost = self.parts[0]
 

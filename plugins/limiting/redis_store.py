@@ -84,7 +84,6 @@ from .plan import (
     admission_timeout,
     charged_tokens,
     concurrency_number,
-    estimate_parts,
     factory_kwargs,
     lane_cap,
     paced_rate,
@@ -464,7 +463,7 @@ class RedisLimiter:
         if self._closed:
             raise RuntimeError("this limiter is closed")
         self._after_fork()
-        prompt, answer = estimate_parts(request.json) if self._count_tokens else (0, 0)
+        prompt, answer = request.token_estimate if self._count_tokens else (0, 0)
         cost = prompt + answer
         timeout = admission_timeout(self.acquire_timeout, timeout_s)
         deadline = None if timeout is None else self.clock.monotonic() + timeout
