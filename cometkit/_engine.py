@@ -188,12 +188,15 @@ class CallEngine:
                       retry_delay_s: Optional[float], ttfc_s: Optional[float] = None) -> None:
         request = result.request
         record = AttemptRecord(
-            self.clock.time(), request.request_id, result.attempt, request.operation,
-            request.method, request.route, self.server_address, request.model,
-            sent.response_model, result.status_code,
-            type(result.error).__name__ if result.error is not None else None,
-            outcome, result.duration_s, ttfc_s, retry_delay_s, result.input_tokens,
-            result.output_tokens, sent.provider_request_id, result.queue_s,
+            timestamp=self.clock.time(), request_id=request.request_id,
+            attempt=result.attempt, operation=request.operation, method=request.method,
+            route=request.route, server_address=self.server_address, model=request.model,
+            response_model=sent.response_model, status_code=result.status_code,
+            error_type=type(result.error).__name__ if result.error is not None else None,
+            outcome=outcome, duration_s=result.duration_s, ttfc_s=ttfc_s,
+            retry_delay_s=retry_delay_s, input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            provider_request_id=sent.provider_request_id, queue_s=result.queue_s,
         )
         for sink in self.sinks:
             self.sink_call(sink, "record_attempt", record)
@@ -201,12 +204,14 @@ class CallEngine:
     def _emit_call(self, result: AttemptResult, outcome: str) -> None:
         request, timing = result.request, result.timing
         record = CallRecord(
-            self.clock.time(), request.request_id, request.operation, request.method,
-            request.route, self.server_address, request.model, result.attempt,
-            result.status_code,
-            type(result.error).__name__ if result.error is not None else None, outcome,
-            self.clock.monotonic() - request.started_at, result.input_tokens,
-            result.output_tokens, timing.queue_s, timing.wire_s, timing.backoff_s,
+            timestamp=self.clock.time(), request_id=request.request_id,
+            operation=request.operation, method=request.method, route=request.route,
+            server_address=self.server_address, model=request.model, attempts=result.attempt,
+            status_code=result.status_code,
+            error_type=type(result.error).__name__ if result.error is not None else None,
+            outcome=outcome, duration_s=self.clock.monotonic() - request.started_at,
+            input_tokens=result.input_tokens, output_tokens=result.output_tokens,
+            queue_s=timing.queue_s, wire_s=timing.wire_s, backoff_s=timing.backoff_s,
         )
         for sink in self.sinks:
             self.sink_call(sink, "record_call", record)
@@ -220,12 +225,22 @@ class CallEngine:
         :returns: ``(sent, result, error, permit)``: ``error`` is the exception the call ends
             with (``None`` on success); ``permit`` is still held only when ``sent.held``.
         """
+        tally = [0, 0]  # attempts ended (a held stream's ends later), retries
+        ended: Optional[tuple] = None
+        try:
+            ended = self._execute(request, attempt_fn, tally)
+            return ended
+        finally:  # one lock per call for the counters
+            self.count(calls=1, attempts=tally[0], retries=tally[1],
+                       failures=1 if ended is not None and ended[2] is not None else 0)
+
+    def _execute(self, request: RequestInfo, attempt_fn: AttemptFn, tally: list
+                 ) -> tuple[Sent, AttemptResult, Optional[BaseException], Any]:
         clock, policy, limiter = self.clock, self.policy, self.limiter
         if not self._deferred.empty():
             self.drain_deferred()
         if policy is not None:
             policy.on_call_start(request)
-        self.count(calls=1)
         attempt = 0
         history: tuple[RetryDecision, ...] = ()
         timing = CallTiming()
@@ -265,7 +280,7 @@ class CallEngine:
                 verdict = limiter.release(permit, result)
                 if isinstance(verdict, Throttle):
                     result.throttle = verdict
-            self.count(attempts=1)
+            tally[0] += 1
             if result.error is None:
                 if self.sinks:
                     self._emit_attempt(result, sent, "ok", None)
@@ -275,7 +290,7 @@ class CallEngine:
             decision = policy.decide(result) if policy is not None else None
             past = self._past_deadline(result, decision)
             if past is None and decision is not None and decision.retry:
-                self.count(retries=1)
+                tally[1] += 1
                 history += (decision,)
                 last_error = result.error
                 # A requeued call waits in the limiter (the next attempt's queue_s), not here.
@@ -291,7 +306,6 @@ class CallEngine:
                 self._emit_attempt(result, sent, "error", None)
             if past is not None:
                 return self._end_at_deadline(request, timing, past, result.error, result, sent)
-            self.count(failures=1)
             if self.sinks:
                 self._emit_call(result, "error")
             final = result.error
@@ -379,7 +393,6 @@ class CallEngine:
         if result is None:
             result = AttemptResult(request, timing.attempts, timing=timing)
         result.error = error
-        self.count(failures=1)
         if self.sinks:
             self._emit_call(result, "error")
         return sent if sent is not None else Sent(), result, error, None

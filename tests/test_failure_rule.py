@@ -1,5 +1,6 @@
-"""One rule for which answers fail their attempt (issue 12): decided once, where the answer
-is read (``cometkit._answers``), and read back by the limiters as ``AttemptResult.accepted``."""
+"""The core's bookkeeping of an attempt (issue 12): one rule for which answers fail, decided
+once where the answer is read (``cometkit._answers``) and read back by the limiters as
+``AttemptResult.accepted``; and one update of the client's counters per call."""
 
 from __future__ import annotations
 
@@ -35,3 +36,28 @@ def test_a_redirect_fails_the_clients_call_and_does_not_grow_the_adaptive_limit(
             assert info.value.status_code == 302
         lane = limiter.stats()["models"]["m1"]
     assert lane["limit"] == 4  # slow start would have grown it by one per success
+
+
+def test_a_call_updates_the_client_counters_once_with_everything_it_did(monkeypatch):
+    """One lock per call for the counters: a call that was retried twice counts its call,
+    attempts, retries and failure in one update."""
+    attempts = []
+
+    def handler(seen: Seen) -> Reply:
+        attempts.append(1)
+        return Reply(503, b'{"error": {"message": "busy"}}',
+                     {"Content-Type": "application/json"})
+
+    with ScriptedServer(handler) as server, cometkit.Client(KEY, server.base_url, config={
+            "plugins": {"backoff": {"retry_on": [503], "max_attempts": 3,
+                                    "failure_base_delay": 0, "jitter": "none"}}}) as client:
+        updates = []
+        real = client._engine.count
+        monkeypatch.setattr(client._engine, "count",
+                            lambda **deltas: updates.append(deltas) or real(**deltas))
+        with pytest.raises(cometkit.InternalServerError):
+            client.chat.completions.create(model="m1", messages=MESSAGES)
+        assert updates == [{"calls": 1, "attempts": 3, "retries": 2, "failures": 1}]
+        assert {k: client.stats[k] for k in ("calls", "attempts", "retries", "failures")} == \
+            {"calls": 1, "attempts": 3, "retries": 2, "failures": 1}
+    assert len(attempts) == 3
