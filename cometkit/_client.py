@@ -31,7 +31,7 @@ from ._call_options import (
     timeout_parts,
 )
 from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
-from ._exceptions import APIConnectionError, APIError, APIStatusError, ConfigError
+from ._exceptions import APIConnectionError, APIError, APIStatusError, ConfigError, SecretFilter
 from ._objects import json_default, wrap_answer
 from ._plugins import PluginSet, build_plugins
 from ._raw_response import RawResponse
@@ -181,6 +181,16 @@ def _nothing_to_finish(*_: Any) -> None:
 #: is not), whatever its window: enough that the items behind a call asleep for a few seconds
 #: before a retry keep going out at the pool's pace, in a few megabytes at most.
 MIN_RESULTS_BUFFERED = 1024
+
+
+class _Unset:
+    """The type of :data:`UNSET`: "not given", where ``None`` means something."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
 
 class Client:
     """A thread-safe CometAPI client with a worker pool.
@@ -374,6 +384,39 @@ class Client:
         return self._call(method, path, json, params=params, headers=headers, stream=stream,
                           timeout=timeout, operation=operation or operation_for(path),
                           model=model, deadline=deadline)
+
+    @property
+    def engine(self) -> CallEngine:
+        """The engine every call of this client goes through, for a front that sends its own
+        way (:class:`cometkit.adapters.CometAdapter`, :class:`cometkit.httpx.Transport`) and
+        drives the same admission, retries and records: ``engine.execute(request, attempt)``
+        with a :meth:`new_request`."""
+        return self._engine
+
+    @property
+    def transport(self) -> Transport:
+        """The client's HTTP transport (one connection pool, its proxies and TLS settings),
+        for a front that sends through it (:class:`cometkit.httpx.Transport`)."""
+        return self._transport
+
+    @property
+    def secrets(self) -> SecretFilter:
+        """Blanks this client's API key out of text a front passes on (never shows it)."""
+        return self._transport.secrets
+
+    def new_request(self, method: str, route: str, body: Any = None, *, stream: bool = False,
+                    operation: Optional[str] = None, model: Optional[str] = None,
+                    deadline_s: Union[float, None, _Unset] = UNSET) -> RequestInfo:
+        """The :class:`RequestInfo` of one call of this client, whichever front sends it: a new
+        id, the operation named after ``route`` (unless given), the model from ``body`` (unless
+        given), the start time, and the client's ``deadline`` (unless ``deadline_s`` is given)
+        and ``max_retries``."""
+        if model is None and isinstance(body, Mapping):
+            model = body.get("model") if isinstance(body.get("model"), str) else None
+        return RequestInfo(new_request_id(), operation or operation_for(route), method, route,
+                           model, stream, body, self._clock.monotonic(),
+                           self.deadline_s if deadline_s is UNSET else deadline_s,
+                           max_attempts=self._max_attempts)
 
     @property
     def workers(self) -> WorkerPool:
@@ -588,9 +631,8 @@ class Client:
             headers = {**self._default_headers, **(headers or {})}
         if self._default_query:
             params = {**self._default_query, **(params or {})}
-        request = RequestInfo(new_request_id(), operation, method, route, model, stream,
-                              body, self._clock.monotonic(), deadline_s,
-                              max_attempts=self._max_attempts)
+        request = self.new_request(method, route, body, stream=stream, operation=operation,
+                                   model=model, deadline_s=deadline_s)
         payload = None if body is None else json.dumps(body, separators=(",", ":"),
                                                        default=json_default).encode()
         send = self._transport.send

@@ -24,10 +24,10 @@ from requests.adapters import HTTPAdapter
 
 from ._answers import json_object, note_body, note_head
 from ._client import Client
-from ._engine import Sent, cut_timeout, new_request_id, operation_for
+from ._engine import Sent, cut_timeout, operation_for
 from ._exceptions import APITimeoutError
 from ._transport import connection_error
-from .records import AttemptResult, RequestInfo
+from .records import AttemptResult
 
 __all__ = ["CometAdapter"]
 
@@ -77,17 +77,18 @@ class CometAdapter(HTTPAdapter):
     def send(self, request: requests.PreparedRequest, stream: bool = False,
              timeout: Any = None, verify: Any = True, cert: Any = None,
              proxies: Optional[Mapping[str, str]] = None) -> requests.Response:
-        engine = self.client._engine
+        client = self.client
+        engine = client.engine
         path = urlsplit(request.url or "").path
-        base_path = urlsplit(self.client.base_url).path
+        base_path = urlsplit(client.base_url).path
         route = path[len(base_path):] if base_path and path.startswith(base_path) else path
         body = json_object(request.body, request.headers.get("Content-Type"))
-        info = RequestInfo(new_request_id(), operation_for(path), (request.method or "GET").upper(),
-                           route or "/", body.get("model") if body else None, stream, body,
-                           engine.clock.monotonic(), self.client.deadline_s)
+        info = client.new_request((request.method or "GET").upper(), route or "/", body,
+                                  stream=stream, operation=operation_for(path))
         send = super().send
         authorization = request.headers.get("Authorization") or ""
-        secret = authorization.split(" ", 1)[-1] or self.client._transport.api_key
+        # the session's own key, else the client's: blanked out of what the server echoes
+        secret = authorization.split(" ", 1)[-1] or None
         broken: list[BaseException] = []
 
         def attempt(result: AttemptResult) -> Sent:

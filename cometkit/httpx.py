@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 from ._answers import json_object, send_attempt
-from ._engine import Sent, new_request_id, operation_for
+from ._engine import Sent, cut_timeout
 from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
 from ._streaming import StreamCloser, end_when_dropped, event_error, sse_lines
 from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
-from .records import AttemptResult, RequestInfo
+from .records import AttemptResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._client import Client
@@ -138,7 +138,7 @@ class Transport:
         """Send ``request`` through the client's engine; return an httpx ``Response`` or
         raise an httpx ``RequestError`` (never a cometkit exception)."""
         client = self.client
-        engine, transport = client._engine, client._transport
+        engine = client.engine
         url = request.url
         target = self._below_base(url)
         if target is None:
@@ -152,18 +152,16 @@ class Transport:
         payload = json_object(body, picked.get("content-type"))
         stream = bool(payload and payload.get("stream") is True)
         method = request.method
-        info = RequestInfo(new_request_id(), operation_for(path), method, path,
-                           payload.get("model") if payload else None, stream, payload,
-                           engine.clock.monotonic(), max_attempts=client._max_attempts)
+        info = client.new_request(method, path, payload, stream=stream)
         timeout_s = _timeout_s(request.extensions)
-        send, secrets = transport.send, transport.secrets
+        send, secrets = client.transport.send, client.secrets
         authorization = picked.get("authorization") or ""
         secret = authorization.split(" ", 1)[-1] if " " in authorization else None
 
         def attempt(result: AttemptResult) -> Sent:
             return send_attempt(
                 result, lambda: send(method, target, body, headers=outgoing, stream=stream,
-                                     timeout_s=timeout_s),
+                                     timeout_s=cut_timeout(timeout_s, result.time_left_s)),
                 stream=stream, method=method, route=path, secrets=secrets, secret=secret)
 
         try:

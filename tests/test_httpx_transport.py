@@ -129,6 +129,17 @@ def test_a_read_timeout_is_the_sdks_timeout_error(no_plugins):
     assert isinstance(info.value.__cause__, httpx.ReadTimeout)
 
 
+def test_the_clients_deadline_bounds_a_call_of_the_sdk_as_it_bounds_its_own(no_plugins):
+    """The transport's calls are the client's calls: its ``deadline`` cuts the read timeout
+    (30 s here) to what is left, and the SDK raises its own timeout error."""
+    reply = Reply(200, json.dumps(chat_body()).encode(), delay_s=3)
+    with ScriptedServer(lambda seen: reply) as srv, \
+            cometkit.Client(KEY, srv.base_url, timeout=30, deadline=0.3) as client:
+        with pytest.raises(openai.APITimeoutError):
+            ask(client.openai(), "hi")
+        assert client.stats["failures"] == 1
+
+
 def test_an_error_answer_reaches_the_sdk_without_the_key(no_plugins):
     reply = json_reply(400, {"error": {"message": f"bad key {KEY}", "type": "invalid"}})
     with ScriptedServer(lambda seen: reply) as srv, \
