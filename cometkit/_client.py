@@ -35,6 +35,7 @@ from ._transport import (
 )
 from .config import load_config, parse_deadline, parse_timeout
 from .options import InvalidValue
+from .priorities import Priorities
 from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
 __all__ = ["Client"]
@@ -239,6 +240,8 @@ class Client:
         )
         #: Seconds one call may take in all, unless the call gives its own ``deadline=``.
         self.deadline_s: Optional[float] = _client_deadline(data, self._plugins, where)
+        #: The priority lanes (highest first) and the lane of calls that name none.
+        self.priorities: Priorities = Priorities.from_config(data, where)
         self._engine = CallEngine(clock=self._clock, policy=self._plugins.retry_policy,
                                   limiter=self._plugins.limiter, sinks=list(self._plugins.sinks),
                                   server_address=self.server_address)
@@ -286,11 +289,15 @@ class Client:
         timeout: Union[float, tuple[float, float], None] = None,
         operation: Optional[str] = None,
         deadline: Union[float, str, None] = None,
+        priority: Optional[str] = None,
     ) -> Any:
         """Call any route below ``base_url`` through the limiter, retries and metrics.
 
         :param deadline: seconds the whole call may take (admission, attempts, retry waits);
             ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
+        :param priority: the call's lane, one of the client's ``priorities`` (``None``: the
+            client's ``priority``); the limiter admits a waiting call of a higher lane first.
+            An unknown name raises :class:`ConfigError` (a ``ValueError``).
 
         :returns: an :class:`ApiObject` for a JSON object answer, a list for a JSON array, a
             :class:`Stream` when ``stream`` is true, or ``None`` for an empty body.
@@ -311,7 +318,7 @@ class Client:
         model = json.get("model") if isinstance(json, dict) else None
         return self._call(method, path, json, params=params, headers=headers, stream=stream,
                           timeout=timeout, operation=operation or operation_for(path),
-                          model=model, deadline=deadline)
+                          model=model, deadline=deadline, priority=priority)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's worker pool."""
@@ -382,18 +389,21 @@ class Client:
 
         return results()
 
-    def httpx_client(self, *, httpx: Any = None, **kwargs: Any) -> Any:
+    def httpx_client(self, *, httpx: Any = None, priority: Optional[str] = None,
+                     **kwargs: Any) -> Any:
         """An ``httpx2.Client`` (or classic ``httpx.Client``) whose every request is a call of
         this client: through its limiter, retries and sinks (see :mod:`cometkit.httpx`).
 
         :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the one the installed
             openai SDK sends through).
+        :param priority: the lane of its requests (``None``: the client's ``priority``); an
+            ``x-cometkit-priority`` header on a request wins.
         :param kwargs: passed on to the ``Client``; ``base_url``, ``timeout`` (the
             configuration's) and ``follow_redirects=True`` are preset.
         """
         from .httpx import Transport
 
-        transport = Transport(self, httpx=httpx)
+        transport = Transport(self, httpx=httpx, priority=priority)
         module = transport.httpx
         connect_s, read_s = self.timeout_s
         kwargs.setdefault("base_url", self.base_url)
@@ -401,11 +411,11 @@ class Client:
         kwargs.setdefault("follow_redirects", True)
         return module.Client(transport=transport, **kwargs)
 
-    def openai(self, **kwargs: Any) -> Any:
+    def openai(self, *, priority: Optional[str] = None, **kwargs: Any) -> Any:
         """A ready ``openai.OpenAI`` that sends through this client (:meth:`httpx_client`):
         ``base_url``, the API key, ``max_retries=0`` (cometkit retries; two layers would
         multiply) and ``http_client`` are preset; ``kwargs`` win. Closing it leaves this
-        client open."""
+        client open. ``priority`` is the lane of its requests (see :meth:`httpx_client`)."""
         try:
             import openai
         except ImportError:
@@ -415,7 +425,12 @@ class Client:
         kwargs.setdefault("base_url", self.base_url)
         kwargs.setdefault("max_retries", 0)
         if "http_client" not in kwargs:
-            kwargs["http_client"] = self.httpx_client()  # the library this SDK sends through
+            # the library this SDK sends through
+            kwargs["http_client"] = self.httpx_client(priority=priority)
+        elif priority is not None:
+            raise ValueError("priority= sets the lane of the http_client client.openai() "
+                             "builds: with your own http_client, give it to its "
+                             "cometkit.httpx.Transport(priority=...) instead")
         return openai.OpenAI(**kwargs)
 
     def close(self) -> None:
@@ -453,14 +468,16 @@ class Client:
         stream: bool = False,
         timeout: Union[float, tuple[float, float], None] = None,
         deadline: Union[float, str, None] = None,
+        priority: Optional[str] = None,
     ) -> Any:
         if self._closed:
             raise RuntimeError("this cometkit.Client is closed")
         # checked here, for request() and every resource
         timeout_s = _call_timeout(timeout) or self.timeout_s
         deadline_s = call_deadline(deadline, self.deadline_s)
+        lane, rank = self.priorities.resolve(priority)
         request = RequestInfo(new_request_id(), operation, method, route, model, stream,
-                              body, self._clock.monotonic(), deadline_s)
+                              body, self._clock.monotonic(), deadline_s, lane, rank)
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         send = self._transport.send
         secrets = self._transport.secrets  # answers come through it already blanked

@@ -16,6 +16,8 @@ __all__ = ["Chat", "Completions", "Embeddings", "Models"]
 Timeout = Union[float, "tuple[float, float]", None]
 #: Seconds (or a duration such as ``"20s"``) the whole call may take; ``None``: the client's.
 Deadline = Union[float, str, None]
+#: The call's priority lane (one of the client's ``priorities``); ``None``: the client's.
+Priority = Optional[str]
 
 
 class _Resource:
@@ -25,7 +27,7 @@ class _Resource:
 
 class Completions(_Resource):
     def create(self, *, model: str, messages: list, stream: bool = False,
-               timeout: Timeout = None, deadline: Deadline = None,
+               timeout: Timeout = None, deadline: Deadline = None, priority: Priority = None,
                extra_headers: Optional[dict] = None, **params: Any) -> Any:
         """``POST /chat/completions``. Returns an :class:`ApiObject`, or a :class:`Stream`
         of chunks when ``stream=True`` (the deadline then covers the call up to the stream's
@@ -35,7 +37,8 @@ class Completions(_Resource):
             body["stream"] = True
         return self._client._call("POST", "/chat/completions", body, operation="chat",
                                   model=model, stream=stream, timeout=timeout,
-                                  deadline=deadline, headers=extra_headers)
+                                  deadline=deadline, priority=priority,
+                                  headers=extra_headers)
 
 
 class Chat(_Resource):
@@ -46,17 +49,18 @@ class Chat(_Resource):
 
 class Embeddings(_Resource):
     def create(self, *, model: str, input: Any, timeout: Timeout = None,
-               deadline: Deadline = None, extra_headers: Optional[dict] = None,
-               **params: Any) -> Any:
+               deadline: Deadline = None, priority: Priority = None,
+               extra_headers: Optional[dict] = None, **params: Any) -> Any:
         """``POST /embeddings``."""
         body = {"model": model, "input": input, **params}
         return self._client._call("POST", "/embeddings", body, operation="embeddings",
                                   model=model, timeout=timeout, deadline=deadline,
-                                  headers=extra_headers)
+                                  priority=priority, headers=extra_headers)
 
 
 class Models(_Resource):
-    def list(self, *, timeout: Timeout = None, deadline: Deadline = None) -> Any:
+    def list(self, *, timeout: Timeout = None, deadline: Deadline = None,
+             priority: Priority = None) -> Any:
         """``GET /models``: the answer's ``.data`` lists the models."""
         return self._client._call("GET", "/models", None, operation="models", model=None,
-                                  timeout=timeout, deadline=deadline)
+                                  timeout=timeout, deadline=deadline, priority=priority)

@@ -26,6 +26,7 @@ import yaml
 from ._exceptions import ConfigError
 from .hints import parse_duration
 from .options import Interpolated, InvalidValue, Option, validate_section
+from .priorities import DEFAULT_PRIORITIES, PRIORITIES_ACCEPTS, parse_priorities
 
 __all__ = [
     "CONFIG_ENV",
@@ -167,6 +168,17 @@ CORE_OPTIONS: dict[str, Option] = {
         help="Seconds one call may take in all: waiting for admission, every attempt, every "
              "retry wait; past it the call fails with APITimeoutError. null: no deadline.",
         example=20),
+    "priorities": Option(
+        "any", default=list(DEFAULT_PRIORITIES), parse=parse_priorities,
+        accepts=PRIORITIES_ACCEPTS,
+        help="Priority lanes, highest first: the limiter admits a waiting call of a higher "
+             "lane first (see the limiter's starvation_share).",
+        example=["interactive", "default", "batch"]),
+    "priority": Option(
+        "str", default=None, nullable=True,
+        help="Lane of a call that names none (priority= per call wins); null: the lane named "
+             "default, else the middle one. cometkit batch sends in batch unless told.",
+        example="interactive"),
     "concurrency": Option(
         "int", default=5, minimum=1, maximum=1024,
         help="Worker threads of the client's pool, and size of its connection pool.",

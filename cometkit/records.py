@@ -69,6 +69,10 @@ class RequestInfo:
     :ivar deadline_s: seconds the whole call may take from ``started_at`` -- admission waits,
         attempts and retry waits together (``None``: no deadline). The core enforces it; a
         retry policy reads it (:meth:`time_left_s`) to refuse a wait that would pass it.
+    :ivar priority: the call's priority lane (``priority=``, else the client's ``priority``),
+        one of the configured ``priorities``.
+    :ivar priority_rank: the lane's place in ``priorities``: 0 for the highest. A limiter
+        admits waiting attempts of a lower rank first; it needs no lane names to do so.
     """
 
     request_id: str
@@ -80,6 +84,8 @@ class RequestInfo:
     json: Optional[Mapping[str, Any]] = None
     started_at: float = 0.0
     deadline_s: Optional[float] = None
+    priority: str = "default"
+    priority_rank: int = 1
 
     def time_left_s(self, now: float) -> Optional[float]:
         """Seconds left of the deadline at ``now`` (``clock.monotonic()``; negative once it

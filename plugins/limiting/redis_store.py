@@ -345,6 +345,8 @@ class RedisLimiter:
         clock: Optional[Clock] = None,
         rng: Optional[Random] = None,
         redis_client: Any = None,
+        starvation_share: float = LIMITER_OPTIONS["starvation_share"].default,
+        starvation_s: float = LIMITER_OPTIONS["starvation_s"].default,
     ) -> None:
         self.options = validate_section(OPTIONS, {
             "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
@@ -353,6 +355,7 @@ class RedisLimiter:
             "models": dict(models or {}), "url": url, "key_prefix": key_prefix,
             "lease_ttl": lease_ttl, "on_redis_error": on_redis_error,
             "socket_timeout": socket_timeout,
+            "starvation_share": starvation_share, "starvation_s": starvation_s,
         }, where="<RedisLimiter>", key_path=PLUGIN_NAME)
         if max_concurrency is None:
             raise ConfigError(f"{PLUGIN_NAME}.max_concurrency: RedisLimiter needs a number "
