@@ -171,7 +171,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     try:
         runner = BatchRunner(args.input, args.output, model=args.model,
-                             retry_failed=args.retry_failed)
+                             retry_failed=args.retry_failed, priority=args.priority)
     except ValueError as exc:  # --model ""
         return _error(f"--model: {exc}")
     try:
@@ -201,6 +201,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                             plugins=plugins)
         except (ConfigError, PluginError) as exc:
             return _error(str(exc))
+        try:
+            runner.lane(client)
+        except ConfigError as exc:
+            client.close()
+            return _error(f"--priority: {exc}")
         try:
             result = _send(runner, client, plan, args)
         except BatchRunError as exc:  # stopped at once: one line says why and what to do
@@ -424,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--deadline", type=_seconds, metavar="SECONDS",
                        help="seconds each request may take in all (waiting for admission, "
                             "attempts, retry waits); past it the line records a timeout")
+    batch.add_argument("--priority", metavar="NAME",
+                       help="priority lane of the requests (default: batch, or the lowest "
+                            "configured lane): calls of higher lanes sharing the limiter go "
+                            "first")
     batch.add_argument("--metrics-csv", metavar="PATH",
                        help="write one CSV row per attempt here (csv_metrics plugin)")
     batch.add_argument("--sandbox", action="store_true",

@@ -148,7 +148,7 @@ class Transport:
         """Send ``request`` through the client's engine; return an httpx ``Response`` or
         raise an httpx ``RequestError`` (never a cometkit exception). An unknown lane in the
         ``x-cometkit-priority`` header raises ``ValueError`` before anything is sent (the
-        openai SDK reports it as its ``APIConnectionError``, caused by that error)."""
+        openai SDK passes it on as it is: a mistake in the calling code)."""
         client = self.client
         engine, transport = client._engine, client._transport
         url = request.url

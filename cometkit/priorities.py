@@ -90,6 +90,6 @@ class Priorities:
         try:
             return name, self.names.index(name)
         except ValueError:
-            raise ConfigError(f"{what}={name!r} is not a priority lane of this client: use "
+            raise ConfigError(f"{what} {name!r} is not a priority lane of this client: use "
                               f"one of {', '.join(self.names)} (the priorities key of the "
                               "configuration lists them)", key="priority") from None

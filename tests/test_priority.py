@@ -8,7 +8,12 @@ clock (only ``starvation_s`` needs time to pass). No assertion reads a duration.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -18,6 +23,7 @@ from scripted_server import ScriptedServer, chat_body, json_reply
 
 import cometkit
 from cometkit import AttemptResult, ConfigError, RequestInfo
+from cometkit.batch import BatchRunner
 from cometkit.options import validate_section
 from cometkit.priorities import Priorities
 from cometkit_plugins.limiter import OPTIONS, AdmissionLimiter
@@ -278,3 +284,92 @@ def test_the_client_wide_priority_override_is_checked(no_plugins):
     with pytest.raises(ConfigError, match="priority: 'nope' is not one of the lanes"):
         cometkit.Client(KEY, "http://127.0.0.1:9", priority="nope")
 
+
+
+# -- the openai SDK through cometkit.httpx -------------------------------------------------------
+
+
+def test_the_openai_transport_takes_a_lane_and_a_per_request_header_it_never_sends(no_plugins):
+    pytest.importorskip("openai")
+    limiter = RecordingLimiter()
+    with ScriptedServer(answer) as srv, cometkit.Client(
+            KEY, srv.base_url, extra_plugins=[limiter]) as client:
+        sdk = client.openai(priority="batch")
+        sdk.chat.completions.create(model="m", messages=[])
+        sdk.chat.completions.create(model="m", messages=[],
+                                    extra_headers={"X-Cometkit-Priority": "interactive"})
+        client.openai().models.list()  # the client's default lane
+        with pytest.raises(ValueError, match="x-cometkit-priority header 'urgent' is not a "
+                                             "priority lane") as info:
+            sdk.chat.completions.create(model="m", messages=[],
+                                        extra_headers={"x-cometkit-priority": "urgent"})
+        assert not isinstance(info.value, cometkit.CometError)
+        with pytest.raises(ConfigError, match="'urgent' is not a priority lane"):
+            client.openai(priority="urgent")
+        with pytest.raises(ValueError, match="give it to its cometkit.httpx.Transport"):
+            client.openai(priority="batch", http_client=client.httpx_client())
+        assert len(srv.seen) == 3
+        assert not any(name.lower() == "x-cometkit-priority"
+                       for seen in srv.seen for name in seen.headers)
+    assert limiter.lanes == [("batch", 2), ("interactive", 0), ("default", 1)]
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+def write_lines(path: Path, n: int) -> None:
+    path.write_text("".join(json.dumps({"custom_id": f"c{i}", "model": "m", "prompt": "hi"})
+                            + "\n" for i in range(n)))
+
+
+@pytest.mark.parametrize("given, lanes, expected", [
+    (None, None, ("batch", 2)),
+    ("interactive", None, ("interactive", 0)),
+    (None, ["now", "later"], ("later", 1)),  # no lane named batch: the lowest
+])
+def test_a_batch_sends_in_the_batch_lane_unless_told(tmp_path, no_plugins, given, lanes,
+                                                     expected):
+    limiter = RecordingLimiter()
+    source = tmp_path / "in.jsonl"
+    write_lines(source, 3)
+    config = {"priorities": lanes} if lanes else {}
+    with ScriptedServer(answer) as srv, cometkit.Client(
+            KEY, srv.base_url, config=config, extra_plugins=[limiter]) as client, \
+            BatchRunner(source, tmp_path / "out.jsonl", priority=given) as runner:
+        result = runner.run(client)
+    assert result.ok == 3 and limiter.lanes == [expected] * 3
+
+
+def test_a_batch_with_an_unknown_lane_sends_nothing(tmp_path, no_plugins):
+    source = tmp_path / "in.jsonl"
+    write_lines(source, 2)
+    with ScriptedServer(answer) as srv, cometkit.Client(KEY, srv.base_url) as client, \
+            BatchRunner(source, tmp_path / "out.jsonl", priority="urgent") as runner:
+        with pytest.raises(ConfigError, match="'urgent' is not a priority lane"):
+            runner.run(client)
+        assert srv.seen == []
+
+
+def test_cli_batch_priority_flag(tmp_path, cometkit_sandbox):
+    source = tmp_path / "in.jsonl"
+    write_lines(source, 4)
+    config = tmp_path / "cometkit.yaml"
+    config.write_text(f"base_url: {cometkit_sandbox.base_url}\n"
+                      "priorities: [urgent, normal, bulk]\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("COMETAPI_KEY", "COMETKIT_CONFIG")}
+    env["COMETAPI_KEY"] = "sk-x"
+
+    def batch(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cometkit", "batch", str(source), "-o",
+                               "out.jsonl", "--config", str(config), "--no-progress", *flags],
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    refused = batch("--priority", "batch")  # not a lane of this configuration
+    assert refused.returncode != 0
+    assert "--priority: priority 'batch' is not a priority lane" in refused.stderr
+    assert "urgent, normal, bulk" in refused.stderr
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
+    done = batch("--priority", "urgent")
+    assert done.returncode == 0, done.stderr
+    assert "4 ok, 0 failed" in done.stderr
