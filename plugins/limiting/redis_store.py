@@ -78,6 +78,7 @@ from .adaptive import (
     STORM_HORIZON_S,
     AdaptiveControl,
 )
+from .fleet_lanes import OVERTAKE, WAIT, FleetLanes
 from .local import AdmissionLimiter
 from .plan import OPTIONS as LIMITER_OPTIONS
 from .plan import (
@@ -173,6 +174,8 @@ def _lua(name: str) -> str:
 ACQUIRE_LUA = _lua("acquire")
 RELEASE_LUA = _lua("release")
 RENEW_LUA = _lua("renew")
+LANE_GATE_LUA = _lua("lane_gate")
+LANE_LEAVE_LUA = _lua("lane_leave")
 
 
 def _import_redis() -> Any:
@@ -212,6 +215,12 @@ def _gcra(per_minute: Optional[float], burst: float, margin: float) -> tuple[flo
     return 1000.0 / rate_per_s, capacity
 
 
+def lane_scope(base: str, model: Optional[str]) -> str:
+    """The first part of every key of ``model``'s lane."""
+    # "*" for calls without a model: a model of that name would be quoted to %2A.
+    return f"{base}:model:{'*' if model is None else quote(model, safe='')}"
+
+
 class _Lane:
     """One model's keys and limits (the calls without a model share one lane)."""
 
@@ -223,8 +232,7 @@ class _Lane:
                  rpm_gcra: tuple[float, float], tpm_gcra: tuple[float, float]) -> None:
         self.model = model
         self.label = model or "-"
-        # "*" for calls without a model: a model of that name would be quoted to %2A.
-        scope = f"{base}:model:{'*' if model is None else quote(model, safe='')}"
+        scope = lane_scope(base, model)
         self.slots = f"{scope}:slots"
         self.rpm = f"{scope}:rpm"
         self.tpm = f"{scope}:tpm"
@@ -426,9 +434,14 @@ class RedisLimiter:
         # enforced fleet-wide.
         self._pacer: Optional[AdmissionLimiter] = (
             AdmissionLimiter(max_concurrency=self.max_concurrency, burst=self.burst,
-                             safety_margin=self.safety_margin, clock=self.clock)
+                             safety_margin=self.safety_margin, clock=self.clock,
+                             starvation_share=starvation_share, starvation_s=starvation_s)
             if self.adaptive else None)
         self._control_ttl_ms = int(CONTROL_TTL_S * 1000)
+        self._fleet_lanes = FleetLanes(
+            redis_client.register_script(LANE_GATE_LUA),
+            redis_client.register_script(LANE_LEAVE_LUA), starvation_share=starvation_share,
+            starvation_s=starvation_s, clock=self.clock)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], *, concurrency: int, namespace: str = "",
@@ -595,6 +608,7 @@ class RedisLimiter:
                 *self._client_tpm_gcra, lane.max_concurrency, *lane.rpm_gcra, *lane.tpm_gcra,
                 cost, 1 if self.adaptive else 0, min(lane.max_concurrency or 1, INITIAL_LIMIT)]
         backoff = POLL_MIN_S
+        lane_keys = FleetLanes.keys(lane_scope(self.base_key, lane.model))
         with self._lock:
             lane.active += 1
         granted = False
@@ -602,6 +616,7 @@ class RedisLimiter:
             if not lane.introduced:
                 self._introduce(lane)
             while True:
+                turn = self._lane_turn(lane_keys, permit_id, request, deadline, timeout)
                 news, pace, token_pace = self._share(lane)
                 with self._lock:
                     known = lane.version
@@ -611,6 +626,8 @@ class RedisLimiter:
                 value, detail = reply[1], reply[2]
                 self._take_in(lane, reply[3:], (1, 0, cost, 0) if granted else (0, 0, 0, 0))
                 if granted:
+                    self._fleet_lanes.leave(lane_keys, permit_id, admitted=True,
+                                            overtook=turn == OVERTAKE)
                     permit = _RedisPermit(permit_id, lane, cost, _text(value),
                                           learned_tpm_interval=token_pace[0])
                     with self._lock:
@@ -633,6 +650,35 @@ class RedisLimiter:
         finally:
             if not granted:
                 self._idle(lane)
+                self._leave_lane(lane_keys, permit_id)
+
+    def _lane_turn(self, lane_keys: list[str], waiter_id: str, request: RequestInfo,
+                   deadline: Optional[float], timeout: Optional[float]) -> int:
+        """Wait until no higher priority lane waits anywhere in the fleet (or this call may
+        overtake them, see :mod:`.fleet_lanes`): :data:`GO` or :data:`OVERTAKE`."""
+        backoff = POLL_MIN_S
+        while True:
+            turn = self._fleet_lanes.ask(lane_keys, waiter_id, request)
+            if turn != WAIT:
+                return turn
+            now = self.clock.monotonic()
+            if deadline is not None and now >= deadline:
+                raise self._timeout_error(request, timeout, "lane")
+            wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
+            backoff = min(POLL_MAX_S, backoff * 2)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self._sleep(max(0.0, wait))
+            if self._closed:
+                raise RuntimeError("the limiter was closed while this attempt waited")
+
+    def _leave_lane(self, lane_keys: list[str], waiter_id: str) -> None:
+        """A waiter that gives up leaves the fleet's queue at once (should Redis not answer,
+        its heartbeat expires instead)."""
+        try:
+            self._fleet_lanes.leave(lane_keys, waiter_id, admitted=False)
+        except self._redis_error:
+            pass
 
     # -- what the fleet learned ------------------------------------------------------------
 
@@ -815,7 +861,8 @@ class RedisLimiter:
                        reason: str) -> RateLimitError:
         waiting_for = {"hold": "a shared hold after a 429", "rate": "a shared rate limit",
                        "pace": "the fleet's learned send or token rate",
-                       "slots": "a shared concurrency slot"}.get(reason, reason)
+                       "slots": "a shared concurrency slot",
+                       "lane": "calls of a higher priority lane"}.get(reason, reason)
         return RateLimitError(
             f"redis_limiter did not admit {request.method} {request.route} "
             f"model={request.model or '-'} within acquire_timeout={timeout:g} s "
