@@ -373,3 +373,91 @@ def test_cli_batch_priority_flag(tmp_path, cometkit_sandbox):
     done = batch("--priority", "urgent")
     assert done.returncode == 0, done.stderr
     assert "4 ok, 0 failed" in done.stderr
+
+
+# -- end to end: a saturating batch and interactive calls ---------------------------------------
+
+
+class OrderLog:
+    """A test plugin: the real in-process limiter (20 calls/s), each acquire's start and
+    admission logged in order."""
+
+    __name__ = "order_log"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.log: list[tuple[str, str, str]] = []
+        self.inner: Optional[AdmissionLimiter] = None
+
+    @cometkit.hookimpl
+    def cometkit_make_limiter(self, ctx: Any) -> Any:
+        self.inner = AdmissionLimiter(max_concurrency=ctx.concurrency,
+                                      requests_per_minute=1200, adaptive=False)
+        return self
+
+    def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> Any:
+        with self.lock:
+            self.log.append(("wait", request.priority, request.request_id))
+        assert self.inner is not None
+        permit = self.inner.acquire(request, timeout_s)
+        with self.lock:
+            self.log.append(("admit", request.priority, request.request_id))
+        return permit
+
+    def release(self, permit: Any, result: AttemptResult) -> Any:
+        assert self.inner is not None
+        return self.inner.release(permit, result)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+    def batch_admitted_while_waiting(self) -> list[int]:
+        """For each interactive call: batch admissions logged between its start and its own
+        admission."""
+        counts = []
+        for index, (event, lane, request_id) in enumerate(self.log):
+            if event != "wait" or lane != "interactive":
+                continue
+            passed = 0
+            for later_event, later_lane, later_id in self.log[index + 1:]:
+                if later_id == request_id:
+                    break
+                passed += later_event == "admit" and later_lane == "batch"
+            counts.append(passed)
+        return counts
+
+
+def test_interactive_calls_overtake_a_batch_that_saturates_the_limit(no_plugins,
+                                                                     cometkit_sandbox):
+    log = OrderLog()
+    messages = [{"role": "user", "content": "hi"}]
+    with cometkit.Client(KEY, cometkit_sandbox.base_url, concurrency=9,
+                         extra_plugins=[log]) as client:
+        def batch_waiting() -> int:
+            assert log.inner is not None
+            return log.inner.stats()["waiting_by_priority"].get("batch", 0)
+
+        batch = client.map(lambda i: client.chat.completions.create(
+            model="m", messages=messages, priority="batch"), range(80), max_in_flight=8)
+        results: list[Any] = []
+        drain = threading.Thread(target=lambda: results.extend(batch), daemon=True)
+        drain.start()
+        for _ in range(5):
+            wait_for(lambda: batch_waiting() >= 4)  # a FIFO queue would put it behind them
+            client.chat.completions.create(model="m", messages=messages,
+                                           priority="interactive")
+        drain.join(JOIN_S * 3)
+    assert len(results) == 80
+    assert len(log.batch_admitted_while_waiting()) == 5
+    # Admitted next (one batch admission may be logged late by a thread admitted just before).
+    assert max(log.batch_admitted_while_waiting()) <= 1
+
+
+def test_priorities_doc_states_the_defaults():
+    """The priorities half of the Deadlines and priorities page names the defaults."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deadlines.md").read_text()
+    defaults = validate_section(OPTIONS, {})
+    assert "`interactive` > `default` > `batch`" in doc
+    assert f"starvation_share: {defaults['starvation_share']:g}" in doc
+    assert f"starvation_s: {defaults['starvation_s']:g}" in doc
