@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import deadline, faults, goodput, limits, memory, overhead, scaling
+from . import deadline, faults, goodput, limits, memory, overhead, priority, scaling
 from .report import (
     checks,
     deadline_table,
     limits_table,
     machine,
+    priority_table,
     results_markdown,
     table,
     table_rows,
@@ -26,7 +27,8 @@ from .report import (
 
 #: In the order they run (and appear in the tables).
 BENCHMARKS = {module.NAME: module
-              for module in (overhead, goodput, faults, scaling, memory, limits, deadline)}
+              for module in (overhead, goodput, faults, scaling, memory, limits, deadline,
+                             priority)}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -85,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if table_rows(rows):
         print(table(rows))
         print()
-    for extra in (limits_table(rows), deadline_table(rows)):
+    for extra in (limits_table(rows), deadline_table(rows), priority_table(rows)):
         if extra:
             print(extra)
             print()

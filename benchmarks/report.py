@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .runner import Check, Row
 
-__all__ = ["machine", "table", "limits_table", "deadline_table", "checks", "results_markdown"]
+__all__ = ["machine", "table", "limits_table", "deadline_table", "priority_table", "checks",
+           "results_markdown"]
 
 #: Libraries whose versions are part of a result (absent ones are skipped).
 LIBRARIES = ("cometkit", "requests", "urllib3", "pluggy", "openai", "httpx", "httpx2",
@@ -25,6 +26,10 @@ LIMITS_COLUMNS = ("Limit shape", "Client", "Calls ok", "Wall s", "Ideal s", "x i
 #: The deadline bound table (rows with a ``deadline_s``).
 DEADLINE_COLUMNS = ("Case", "Client", "Calls ok", "Threads", "Deadline s", "Longest call s",
                     "Bound s", "Attempts", "Wall s")
+#: The priority lanes table (rows with a ``priority_case``).
+PRIORITY_COLUMNS = ("Case", "Client", "Calls ok", "Interactive calls", "Queue p50 ms",
+                    "Queue p95 ms", "Queue max ms", "Send interval ms", "Batch wall s",
+                    "Batch ideal s", "x ideal")
 #: How far past its deadline a call may end (the bound the ``deadline`` rows check).
 DEADLINE_SLACK_S = 0.25
 
@@ -125,8 +130,10 @@ def _markdown(header: Sequence[str], body: Iterable[Sequence[str]],
 
 
 def table_rows(rows: Sequence[Row]) -> list:
-    """The rows of the main table: not the limit shapes, not the deadline bound."""
-    return [row for row in rows if row.shape is None and row.deadline_s is None]
+    """The rows of the main table: not the limit shapes, the deadline bound or the priority
+    lanes."""
+    return [row for row in rows if row.shape is None and row.deadline_s is None
+            and row.priority_case is None]
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -183,6 +190,26 @@ def deadline_table(rows: Sequence[Row]) -> str:
                       _deadline_cells)
 
 
+def _ms(seconds: Optional[float]) -> str:
+    return "" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _priority_cells(row: Row) -> list:
+    info = row.info
+    return [str(row.priority_case), row.client, _calls_ok(row),
+            str(info.get("interactive_calls", "")), _ms(info.get("queue_p50_s")),
+            _ms(info.get("queue_p95_s")), _ms(info.get("queue_max_s")),
+            _ms(info.get("send_interval_s")), _number(row.wall_s, 2),
+            _number(row.ideal_wall_s, 2), _number(row.vs_ideal, 3)]
+
+
+def priority_table(rows: Sequence[Row]) -> str:
+    """The priority lanes: the interactive calls' admission waits and the batch's time, one
+    row per case ("" when the run measured none)."""
+    return _own_table(rows, lambda row: row.priority_case is not None, PRIORITY_COLUMNS,
+                      _priority_cells)
+
+
 def checks(results: Sequence[Check]) -> str:
     """The issue's targets, one line each: met, missed, or for information."""
     marks = {True: "met", False: "MISSED", None: "info"}
@@ -212,6 +239,7 @@ def results_markdown(rows: Sequence[Row], results: Sequence[Check], *, command: 
         *(["## Share of the limit achieved", "", limits_table(rows), ""]
           if limits_table(rows) else []),
         *(["## Deadline bound", "", deadline_table(rows), ""] if deadline_table(rows) else []),
+        *(["## Priority lanes", "", priority_table(rows), ""] if priority_table(rows) else []),
         "## Targets",
         "",
         verdict,

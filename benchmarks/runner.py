@@ -80,6 +80,9 @@ class Row:
     #: The calls' deadline of a "deadline bound" row (those have a table of their own);
     #: ``None`` for every other benchmark.
     deadline_s: Optional[float] = None
+    #: The case of a "priority lanes" row (those have a table of their own); ``None`` for
+    #: every other benchmark.
+    priority_case: Optional[str] = None
 
     @property
     def calls_per_s(self) -> float:
