@@ -626,8 +626,8 @@ class RedisLimiter:
                 value, detail = reply[1], reply[2]
                 self._take_in(lane, reply[3:], (1, 0, cost, 0) if granted else (0, 0, 0, 0))
                 if granted:
-                    self._fleet_lanes.leave(lane_keys, permit_id, admitted=True,
-                                            overtook=turn == OVERTAKE)
+                    self._leave_lane(lane_keys, permit_id, admitted=True,
+                                     overtook=turn == OVERTAKE)
                     permit = _RedisPermit(permit_id, lane, cost, _text(value),
                                           learned_tpm_interval=token_pace[0])
                     with self._lock:
@@ -672,13 +672,14 @@ class RedisLimiter:
             if self._closed:
                 raise RuntimeError("the limiter was closed while this attempt waited")
 
-    def _leave_lane(self, lane_keys: list[str], waiter_id: str) -> None:
-        """A waiter that gives up leaves the fleet's queue at once (should Redis not answer,
-        its heartbeat expires instead)."""
+    def _leave_lane(self, lane_keys: list[str], waiter_id: str, *, admitted: bool = False,
+                    overtook: bool = False) -> None:
+        """A waiter leaves the fleet's queue, admitted or giving up. Should Redis not answer
+        now, its heartbeat expires instead: an admitted attempt keeps its lease."""
         try:
-            self._fleet_lanes.leave(lane_keys, waiter_id, admitted=False)
-        except self._redis_error:
-            pass
+            self._fleet_lanes.leave(lane_keys, waiter_id, admitted=admitted, overtook=overtook)
+        except self._redis_error as exc:
+            logger.debug("could not leave the fleet's queue of waiters: %s", exc)
 
     # -- what the fleet learned ------------------------------------------------------------
 
