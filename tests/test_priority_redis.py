@@ -7,6 +7,8 @@ count the starvation share and show that a waiter whose process is gone stops bl
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -162,3 +164,43 @@ def test_a_waiter_not_heard_of_for_its_ttl_no_longer_blocks_the_fleet(redis_serv
     time.sleep(0.3)  # past the dead waiter's heartbeat (Redis' time)
     assert lanes.ask(keys, "b", batch) == GO
     assert rdb.zrange(keys[0], 0, -1) == ["b"]
+
+
+WAITING_PROCESS = """
+import sys, time
+from cometkit import RequestInfo
+from cometkit_plugins.redis_limiter import RedisLimiter
+limiter = RedisLimiter(url=sys.argv[1], namespace="ns", max_concurrency=1, adaptive=False)
+print("waiting", flush=True)
+limiter.acquire(RequestInfo("ck-i", "chat", "POST", "/chat/completions", "m1",
+                            started_at=time.monotonic(), priority="interactive",
+                            priority_rank=0), 60)
+"""
+
+
+def test_a_killed_process_waiting_in_a_higher_lane_stops_blocking_within_its_ttl(
+        redis_server, rdb):
+    """A process killed (SIGKILL) while its interactive call waited: its entry expires and the
+    fleet's batch call is admitted; nothing is left behind in the queue."""
+    limiter = RedisLimiter(url=redis_server.url, namespace="ns", max_concurrency=1,
+                           adaptive=False)
+    waiting_key = FleetLanes.keys(lane_scope("cometkit:ns", "m1"))[0]
+    held_request = request("held", "default")
+    try:
+        held = limiter.acquire(held_request, 5)
+        process = subprocess.Popen([sys.executable, "-c", WAITING_PROCESS, redis_server.url],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   stdin=subprocess.DEVNULL, text=True)
+        try:
+            assert process.stdout.readline().strip() == "waiting"
+            wait_for(lambda: rdb.zcard(waiting_key) == 1)
+        finally:
+            process.kill()
+            process.wait(10)
+        limiter.release(held, ok(held_request))
+        batch = request("b", "batch")
+        permit = limiter.acquire(batch, 20)  # within the dead waiter's 5 s heartbeat
+        limiter.release(permit, ok(batch))
+        assert rdb.zcard(waiting_key) == 0
+    finally:
+        limiter.close()
