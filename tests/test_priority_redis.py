@@ -71,7 +71,8 @@ def wait_for(condition: Any, timeout_s: float = JOIN_S) -> None:
 def test_an_interactive_call_on_one_host_overtakes_batch_traffic_of_another(redis_server, rdb):
     one, two = (RedisLimiter(url=redis_server.url, namespace="ns", max_concurrency=1,
                              adaptive=False) for _ in range(2))
-    waiting_key = FleetLanes.keys(lane_scope("cometkit:ns", "m1"))[0]
+    waiting_key, client_waiting = FleetLanes.keys(lane_scope("cometkit:ns", "m1"),
+                                                  "cometkit:ns:all")[0::3]
     try:
         first = request("held", "default")
         held = one.acquire(first, 5)
@@ -91,6 +92,9 @@ def test_an_interactive_call_on_one_host_overtakes_batch_traffic_of_another(redi
                                   daemon=True)
         urgent.start()
         wait_for(lambda: rdb.zcard(waiting_key) == 4)
+        # ... and refused once (in the client-wide queue too): a batch try that had passed
+        # the gate before the interactive call queued has ended by then.
+        wait_for(lambda: rdb.zcard(client_waiting) == 4)
         one.release(held, ok(first))
         for thread in [*threads, urgent]:
             thread.join(JOIN_S)
@@ -110,7 +114,7 @@ def test_a_batch_call_times_out_behind_a_higher_lane_saying_so(redis_server, rdb
         urgent = threading.Thread(target=lambda: one.release(
             one.acquire(request("i", "interactive"), JOIN_S), ok(held_request)), daemon=True)
         urgent.start()
-        waiting_key = FleetLanes.keys(lane_scope("cometkit:ns", "m1"))[0]
+        waiting_key = FleetLanes.keys(lane_scope("cometkit:ns", "m1"), "cometkit:ns:all")[0]
         wait_for(lambda: rdb.zcard(waiting_key) == 1)
         with pytest.raises(RateLimitError, match="calls of a higher priority lane"):
             two.acquire(request("b", "batch"), 0.2)
@@ -133,7 +137,7 @@ def gate(redis_server: RedisServer, share: float = 0.5, starvation_s: float = 5.
 def test_the_starving_oldest_lower_waiter_overtakes_with_a_whole_credit_only(redis_server,
                                                                             rdb):
     lanes = gate(redis_server, share=0.5, starvation_s=5.0)
-    keys = FleetLanes.keys("cometkit:ns:model:m1")
+    keys = FleetLanes.keys("cometkit:ns:model:m1", "cometkit:ns:all")
     now = time.monotonic()
     urgent = request("i", "interactive", now)
     old, older, young = (request("b-old", "batch", now - 20),
@@ -157,7 +161,7 @@ def test_the_starving_oldest_lower_waiter_overtakes_with_a_whole_credit_only(red
 
 def test_a_waiter_not_heard_of_for_its_ttl_no_longer_blocks_the_fleet(redis_server, rdb):
     lanes = gate(redis_server, share=0.0, ttl_s=0.2)
-    keys = FleetLanes.keys("cometkit:ns:model:m1")
+    keys = FleetLanes.keys("cometkit:ns:model:m1", "cometkit:ns:all")
     assert lanes.ask(keys, "gone", request("i", "interactive")) == GO  # then its process dies
     batch = request("b", "batch")
     assert lanes.ask(keys, "b", batch) == WAIT
@@ -184,7 +188,7 @@ def test_a_killed_process_waiting_in_a_higher_lane_stops_blocking_within_its_ttl
     fleet's batch call is admitted; nothing is left behind in the queue."""
     limiter = RedisLimiter(url=redis_server.url, namespace="ns", max_concurrency=1,
                            adaptive=False)
-    waiting_key = FleetLanes.keys(lane_scope("cometkit:ns", "m1"))[0]
+    waiting_key = FleetLanes.keys(lane_scope("cometkit:ns", "m1"), "cometkit:ns:all")[0]
     held_request = request("held", "default")
     try:
         held = limiter.acquire(held_request, 5)
@@ -204,3 +208,48 @@ def test_a_killed_process_waiting_in_a_higher_lane_stops_blocking_within_its_ttl
         assert rdb.zcard(waiting_key) == 0
     finally:
         limiter.close()
+
+
+def test_waiting_for_a_client_wide_rate_an_interactive_call_overtakes_other_models(
+        redis_server, rdb):
+    """Held up by the rate every model shares, the interactive call (model a) of one process
+    goes before the batch calls (model b) of another; a model's own limits hold up only it."""
+    one, two = (RedisLimiter(url=redis_server.url, namespace="ns", max_concurrency=8,
+                             requests_per_minute=120, burst=0, adaptive=False)
+                for _ in range(2))
+    client_waiting = FleetLanes.keys(lane_scope("cometkit:ns", "a"), "cometkit:ns:all")[3]
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def call(limiter: RedisLimiter, req: RequestInfo) -> None:
+        permit = limiter.acquire(req, JOIN_S)
+        with lock:
+            order.append(req.request_id[3:])
+        limiter.release(permit, ok(req))
+
+    def on(model: str, name: str, lane: str) -> RequestInfo:
+        return RequestInfo(f"ck-{name}", "chat", "POST", "/chat/completions", model,
+                           started_at=time.monotonic(), priority=lane,
+                           priority_rank=LANES[lane])
+
+    try:
+        call(one, on("b", "first", "batch"))  # the bucket is empty now
+        batch = [threading.Thread(target=call, args=(one, on("b", f"b{n}", "batch")),
+                                  daemon=True) for n in range(3)]
+        for thread in batch:
+            thread.start()
+        wait_for(lambda: rdb.zcard(client_waiting) == 3)
+        urgent = threading.Thread(target=call, args=(two, on("a", "i", "interactive")),
+                                  daemon=True)
+        urgent.start()
+        wait_for(lambda: rdb.zcard(client_waiting) == 4)
+        with lock:
+            admitted_before = len(order)
+        for thread in [*batch, urgent]:
+            thread.join(JOIN_S)
+        assert sorted(order) == ["b0", "b1", "b2", "first", "i"]
+        assert order.index("i") == admitted_before  # the next one admitted
+        assert rdb.zcard(client_waiting) == 0
+    finally:
+        one.close()
+        two.close()

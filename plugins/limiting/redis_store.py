@@ -78,7 +78,7 @@ from .adaptive import (
     STORM_HORIZON_S,
     AdaptiveControl,
 )
-from .fleet_lanes import OVERTAKE, WAIT, FleetLanes
+from .fleet_lanes import OVERTAKE, WAIT, FleetLanes, FleetWaiter
 from .local import AdmissionLimiter
 from .plan import OPTIONS as LIMITER_OPTIONS
 from .plan import (
@@ -608,7 +608,8 @@ class RedisLimiter:
                 *self._client_tpm_gcra, lane.max_concurrency, *lane.rpm_gcra, *lane.tpm_gcra,
                 cost, 1 if self.adaptive else 0, min(lane.max_concurrency or 1, INITIAL_LIMIT)]
         backoff = POLL_MIN_S
-        lane_keys = FleetLanes.keys(lane_scope(self.base_key, lane.model))
+        waiter = self._fleet_lanes.waiter(FleetLanes.keys(
+            lane_scope(self.base_key, lane.model), f"{self.base_key}:all"), permit_id, request)
         with self._lock:
             lane.active += 1
         granted = False
@@ -616,7 +617,7 @@ class RedisLimiter:
             if not lane.introduced:
                 self._introduce(lane)
             while True:
-                turn = self._lane_turn(lane_keys, permit_id, request, deadline, timeout)
+                turn = self._lane_turn(waiter, deadline, timeout)
                 news, pace, token_pace = self._share(lane)
                 with self._lock:
                     known = lane.version
@@ -626,14 +627,14 @@ class RedisLimiter:
                 value, detail = reply[1], reply[2]
                 self._take_in(lane, reply[3:], (1, 0, cost, 0) if granted else (0, 0, 0, 0))
                 if granted:
-                    self._leave_lane(lane_keys, permit_id, admitted=True,
-                                     overtook=turn == OVERTAKE)
+                    self._leave_lane(waiter, admitted=True, overtook=turn == OVERTAKE)
                     permit = _RedisPermit(permit_id, lane, cost, _text(value),
                                           learned_tpm_interval=token_pace[0])
                     with self._lock:
                         self._held[permit_id] = permit
                     self._ensure_renewer()
                     return permit
+                waiter.held_up(self._client_wide(lane, _text(detail)))
                 now = self.clock.monotonic()
                 if deadline is not None and now >= deadline:
                     raise self._timeout_error(request, timeout, _text(detail))
@@ -650,20 +651,28 @@ class RedisLimiter:
         finally:
             if not granted:
                 self._idle(lane)
-                self._leave_lane(lane_keys, permit_id)
+                self._leave_lane(waiter)
 
-    def _lane_turn(self, lane_keys: list[str], waiter_id: str, request: RequestInfo,
-                   deadline: Optional[float], timeout: Optional[float]) -> int:
+    @staticmethod
+    def _client_wide(lane: _Lane, reason: str) -> bool:
+        """Whether a refusal for ``reason`` was by a limit every model shares: a rate when
+        the model has none of its own, slots when it has no slots of its own."""
+        if reason == "rate":
+            return not lane.rpm_gcra[0] and not lane.tpm_gcra[0]
+        return reason == "slots" and not lane.max_concurrency
+
+    def _lane_turn(self, waiter: FleetWaiter, deadline: Optional[float],
+                   timeout: Optional[float]) -> int:
         """Wait until no higher priority lane waits anywhere in the fleet (or this call may
         overtake them, see :mod:`.fleet_lanes`): :data:`GO` or :data:`OVERTAKE`."""
         backoff = POLL_MIN_S
         while True:
-            turn = self._fleet_lanes.ask(lane_keys, waiter_id, request)
+            turn = waiter.turn()
             if turn != WAIT:
                 return turn
             now = self.clock.monotonic()
             if deadline is not None and now >= deadline:
-                raise self._timeout_error(request, timeout, "lane")
+                raise self._timeout_error(waiter.request, timeout, "lane")
             wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
             backoff = min(POLL_MAX_S, backoff * 2)
             if deadline is not None:
@@ -672,12 +681,12 @@ class RedisLimiter:
             if self._closed:
                 raise RuntimeError("the limiter was closed while this attempt waited")
 
-    def _leave_lane(self, lane_keys: list[str], waiter_id: str, *, admitted: bool = False,
+    def _leave_lane(self, waiter: FleetWaiter, *, admitted: bool = False,
                     overtook: bool = False) -> None:
-        """A waiter leaves the fleet's queue, admitted or giving up. Should Redis not answer
+        """A waiter leaves the fleet's queues, admitted or giving up. Should Redis not answer
         now, its heartbeat expires instead: an admitted attempt keeps its lease."""
         try:
-            self._fleet_lanes.leave(lane_keys, waiter_id, admitted=admitted, overtook=overtook)
+            waiter.leave(admitted=admitted, overtook=overtook)
         except self._redis_error as exc:
             logger.debug("could not leave the fleet's queue of waiters: %s", exc)
 
