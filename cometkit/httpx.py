@@ -164,11 +164,7 @@ class Transport:
         payload = json_object(body, picked.get("content-type"))
         stream = bool(payload and payload.get("stream") is True)
         method = request.method
-        try:
-            lane, rank = client.priorities.resolve(picked.get(PRIORITY_HEADER, self.priority),
-                                                   what=f"the {PRIORITY_HEADER} header")
-        except ConfigError as exc:  # a mistake in the caller's code: nothing is sent
-            raise ValueError(str(exc)) from None
+        lane, rank = client.priorities.from_header(picked.get(PRIORITY_HEADER), self.priority)
         info = RequestInfo(new_request_id(), operation_for(path), method, path,
                            payload.get("model") if payload else None, stream, payload,
                            engine.clock.monotonic(), None, lane, rank)

@@ -93,3 +93,16 @@ class Priorities:
             raise ConfigError(f"{what} {name!r} is not a priority lane of this client: use "
                               f"one of {', '.join(self.names)} (the priorities key of the "
                               "configuration lists them)", key="priority") from None
+
+    def from_header(self, value: Optional[str], default: str) -> tuple[str, int]:
+        """``(name, rank)`` of a request's :data:`PRIORITY_HEADER` (``None``: ``default``),
+        for the HTTP-library fronts (the openai-SDK transport, the ``requests`` adapter),
+        whose callers expect no cometkit exception.
+
+        :raises ValueError: the header names no configured lane (nothing is sent).
+        """
+        try:
+            return self.resolve(default if value is None else value.strip(),
+                                what=f"the {PRIORITY_HEADER} header")
+        except ConfigError as exc:  # a mistake in the caller's code
+            raise ValueError(str(exc)) from None

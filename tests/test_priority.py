@@ -461,3 +461,28 @@ def test_priorities_doc_states_the_defaults():
     assert "`interactive` > `default` > `batch`" in doc
     assert f"starvation_share: {defaults['starvation_share']:g}" in doc
     assert f"starvation_s: {defaults['starvation_s']:g}" in doc
+
+
+def test_the_requests_adapter_takes_a_lane_and_a_header_it_never_sends(no_plugins):
+    import requests
+
+    from cometkit.adapters import CometAdapter
+
+    limiter = RecordingLimiter()
+    with ScriptedServer(answer) as srv, cometkit.Client(
+            KEY, srv.base_url, extra_plugins=[limiter], priority="batch") as client:
+        session = requests.Session()
+        session.mount(srv.base_url, CometAdapter(client))
+        url = srv.base_url + "/chat/completions"
+        session.post(url, json={"model": "m"})  # the client's lane
+        session.post(url, json={"model": "m"}, headers={"X-Cometkit-Priority": "interactive"})
+        session.mount(srv.base_url, CometAdapter(client, priority="default"))
+        session.post(url, json={"model": "m"})
+        with pytest.raises(ValueError, match="x-cometkit-priority header 'urgent'"):
+            session.post(url, json={"model": "m"}, headers={"x-cometkit-priority": "urgent"})
+        with pytest.raises(ConfigError, match="'urgent' is not a priority lane"):
+            CometAdapter(client, priority="urgent")
+        assert len(srv.seen) == 3
+        assert not any(name.lower() == "x-cometkit-priority"
+                       for seen in srv.seen for name in seen.headers)
+    assert limiter.lanes == [("batch", 2), ("interactive", 0), ("default", 1)]
