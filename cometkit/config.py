@@ -26,7 +26,7 @@ import yaml
 from ._exceptions import ConfigError
 from .hints import parse_duration
 from .options import Interpolated, InvalidValue, Option, validate_section
-from .priorities import DEFAULT_PRIORITIES, PRIORITIES_ACCEPTS, parse_priorities
+from .priorities import DEFAULT_PRIORITIES, PRIORITIES_ACCEPTS, Priorities, parse_priorities
 
 __all__ = [
     "CONFIG_ENV",
@@ -521,6 +521,7 @@ def load_config(
                           path=_file(where), key="")
     checked = validate_section(CORE_OPTIONS, interpolate(raw, where=where), where=where)
     data = {name: checked[name] for name in CORE_OPTIONS}  # declaration order, for display
+    lanes_where = where
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
         overridden = validate_section(CORE_OPTIONS, given, where=_OVERRIDES_WHERE,
@@ -528,6 +529,9 @@ def load_config(
         if "plugins" in overridden:
             overridden["plugins"] = {**data["plugins"], **overridden["plugins"]}
         data.update(overridden)
+        if "priority" in overridden and "priorities" not in overridden:
+            lanes_where = _OVERRIDES_WHERE  # the keyword argument is the one to fix
+    Priorities.from_config(data, lanes_where)  # priority must be one of priorities
     return LoadedConfig(data=data, path=path, where=where)
 
 

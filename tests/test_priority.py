@@ -281,8 +281,20 @@ def test_an_unknown_priority_is_a_value_error_and_nothing_is_sent(no_plugins):
 
 
 def test_the_client_wide_priority_override_is_checked(no_plugins):
-    with pytest.raises(ConfigError, match="priority: 'nope' is not one of the lanes"):
+    with pytest.raises(ConfigError, match="<keyword arguments>: priority: 'nope' is not one "
+                                          "of the lanes"):
         cometkit.Client(KEY, "http://127.0.0.1:9", priority="nope")
+
+
+def test_config_check_catches_a_priority_that_is_not_a_lane(tmp_path):
+    path = tmp_path / "cometkit.yaml"
+    path.write_text("priorities: [high, low]\npriority: default\n")
+    done = subprocess.run([sys.executable, "-m", "cometkit", "config", "check", str(path)],
+                          capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    assert f"{path}: priority: 'default' is not one of the lanes in priorities (high, low)" \
+        in done.stderr
 
 
 
