@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import budget, deadline, faults, goodput, limits, memory, overhead, scaling
+from . import budget, deadline, faults, goodput, limits, memory, overhead, priority, scaling
 from .report import (
     budget_table,
     checks,
     deadline_table,
     limits_table,
     machine,
+    priority_table,
     results_markdown,
     table,
     table_rows,
@@ -28,7 +29,7 @@ from .report import (
 #: In the order they run (and appear in the tables).
 BENCHMARKS = {module.NAME: module
               for module in (overhead, goodput, faults, scaling, memory, limits, deadline,
-                             budget)}
+                             budget, priority)}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -87,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if table_rows(rows):
         print(table(rows))
         print()
-    for extra in (limits_table(rows), deadline_table(rows), budget_table(rows)):
+    for extra in (limits_table(rows), deadline_table(rows), budget_table(rows),
+                  priority_table(rows)):
         if extra:
             print(extra)
             print()

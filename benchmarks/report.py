@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .runner import Check, Row
 
-__all__ = ["machine", "table", "limits_table", "deadline_table", "budget_table", "checks",
+__all__ = ["machine", "table", "limits_table", "deadline_table", "budget_table",
+           "priority_table", "checks",
            "results_markdown"]
 
 #: Libraries whose versions are part of a result (absent ones are skipped).
@@ -29,6 +30,10 @@ DEADLINE_COLUMNS = ("Case", "Client", "Calls ok", "Threads", "Deadline s", "Long
 #: The batch budget table (rows with a ``budget_tokens``).
 BUDGET_COLUMNS = ("Case", "Client", "Lines", "Threads", "Batch tokens", "Budget", "Spent",
                   "Overshoot", "Lines sent", "Lines left", "Exit", "Resume sent")
+#: The priority lanes table (rows with a ``priority_case``).
+PRIORITY_COLUMNS = ("Case", "Client", "Calls ok", "Interactive calls", "Queue p50 ms",
+                    "Queue p95 ms", "Queue max ms", "Send interval ms", "Batch wall s",
+                    "Batch ideal s", "x ideal")
 #: How far past its deadline a call may end (the bound the ``deadline`` rows check).
 DEADLINE_SLACK_S = 0.25
 
@@ -129,9 +134,10 @@ def _markdown(header: Sequence[str], body: Iterable[Sequence[str]],
 
 
 def table_rows(rows: Sequence[Row]) -> list:
-    """The rows of the main table: not the limit shapes, not the deadline bound."""
+    """The rows of the main table: not the limit shapes, the deadline bound, the batch budget
+    or the priority lanes."""
     return [row for row in rows if row.shape is None and row.deadline_s is None
-            and row.budget_tokens is None]
+            and row.budget_tokens is None and row.priority_case is None]
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -202,6 +208,24 @@ def budget_table(rows: Sequence[Row]) -> str:
     batch's tokens ("" when the run measured none)."""
     return _own_table(rows, lambda row: row.budget_tokens is not None, BUDGET_COLUMNS,
                       _budget_cells)
+def _ms(seconds: Optional[float]) -> str:
+    return "" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _priority_cells(row: Row) -> list:
+    info = row.info
+    return [str(row.priority_case), row.client, _calls_ok(row),
+            str(info.get("interactive_calls", "")), _ms(info.get("queue_p50_s")),
+            _ms(info.get("queue_p95_s")), _ms(info.get("queue_max_s")),
+            _ms(info.get("send_interval_s")), _number(row.wall_s, 2),
+            _number(row.ideal_wall_s, 2), _number(row.vs_ideal, 3)]
+
+
+def priority_table(rows: Sequence[Row]) -> str:
+    """The priority lanes: the interactive calls' admission waits and the batch's time, one
+    row per case ("" when the run measured none)."""
+    return _own_table(rows, lambda row: row.priority_case is not None, PRIORITY_COLUMNS,
+                      _priority_cells)
 
 
 def checks(results: Sequence[Check]) -> str:
@@ -234,6 +258,7 @@ def results_markdown(rows: Sequence[Row], results: Sequence[Check], *, command: 
           if limits_table(rows) else []),
         *(["## Deadline bound", "", deadline_table(rows), ""] if deadline_table(rows) else []),
         *(["## Batch budget", "", budget_table(rows), ""] if budget_table(rows) else []),
+        *(["## Priority lanes", "", priority_table(rows), ""] if priority_table(rows) else []),
         "## Targets",
         "",
         verdict,

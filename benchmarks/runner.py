@@ -83,6 +83,9 @@ class Row:
     #: The token budget of a "batch budget" row (those have a table of their own); ``None``
     #: for every other benchmark.
     budget_tokens: Optional[int] = None
+    #: The case of a "priority lanes" row (those have a table of their own); ``None`` for
+    #: every other benchmark.
+    priority_case: Optional[str] = None
 
     @property
     def calls_per_s(self) -> float:

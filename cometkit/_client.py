@@ -46,6 +46,7 @@ from ._workers import Window, WorkerPool
 from .config import load_config, parse_deadline, parse_timeout
 from .options import InvalidValue
 from .prices import PriceTable
+from .priorities import Priorities
 from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
 __all__ = ["Client"]
@@ -298,6 +299,8 @@ class Client:
         self._check_retry_policy()
         #: Seconds one call may take in all, unless the call gives its own ``deadline=``.
         self.deadline_s: Optional[float] = _client_deadline(data, self._plugins, where)
+        #: The priority lanes (highest first) and the lane of calls that name none.
+        self.priorities: Priorities = Priorities.from_config(data, where)
         self._engine = CallEngine(clock=self._clock, policy=self._plugins.retry_policy,
                                   limiter=self._plugins.limiter, sinks=list(self._plugins.sinks),
                                   server_address=self.server_address)
@@ -356,11 +359,15 @@ class Client:
         timeout: Union[float, tuple[float, float], None] = None,
         operation: Optional[str] = None,
         deadline: Union[float, str, None] = None,
+        priority: Optional[str] = None,
     ) -> Any:
         """Call any route below ``base_url`` through the limiter, retries and metrics.
 
         :param deadline: seconds the whole call may take (admission, attempts, retry waits);
             ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
+        :param priority: the call's lane, one of the client's ``priorities`` (``None``: the
+            client's ``priority``); the limiter admits a waiting call of a higher lane first.
+            An unknown name raises :class:`ConfigError` (a ``ValueError``).
 
         :returns: an :class:`ApiObject` for a JSON object answer (a :class:`ListObject`
             for a list answer, paged with ``after`` when it says ``has_more``), a list for a
@@ -383,7 +390,7 @@ class Client:
         model = json.get("model") if isinstance(json, dict) else None
         return self._call(method, path, json, params=params, headers=headers, stream=stream,
                           timeout=timeout, operation=operation or operation_for(path),
-                          model=model, deadline=deadline)
+                          model=model, deadline=deadline, priority=priority)
 
     @property
     def engine(self) -> CallEngine:
@@ -406,17 +413,23 @@ class Client:
 
     def new_request(self, method: str, route: str, body: Any = None, *, stream: bool = False,
                     operation: Optional[str] = None, model: Optional[str] = None,
-                    deadline_s: Union[float, None, _Unset] = UNSET) -> RequestInfo:
+                    deadline_s: Union[float, None, _Unset] = UNSET,
+                    priority: Optional[str] = None) -> RequestInfo:
         """The :class:`RequestInfo` of one call of this client, whichever front sends it: a new
         id, the operation named after ``route`` (unless given), the model from ``body`` (unless
-        given), the start time, and the client's ``deadline`` (unless ``deadline_s`` is given)
-        and ``max_retries``."""
+        given), the start time, the client's ``deadline`` (unless ``deadline_s`` is given) and
+        ``max_retries``, and its priority lane (``priority``, else the client's).
+
+        :raises ConfigError: ``priority`` is no configured lane.
+        """
         if model is None and isinstance(body, Mapping):
             model = body.get("model") if isinstance(body.get("model"), str) else None
+        lane, rank = self.priorities.resolve(priority)
         return RequestInfo(new_request_id(), operation or operation_for(route), method, route,
                            model, stream, body, self._clock.monotonic(),
                            self.deadline_s if deadline_s is UNSET else deadline_s,
-                           max_attempts=self._max_attempts)
+                           max_attempts=self._max_attempts, priority=lane,
+                           priority_rank=rank)
 
     @property
     def workers(self) -> WorkerPool:
@@ -502,18 +515,21 @@ class Client:
 
         return results()
 
-    def httpx_client(self, *, httpx: Any = None, **kwargs: Any) -> Any:
+    def httpx_client(self, *, httpx: Any = None, priority: Optional[str] = None,
+                     **kwargs: Any) -> Any:
         """An ``httpx2.Client`` (or classic ``httpx.Client``) whose every request is a call of
         this client: through its limiter, retries and sinks (see :mod:`cometkit.httpx`).
 
         :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the one the installed
             openai SDK sends through).
+        :param priority: the lane of its requests (``None``: the client's ``priority``); an
+            ``x-cometkit-priority`` header on a request wins.
         :param kwargs: passed on to the ``Client``; ``base_url``, ``timeout`` (the
             configuration's) and ``follow_redirects=True`` are preset.
         """
         from .httpx import Transport
 
-        transport = Transport(self, httpx=httpx)
+        transport = Transport(self, httpx=httpx, priority=priority)
         module = transport.httpx
         connect_s, read_s = self.timeout_s
         kwargs.setdefault("base_url", self.base_url)
@@ -521,13 +537,14 @@ class Client:
         kwargs.setdefault("follow_redirects", True)
         return module.Client(transport=transport, **kwargs)
 
-    def openai(self, **kwargs: Any) -> Any:
+    def openai(self, *, priority: Optional[str] = None, **kwargs: Any) -> Any:
         """A ready ``openai.OpenAI`` that sends through this client (:meth:`httpx_client`):
         ``base_url``, the API key, ``max_retries=0`` (cometkit retries; two layers would
         multiply), ``http_client`` and this client's ``default_headers`` (with
         ``organization``/``project``) and ``default_query`` are preset; ``kwargs`` win. Its
         calls make this client's ``max_retries + 1`` attempts when it has one. Closing it
-        leaves this client open."""
+        leaves this client open. ``priority`` is the lane of its requests (see
+        :meth:`httpx_client`)."""
         try:
             import openai
         except ImportError:
@@ -541,7 +558,12 @@ class Client:
         if self._default_query:
             kwargs.setdefault("default_query", dict(self._default_query))
         if "http_client" not in kwargs:
-            kwargs["http_client"] = self.httpx_client()  # the library this SDK sends through
+            # the library this SDK sends through
+            kwargs["http_client"] = self.httpx_client(priority=priority)
+        elif priority is not None:
+            raise ValueError("priority= sets the lane of the http_client client.openai() "
+                             "builds: with your own http_client, give it to its "
+                             "cometkit.httpx.Transport(priority=...) instead")
         return openai.OpenAI(**kwargs)
 
     def with_options(
@@ -621,6 +643,7 @@ class Client:
         timeout: Any = None,
         deadline: Union[float, str, None] = None,
         raw: bool = False,
+        priority: Optional[str] = None,
     ) -> Any:
         """One call to its end. ``raw``: answer with a :class:`RawResponse`."""
         self._check_open()
@@ -632,7 +655,7 @@ class Client:
         if self._default_query:
             params = {**self._default_query, **(params or {})}
         request = self.new_request(method, route, body, stream=stream, operation=operation,
-                                   model=model, deadline_s=deadline_s)
+                                   model=model, deadline_s=deadline_s, priority=priority)
         payload = None if body is None else json.dumps(body, separators=(",", ":"),
                                                        default=json_default).encode()
         send = self._transport.send

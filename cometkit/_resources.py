@@ -24,6 +24,8 @@ __all__ = ["Chat", "Completions", "Embeddings", "Models", "CHAT_PARAMS", "EMBEDD
 Timeout = Union[float, "tuple[float, float]", Any, None]
 #: Seconds (or a duration such as ``"20s"``) the whole call may take; ``None``: the client's.
 Deadline = Union[float, str, None]
+#: The call's priority lane (one of the client's ``priorities``); ``None``: the client's.
+Priority = Optional[str]
 
 #: The optional body fields of ``chat.completions.create`` (the openai SDK's keywords).
 CHAT_PARAMS = frozenset({
@@ -53,17 +55,19 @@ class _Resource:
     def _send(self, method: str, route: str, body: Any, *, operation: str,
               model: Optional[str], timeout: Timeout, deadline: Deadline,
               extra_headers: Optional[Mapping[str, str]],
-              extra_query: Optional[Mapping[str, Any]], stream: bool = False) -> Any:
+              extra_query: Optional[Mapping[str, Any]], stream: bool = False,
+              priority: Priority = None) -> Any:
         return self._client._call(method, route, body, operation=operation, model=model,
                                   stream=stream,
                                   params=checked_query("extra_query", extra_query) or None,
                                   headers=checked_headers("extra_headers", extra_headers) or None,
-                                  timeout=timeout, deadline=deadline, raw=self._raw)
+                                  timeout=timeout, deadline=deadline, priority=priority,
+                                  raw=self._raw)
 
 
 class Completions(_Resource):
     def create(self, *, model: str, messages: list, stream: bool = False,
-               timeout: Timeout = None, deadline: Deadline = None,
+               timeout: Timeout = None, deadline: Deadline = None, priority: Priority = None,
                extra_headers: Optional[Mapping[str, str]] = None,
                extra_query: Optional[Mapping[str, Any]] = None,
                extra_body: Optional[Mapping[str, Any]] = None, **params: Any) -> Any:
@@ -76,7 +80,7 @@ class Completions(_Resource):
         if stream:
             body["stream"] = True
         return self._send("POST", "/chat/completions", body, operation="chat", model=model,
-                          stream=stream, timeout=timeout, deadline=deadline,
+                          stream=stream, timeout=timeout, deadline=deadline, priority=priority,
                           extra_headers=extra_headers, extra_query=extra_query)
 
 
@@ -88,32 +92,33 @@ class Chat(_Resource):
 
 class Embeddings(_Resource):
     def create(self, *, model: str, input: Any, timeout: Timeout = None,
-               deadline: Deadline = None, extra_headers: Optional[Mapping[str, str]] = None,
+               deadline: Deadline = None, priority: Priority = None,
+               extra_headers: Optional[Mapping[str, str]] = None,
                extra_query: Optional[Mapping[str, Any]] = None,
                extra_body: Optional[Mapping[str, Any]] = None, **params: Any) -> Any:
         """``POST /embeddings``; ``params``: :data:`EMBEDDING_PARAMS`."""
         body = request_body("embeddings.create", {"model": model, "input": input}, params,
                             EMBEDDING_PARAMS, extra_body)
         return self._send("POST", "/embeddings", body, operation="embeddings", model=model,
-                          timeout=timeout, deadline=deadline, extra_headers=extra_headers,
-                          extra_query=extra_query)
+                          timeout=timeout, deadline=deadline, priority=priority,
+                          extra_headers=extra_headers, extra_query=extra_query)
 
 
 class Models(_Resource):
     def list(self, *, timeout: Timeout = None, deadline: Deadline = None,
-             extra_headers: Optional[Mapping[str, str]] = None,
+             priority: Priority = None, extra_headers: Optional[Mapping[str, str]] = None,
              extra_query: Optional[Mapping[str, Any]] = None) -> Any:
         """``GET /models``: a :class:`~cometkit.ListObject` of the models."""
         return self._send("GET", "/models", None, operation="models", model=None,
-                          timeout=timeout, deadline=deadline, extra_headers=extra_headers,
-                          extra_query=extra_query)
+                          timeout=timeout, deadline=deadline, priority=priority,
+                          extra_headers=extra_headers, extra_query=extra_query)
 
     def retrieve(self, model: str, *, timeout: Timeout = None, deadline: Deadline = None,
-                 extra_headers: Optional[Mapping[str, str]] = None,
+                 priority: Priority = None, extra_headers: Optional[Mapping[str, str]] = None,
                  extra_query: Optional[Mapping[str, Any]] = None) -> Any:
         """``GET /models/{model}``: one model; ``NotFoundError`` when there is none."""
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty model id, got {model!r}")
         return self._send("GET", f"/models/{quote(model, safe='')}", None, operation="models",
-                          model=None, timeout=timeout, deadline=deadline,
+                          model=None, timeout=timeout, deadline=deadline, priority=priority,
                           extra_headers=extra_headers, extra_query=extra_query)

@@ -27,6 +27,7 @@ from ._client import Client
 from ._engine import Sent, cut_timeout, operation_for
 from ._exceptions import APITimeoutError
 from ._transport import connection_error
+from .priorities import PRIORITY_HEADER
 from .records import AttemptResult
 
 __all__ = ["CometAdapter"]
@@ -55,16 +56,27 @@ class CometAdapter(HTTPAdapter):
     ``timeout`` given to ``requests`` is cut to what is left, and past the deadline the request
     raises ``cometkit.APITimeoutError`` (no response is returned then).
 
+    The requests' priority lane is the client's ``priority``, or ``priority`` given here; a
+    request's own ``x-cometkit-priority`` header wins, and is read here and never sent (an
+    unknown lane in it raises ``ValueError`` before anything is sent).
+
     :param client: the client whose plugins to use (default: a new one from ``config``).
     :param config: a YAML path or dict, as for :class:`cometkit.Client`.
+    :param priority: the lane of its requests (``None``: the client's ``priority``).
     :param overrides: config keys (``concurrency=8``); the pool is sized to ``concurrency``.
     """
 
     def __init__(self, client: Optional[Client] = None, *,
                  config: Union[str, os.PathLike, Mapping[str, Any], None] = None,
-                 **overrides: Any) -> None:
+                 priority: Optional[str] = None, **overrides: Any) -> None:
         self._owns_client = client is None
         self.client = client if client is not None else Client(config=config, **overrides)
+        try:
+            self.priority, _ = self.client.priorities.resolve(priority)
+        except BaseException:
+            if self._owns_client:
+                self.client.close()
+            raise
         size = self.client.concurrency
         super().__init__(pool_connections=2, pool_maxsize=size, max_retries=0)
 
@@ -83,8 +95,10 @@ class CometAdapter(HTTPAdapter):
         base_path = urlsplit(client.base_url).path
         route = path[len(base_path):] if base_path and path.startswith(base_path) else path
         body = json_object(request.body, request.headers.get("Content-Type"))
+        lane, _rank = client.priorities.from_header(
+            request.headers.pop(PRIORITY_HEADER, None), self.priority)
         info = client.new_request((request.method or "GET").upper(), route or "/", body,
-                                  stream=stream, operation=operation_for(path))
+                                  stream=stream, operation=operation_for(path), priority=lane)
         send = super().send
         authorization = request.headers.get("Authorization") or ""
         # the session's own key, else the client's: blanked out of what the server echoes

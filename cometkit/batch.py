@@ -373,16 +373,20 @@ class BatchRunner:
     :param output_path: the JSONL output; appended to, so a rerun resumes.
     :param model: the model for lines that name none.
     :param retry_failed: send again the lines an earlier run answered with an error.
+    :param priority: the priority lane of its requests, one of the client's ``priorities``
+        (``None``: the client's batch lane, ``batch`` with the default lanes), so that a
+        batch sharing a limiter with interactive calls gives way to them.
     """
 
     def __init__(self, input_path: str, output_path: str, *, model: Optional[str] = None,
-                 retry_failed: bool = False) -> None:
+                 retry_failed: bool = False, priority: Optional[str] = None) -> None:
         self.input_path = os.fspath(input_path)
         self.output_path = os.fspath(output_path)
         if model is not None and (not isinstance(model, str) or not model.strip()):
             raise ValueError(f"model must be a non-empty string or None, got {model!r}")
         self.model = model
         self.retry_failed = retry_failed
+        self.priority = priority
         self._answered = DigestSet()
         self._plan: Optional[BatchPlan] = None
         self._stop = threading.Event()
@@ -641,6 +645,7 @@ class BatchRunner:
             the answers already in the output; nothing was sent.
         """
         window = _check_window(max_in_flight, client)
+        priority = self.lane(client)
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result must be callable, got {type(on_result).__name__}")
         if budget is not None and not isinstance(budget, Budget):
@@ -667,7 +672,7 @@ class BatchRunner:
                 return _SKIPPED
             ok, record = False, {"response": None}
             try:
-                ok, record = self._call(client, item)
+                ok, record = self._call(client, item, priority)
             finally:
                 settle(reservation, record["response"] if ok else None, answered=ok)
             return self._write(item, encode_record(record), ok, counts, on_result)
@@ -798,12 +803,22 @@ class BatchRunner:
                 self._failure = error
         self._stop.set()
 
-    def _call(self, client: Any, item: BatchItem) -> tuple[bool, dict]:
+    def lane(self, client: Any) -> str:
+        """The priority lane this run sends in through ``client``: :attr:`priority`, else the
+        client's batch lane.
+
+        :raises ConfigError: :attr:`priority` is not one of the client's lanes.
+        """
+        lanes = client.priorities
+        return lanes.resolve(lanes.batch if self.priority is None else self.priority)[0]
+
+    def _call(self, client: Any, item: BatchItem,
+              priority: Optional[str] = None) -> tuple[bool, dict]:
         """Send one request; the output record, never an exception."""
         record: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}",
                                   "custom_id": item.custom_id, "response": None, "error": None}
         try:
-            value = client.request(item.method, item.route, json=item.body)
+            value = client.request(item.method, item.route, json=item.body, priority=priority)
         except APIStatusError as exc:
             record["response"] = {"status_code": exc.status_code, "request_id": exc.request_id,
                                   "body": exc.response_body}

@@ -187,7 +187,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     try:
         runner = BatchRunner(args.input, args.output, model=args.model,
-                             retry_failed=args.retry_failed)
+                             retry_failed=args.retry_failed, priority=args.priority)
     except ValueError as exc:  # --model ""
         return _error(f"--model: {exc}")
     try:
@@ -219,6 +219,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                             plugins=plugins)
         except (ConfigError, PluginError) as exc:
             return _error(str(exc))
+        try:
+            runner.lane(client)
+        except ConfigError as exc:
+            client.close()
+            return _error(f"--priority: {exc}")
         try:
             result = _send(runner, client, plan, args, budget)
         except BatchRunError as exc:  # stopped at once: one line says why and what to do
@@ -484,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop sending once the job's cost in US dollars would pass USD, "
                             "at the configuration's prices: (needed for every model); exit "
                             "status 3")
+    batch.add_argument("--priority", metavar="NAME",
+                       help="priority lane of the requests (default: batch, or the lowest "
+                            "configured lane): calls of higher lanes sharing the limiter go "
+                            "first")
     batch.add_argument("--metrics-csv", metavar="PATH",
                        help="write one CSV row per attempt here (csv_metrics plugin)")
     batch.add_argument("--sandbox", action="store_true",

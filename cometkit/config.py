@@ -27,6 +27,7 @@ from ._exceptions import ConfigError
 from .hints import parse_duration
 from .options import Interpolated, InvalidValue, Option, validate_section
 from .prices import PRICE_OPTIONS
+from .priorities import DEFAULT_PRIORITIES, PRIORITIES_ACCEPTS, Priorities, parse_priorities
 
 __all__ = [
     "CONFIG_ENV",
@@ -168,6 +169,17 @@ CORE_OPTIONS: dict[str, Option] = {
         help="Seconds one call may take in all: waiting for admission, every attempt, every "
              "retry wait; past it the call fails with APITimeoutError. null: no deadline.",
         example=20),
+    "priorities": Option(
+        "any", default=list(DEFAULT_PRIORITIES), parse=parse_priorities,
+        accepts=PRIORITIES_ACCEPTS,
+        help="Priority lanes, highest first: the limiter admits a waiting call of a higher "
+             "lane first (see the limiter's starvation_share).",
+        example=["interactive", "default", "batch"]),
+    "priority": Option(
+        "str", default=None, nullable=True,
+        help="Lane of a call that names none (priority= per call wins); null: the lane named "
+             "default, else the middle one. cometkit batch sends in batch unless told.",
+        example="interactive"),
     "concurrency": Option(
         "int", default=5, minimum=1, maximum=1024,
         help="Worker threads of the client's pool, and size of its connection pool.",
@@ -517,6 +529,7 @@ def load_config(
                           path=_file(where), key="")
     checked = validate_section(CORE_OPTIONS, interpolate(raw, where=where), where=where)
     data = {name: checked[name] for name in CORE_OPTIONS}  # declaration order, for display
+    lanes_where = where
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
         overridden = validate_section(CORE_OPTIONS, given, where=_OVERRIDES_WHERE,
@@ -524,6 +537,9 @@ def load_config(
         if "plugins" in overridden:
             overridden["plugins"] = {**data["plugins"], **overridden["plugins"]}
         data.update(overridden)
+        if "priority" in overridden and "priorities" not in overridden:
+            lanes_where = _OVERRIDES_WHERE  # the keyword argument is the one to fix
+    Priorities.from_config(data, lanes_where)  # priority must be one of priorities
     return LoadedConfig(data=data, path=path, where=where)
 
 

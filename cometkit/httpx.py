@@ -30,6 +30,7 @@ from ._engine import Sent, cut_timeout
 from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
 from ._streaming import StreamCloser, end_when_dropped, event_error, sse_lines
 from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
+from .priorities import PRIORITY_HEADER
 from .records import AttemptResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,7 +84,10 @@ def httpx_module(choice: Union[str, ModuleType, None] = None) -> ModuleType:
 
 
 #: Request headers read here as well as sent.
-_READ_REQUEST_HEADERS = frozenset({"content-type", "authorization", "x-stainless-retry-count"})
+_READ_REQUEST_HEADERS = frozenset({"content-type", "authorization", "x-stainless-retry-count",
+                                   PRIORITY_HEADER})
+#: Request headers read here and never sent: they are meant for cometkit alone.
+_CONSUMED_REQUEST_HEADERS = frozenset({PRIORITY_HEADER})
 
 
 def _outgoing_headers(headers: Any) -> tuple[dict, dict]:
@@ -95,7 +99,7 @@ def _outgoing_headers(headers: Any) -> tuple[dict, dict]:
         lower = key.lower()
         if lower in _READ_REQUEST_HEADERS:
             picked[lower] = value
-        if lower not in _OWN_REQUEST_HEADERS:
+        if lower not in _OWN_REQUEST_HEADERS and lower not in _CONSUMED_REQUEST_HEADERS:
             outgoing[key] = value
     return outgoing, picked
 
@@ -123,10 +127,16 @@ class Transport:
     :param client: the cometkit client whose plugins and connections to use.
     :param httpx: ``"httpx2"``, ``"httpx"`` or the module (default: the one the installed
         openai SDK sends through, else the first installed).
+    :param priority: the lane of its requests, one of the client's ``priorities`` (``None``:
+        the client's ``priority``). A request's own ``x-cometkit-priority`` header wins; the
+        header is read here and never sent.
+    :raises ConfigError: ``priority`` is not a lane of the client.
     """
 
-    def __init__(self, client: Client, *, httpx: Union[str, ModuleType, None] = None) -> None:
+    def __init__(self, client: Client, *, httpx: Union[str, ModuleType, None] = None,
+                 priority: Optional[str] = None) -> None:
         self.client = client
+        self.priority, _ = client.priorities.resolve(priority)
         self.httpx = httpx_module(httpx)
         self._event_body = _event_body_class(self.httpx)
         base = urlsplit(client.base_url)
@@ -136,7 +146,9 @@ class Transport:
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request`` through the client's engine; return an httpx ``Response`` or
-        raise an httpx ``RequestError`` (never a cometkit exception)."""
+        raise an httpx ``RequestError`` (never a cometkit exception). An unknown lane in the
+        ``x-cometkit-priority`` header raises ``ValueError`` before anything is sent (the
+        openai SDK passes it on as it is: a mistake in the calling code)."""
         client = self.client
         engine = client.engine
         url = request.url
@@ -152,7 +164,8 @@ class Transport:
         payload = json_object(body, picked.get("content-type"))
         stream = bool(payload and payload.get("stream") is True)
         method = request.method
-        info = client.new_request(method, path, payload, stream=stream)
+        lane, _rank = client.priorities.from_header(picked.get(PRIORITY_HEADER), self.priority)
+        info = client.new_request(method, path, payload, stream=stream, priority=lane)
         timeout_s = _timeout_s(request.extensions)
         send, secrets = client.transport.send, client.secrets
         authorization = picked.get("authorization") or ""

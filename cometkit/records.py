@@ -76,6 +76,10 @@ class RequestInfo:
         ``max_retries`` (``Client(max_retries=)``, ``client.with_options(max_retries=)``)
         as ``max_retries + 1``; a retry policy honours it in place of its own limit
         (``None``: the policy's own).
+    :ivar priority: the call's priority lane (``priority=``, else the client's ``priority``),
+        one of the configured ``priorities``.
+    :ivar priority_rank: the lane's place in ``priorities``: 0 for the highest. A limiter
+        admits waiting attempts of a lower rank first; it needs no lane names to do so.
     """
 
     request_id: str
@@ -88,6 +92,8 @@ class RequestInfo:
     started_at: float = 0.0
     deadline_s: Optional[float] = None
     max_attempts: Optional[int] = None
+    priority: str = "default"
+    priority_rank: int = 1
 
     @cached_property
     def token_estimate(self) -> tuple[int, int]:

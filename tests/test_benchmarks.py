@@ -13,13 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``benchmarks`` lives at the repository root, not installed
     sys.path.insert(0, str(REPO))
 
-from benchmarks import budget, deadline, goodput, limits  # noqa: E402
+from benchmarks import budget, deadline, goodput, limits, priority  # noqa: E402
 from benchmarks.__main__ import parser  # noqa: E402
 from benchmarks.contenders import GUIDE_ATTEMPTS, Spec, expected_answer, guide_retry  # noqa: E402
 from benchmarks.report import (  # noqa: E402
     budget_table,
     deadline_table,
     limits_table,
+    priority_table,
     results_markdown,
     table,
 )
@@ -283,6 +284,42 @@ def test_deadline_rows_have_their_own_table_and_are_checked_against_d_plus_a_qua
     assert "## Deadline bound" in written and rendered in written
     assert deadline_table([_row("requests-8", 8, 1.0)]) == ""
     assert parser().parse_args(["--only", "deadline"]).only == ["deadline"]
+
+
+def _priority_row(key: str, p95_s, wall_s: float, failed: int = 0) -> Row:
+    return Row(bench=priority.NAME, key=key, client="cometkit, in-process limiter", calls=210,
+               threads=16, ok=210 - failed, failed=failed, wall_s=wall_s, ideal_wall_s=10.0,
+               priority_case=f"case {key}",
+               info={"interactive_calls": 10, "queue_p50_s": 0.02, "queue_p95_s": p95_s,
+                     "queue_max_s": p95_s, "send_interval_s": 0.051})
+
+
+def test_priority_rows_have_their_own_table_and_are_checked_against_one_send_interval():
+    assert priority.percentile([0.3, 0.1, 0.2, 0.4], 0.5) == 0.2
+    assert priority.percentile(list(range(1, 21)), 0.95) == 19
+    assert priority.percentile([], 0.95) is None
+    met, slow, late = (_priority_row("lanes", 0.041, 10.5), _priority_row("lanes", 0.06, 10.0),
+                       _priority_row("lanes", None, 11.5, failed=1))
+    baseline = _priority_row("one-lane", 0.8, 10.0)
+    for row, expected in ((met, [True, True, True]), (slow, [False, True, True]),
+                          (late, [False, False, False])):
+        suite = Suite(rows=[row, baseline])
+        priority._checks(suite)
+        assert [c.passed for c in suite.checks] == expected  # the baseline is not checked
+    rows = [met, baseline, _row("requests-8", 8, 1.0, baseline=True)]
+    rendered = priority_table(rows)
+    cells = [c.strip() for c in rendered.splitlines()[2].split("|")][1:-1]
+    assert cells == ["case lanes", "cometkit, in-process limiter", "210/210", "10", "20.0",
+                     "41.0", "41.0", "51.0", "10.50", "10.00", "1.050"]
+    assert "requests-8" not in rendered and "case lanes" not in table(rows)
+    written = results_markdown(rows, [], command="python -m benchmarks", host={"CPU": "x"},
+                               elapsed_s=60.0)
+    assert "## Priority lanes" in written and rendered in written
+    assert parser().parse_args(["--only", "priority"]).only == ["priority"]
+    fleet = _priority_row("fleet", 0.5, 10.0)
+    suite = Suite(rows=[fleet])
+    priority._checks(suite)
+    assert [c.passed for c in suite.checks] == [None, True, True]  # the fleet's wait: shown
 
 
 def test_token_shape_ideal_charges_what_the_sandbox_counts():

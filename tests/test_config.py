@@ -27,6 +27,8 @@ DEFAULTS = {
     "api_key": None,
     "timeout": DEFAULT_TIMEOUT_S,
     "deadline": None,
+    "priorities": ["interactive", "default", "batch"],
+    "priority": None,
     "concurrency": 5,
     "verify": True,
     "allow_insecure_http": False,
@@ -63,6 +65,8 @@ base_url: https://proxy.example.com/v1
 api_key: sk-literal
 timeout: {{connect: 3, read: 45.5}}
 deadline: 1m30s
+priorities: [urgent, normal, bulk]
+priority: bulk
 concurrency: 32
 verify: {ca}
 allow_insecure_http: false
@@ -83,6 +87,8 @@ plugins:
         "api_key": "sk-literal",
         "timeout": (3.0, 45.5),
         "deadline": 90.0,
+        "priorities": ["urgent", "normal", "bulk"],
+        "priority": "bulk",
         "concurrency": 32,
         "verify": str(ca),
         "allow_insecure_http": False,

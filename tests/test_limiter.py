@@ -104,7 +104,8 @@ def test_spec_is_on_by_default_and_documents_every_option_with_its_default():
     assert defaults == {"max_concurrency": None, "requests_per_minute": None,
                         "tokens_per_minute": None, "burst": 1.0, "adaptive": True,
                         "safety_margin": 0.02, "acquire_timeout": None, "models": {},
-                        "window": None, "window_align": "first_request"}
+                        "window": None, "window_align": "first_request",
+                        "starvation_share": 0.1, "starvation_s": 5.0}
     assert all(option.help for option in OPTIONS.values())
 
 

@@ -7,12 +7,16 @@ lane (the ``models:`` overrides, and what adaptive mode learned for that model),
 that is refused slows down alone. Rates are token buckets holding ``burst`` seconds' worth,
 not a minute's: a minute's burst at start-up is exactly what earns 429s.
 
-Waiters are admitted first come, first served (per model: a call whose model is at its limit
-does not block calls for other models, but nothing overtakes an older call of its own model
-or an older call waiting for the client's own limits). Nobody polls: waiters sleep on a
-condition, and the oldest one sleeps with a timeout computed for the next instant anything
-may change (a bucket refilling, a hold ending). With an injected clock other than the system
-clock, that timed wait is ``clock.sleep()``, so a fake clock jumps straight there.
+Waiters are admitted by priority, then first come, first served: the waiting attempt of the
+highest priority lane (``RequestInfo.priority_rank``) goes first, and within a lane the
+oldest call (per model: a call whose model is at its limit does not block calls for other
+models, but nothing overtakes an older or higher call of its own model or one waiting for the
+client's own limits). A lower lane is never stopped outright: once its oldest waiter has waited
+``starvation_s``, it may take ``starvation_share`` of the admissions ahead of higher lanes.
+Nobody polls: waiters sleep on a condition, and the first one sleeps with a timeout computed
+for the next instant anything may change (a bucket refilling, a hold ending). With an
+injected clock other than the system clock, that timed wait is ``clock.sleep()``, so a fake
+clock jumps straight there.
 
 Options and the adaptive algorithm are documented in ``docs/plugins/limiter.md``; the
 algorithm itself lives in :mod:`.adaptive`, the options and arithmetic in :mod:`.plan`.
@@ -45,12 +49,14 @@ from .adaptive import (
 from .buckets import TokenBucket
 from .plan import (
     OPTIONS,
+    OVERTAKE_CREDIT,
     admission_timeout,
     charged_tokens,
     concurrency_number,
     factory_kwargs,
     lane_cap,
     paced_rate,
+    starvation_credit,
     token_refund,
     tokens_limited,
 )
@@ -170,11 +176,14 @@ _FREE = (0, 0, 0)
 
 
 class _Waiter:
-    __slots__ = ("lane", "request", "cost", "parts", "estimate", "cond", "permit", "since")
+    __slots__ = ("lane", "request", "cost", "parts", "estimate", "cond", "permit", "since",
+                 "rank")
 
     def __init__(self, lane: _Lane, request: RequestInfo) -> None:
         self.lane = lane
         self.request = request
+        #: Its priority lane's rank (0: the highest): the queue's first order.
+        self.rank = request.priority_rank
         self.cost = 0
         self.parts = _FREE
         #: The client's ``(prompt, max_tokens)`` estimate, made once, when tokens count.
@@ -182,7 +191,8 @@ class _Waiter:
         #: Set when it queues (an attempt admitted at once never waits on it).
         self.cond: Any = None
         self.permit: Optional[_Permit] = None
-        #: When the call began: a call back from a 429 keeps its place among the oldest.
+        #: When the call began: a call back from a 429 keeps its place among the oldest of
+        #: its priority lane.
         self.since = request.started_at
         self.reprice()
 
@@ -223,6 +233,9 @@ class AdmissionLimiter:
     :param safety_margin: share of the configured rates left unused.
     :param acquire_timeout: default seconds :meth:`acquire` waits before raising
         ``RateLimitError`` (``None``: no limit).
+    :param starvation_share: share of admissions that may go to the oldest waiter of a lower
+        priority lane ahead of higher ones, once it has waited ``starvation_s``.
+    :param starvation_s: seconds a lower lane's call waits before it may overtake.
     :param models: per-model ``max_concurrency`` / ``requests_per_minute`` /
         ``tokens_per_minute``.
     :param clock: the clock to read and wait on.
@@ -246,6 +259,8 @@ class AdmissionLimiter:
         window: Optional[float] = None,
         window_align: str = "first_request",
         clock: Optional[Clock] = None,
+        starvation_share: float = OPTIONS["starvation_share"].default,
+        starvation_s: float = OPTIONS["starvation_s"].default,
     ) -> None:
         # The schema the configuration is checked against checks direct construction too.
         validate_section(OPTIONS, {
@@ -253,6 +268,7 @@ class AdmissionLimiter:
             "tokens_per_minute": tokens_per_minute, "burst": burst, "adaptive": adaptive,
             "safety_margin": safety_margin, "acquire_timeout": acquire_timeout,
             "models": dict(models or {}), "window": window, "window_align": window_align,
+            "starvation_share": starvation_share, "starvation_s": starvation_s,
         }, where="<AdmissionLimiter>", key_path=PLUGIN_NAME)
         if window is not None and requests_per_minute is None:
             raise ConfigError(f"{PLUGIN_NAME}.window: needs requests_per_minute (the window's "
@@ -268,6 +284,10 @@ class AdmissionLimiter:
         self.models = {name: dict(section) for name, section in (models or {}).items()}
         self.window = window
         self.window_align = window_align
+        self.starvation_share = float(starvation_share)
+        self.starvation_s = float(starvation_s)
+        #: What lower lanes may spend on overtaking (see :func:`.plan.starvation_credit`).
+        self._starvation_credit = 0.0
         self.clock: Clock = clock or SystemClock()
         # Condition waits measure real time; any other clock is waited on with its own sleep.
         self._real_time = self.clock.monotonic is time.monotonic
@@ -302,7 +322,8 @@ class AdmissionLimiter:
     # -- Limiter protocol ----------------------------------------------------------------------
 
     def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> _Permit:
-        """Wait, first come first served, until the attempt may go out; return its permit.
+        """Wait, highest priority lane first and first come first served within a lane, until
+        the attempt may go out; return its permit.
 
         :param timeout_s: longest wait (the time left of the call's deadline); the shorter of it
             and ``acquire_timeout`` applies, ``None`` leaves ``acquire_timeout`` alone.
@@ -389,7 +410,12 @@ class AdmissionLimiter:
                 else:
                     entry["limit"] = lane.max_concurrency
                 models[model] = entry
+            by_priority: dict[str, int] = {}
+            for waiter in self._queue:
+                name = waiter.request.priority
+                by_priority[name] = by_priority.get(name, 0) + 1
             return {"in_flight": self._in_flight, "waiting": len(self._queue),
+                    "waiting_by_priority": by_priority,
                     "max_concurrency": self.max_concurrency, "closed": self._closed,
                     "models": models}
 
@@ -420,17 +446,33 @@ class AdmissionLimiter:
         return lane
 
     def _enqueue(self, waiter: _Waiter) -> None:
-        """Queue a waiter by the age of its call: first come, first served, and a call sent
-        back by a 429 keeps its place ahead of calls that began after it."""
+        """Queue a waiter by its priority lane, then by the age of its call: first come, first
+        served within a lane, and a call sent back by a 429 keeps its place ahead of calls of
+        its lane that began after it."""
         queue = self._queue
-        if not queue or queue[-1].since <= waiter.since:
+        place = (waiter.rank, waiter.since)
+        if not queue or (queue[-1].rank, queue[-1].since) <= place:
             queue.append(waiter)
             return
         for index, other in enumerate(queue):
-            if other.since > waiter.since:
+            if (other.rank, other.since) > place:
                 queue.insert(index, waiter)
                 return
         queue.append(waiter)
+
+    def _starving(self, now: float) -> Optional[_Waiter]:
+        """The waiter of a lower lane that goes ahead of the higher ones now, if any: the
+        oldest call below the highest waiting lane that has waited ``starvation_s``, while
+        the lower lanes have a whole credit to spend."""
+        if self._starvation_credit < OVERTAKE_CREDIT or not self._queue:
+            return None
+        top = self._queue[0].rank
+        oldest: Optional[_Waiter] = None
+        for waiter in self._queue:
+            if waiter.rank > top and now - waiter.since >= self.starvation_s and (
+                    oldest is None or waiter.since < oldest.since):
+                oldest = waiter
+        return oldest
 
     def _blocked(self, lane: _Lane, cost: int, now: float) -> tuple[Optional[str],
                                                                      Optional[float]]:
@@ -478,17 +520,25 @@ class AdmissionLimiter:
             probe = lane.control.on_admit(now, cost)
             lane.demand_changed(now)
         lane.admitted += 1
+        self._starvation_credit = starvation_credit(self._starvation_credit,
+                                                    self.starvation_share)
         return _Permit(lane, cost, parts[1], parts[2], probe, lane.in_flight, lane.admitted)
 
     def _dispatch(self, now: float) -> Optional[float]:
-        """Admit every waiter that may go now, oldest first; return when to look again
-        (``None``: not before a release). Wakes the oldest remaining waiter, which keeps time
-        for everyone."""
+        """Admit every waiter that may go now, highest lane and oldest first (a starving
+        waiter of a lower lane ahead of them, see :meth:`_starving`); return when to look
+        again (``None``: not before a release). Wakes the first remaining waiter, which keeps
+        time for everyone."""
         if self._closed:
             return None
         next_check: Optional[float] = None
         blocked_lanes: set[int] = set()
-        for waiter in list(self._queue):
+        order = list(self._queue)
+        starving = self._starving(now)
+        if starving is not None:
+            order.remove(starving)
+            order.insert(0, starving)
+        for waiter in order:
             lane = waiter.lane
             if id(lane) in blocked_lanes:
                 continue  # an older call of this model is still waiting
@@ -500,6 +550,8 @@ class AdmissionLimiter:
                 self._queue.remove(waiter)
                 lane.waiting -= 1
                 waiter.permit = self._grant(lane, waiter.parts, now)
+                if waiter is starving:
+                    self._starvation_credit -= 1.0
                 waiter.cond.notify()
             elif scope is _CLIENT:
                 break

@@ -27,6 +27,8 @@ __all__ = [
     "factory_kwargs",
     "concurrency_number",
     "tokens_limited",
+    "starvation_credit",
+    "OVERTAKE_CREDIT",
 ]
 
 _MODEL_OPTIONS = {
@@ -76,6 +78,15 @@ OPTIONS = {
         help="'first_request': a window opens with the first request after the last one "
              "ended (LiteLLM's proxy); 'clock': windows follow the wall clock (a calendar "
              "minute for window: 60)."),
+    "starvation_share": Option(
+        "float", 0.1, minimum=0, maximum=1,
+        help="Share of admissions that may go to the oldest waiting call of a lower priority "
+             "lane while a higher one waits, once it has waited starvation_s: a lower lane "
+             "is slowed, never stopped. 0: strict priority."),
+    "starvation_s": Option(
+        "float", 5.0, minimum=0, maximum=86400,
+        help="Seconds a call of a lower priority lane waits before it may take its "
+             "starvation_share of admissions ahead of higher lanes."),
     "acquire_timeout": Option(
         "float", None, minimum=0, nullable=True,
         help="Seconds an attempt may wait for admission before failing with "
@@ -139,6 +150,18 @@ def token_refund(cost: int, result: AttemptResult, answer_reserved: int) -> Opti
     if result.status_code is not None and result.status_code >= 400:
         return cost
     return None
+
+
+def starvation_credit(credit: float, share: float) -> float:
+    """The credit of lower priority lanes after one more admission: ``share`` more, at most
+    one admission's worth. A starving waiter may overtake a higher lane only with a whole
+    credit (and spends it), so at most one admission in ``1 / share`` overtakes, and a long
+    spell without contention never saves up a burst of overtakes."""
+    return min(1.0, credit + share)
+
+
+#: A credit this close to a whole one is whole (ten additions of 0.1 make 0.9999999999999999).
+OVERTAKE_CREDIT = 1.0 - 1e-9
 
 
 def factory_kwargs(options: Mapping[str, Any], schema: Mapping[str, Option],

@@ -78,6 +78,7 @@ from .adaptive import (
     WINDOW_SLACK_S,
     AdaptiveControl,
 )
+from .fleet_lanes import OVERTAKE, WAIT, FleetLanes, FleetWaiter
 from .local import AdmissionLimiter
 from .plan import OPTIONS as LIMITER_OPTIONS
 from .plan import (
@@ -174,6 +175,8 @@ def _lua(name: str) -> str:
 ACQUIRE_LUA = _lua("acquire")
 RELEASE_LUA = _lua("release")
 RENEW_LUA = _lua("renew")
+LANE_GATE_LUA = _lua("lane_gate")
+LANE_LEAVE_LUA = _lua("lane_leave")
 
 
 def _import_redis() -> Any:
@@ -213,6 +216,12 @@ def _gcra(per_minute: Optional[float], burst: float, margin: float) -> tuple[flo
     return 1000.0 / rate_per_s, capacity
 
 
+def lane_scope(base: str, model: Optional[str]) -> str:
+    """The first part of every key of ``model``'s lane."""
+    # "*" for calls without a model: a model of that name would be quoted to %2A.
+    return f"{base}:model:{'*' if model is None else quote(model, safe='')}"
+
+
 class _Lane:
     """One model's keys and limits (the calls without a model share one lane)."""
 
@@ -224,8 +233,7 @@ class _Lane:
                  rpm_gcra: tuple[float, float], tpm_gcra: tuple[float, float]) -> None:
         self.model = model
         self.label = model or "-"
-        # "*" for calls without a model: a model of that name would be quoted to %2A.
-        scope = f"{base}:model:{'*' if model is None else quote(model, safe='')}"
+        scope = lane_scope(base, model)
         self.slots = f"{scope}:slots"
         self.rpm = f"{scope}:rpm"
         self.tpm = f"{scope}:tpm"
@@ -354,6 +362,8 @@ class RedisLimiter:
         clock: Optional[Clock] = None,
         rng: Optional[Random] = None,
         redis_client: Any = None,
+        starvation_share: float = LIMITER_OPTIONS["starvation_share"].default,
+        starvation_s: float = LIMITER_OPTIONS["starvation_s"].default,
     ) -> None:
         self.options = validate_section(OPTIONS, {
             "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
@@ -362,6 +372,7 @@ class RedisLimiter:
             "models": dict(models or {}), "url": url, "key_prefix": key_prefix,
             "lease_ttl": lease_ttl, "on_redis_error": on_redis_error,
             "socket_timeout": socket_timeout,
+            "starvation_share": starvation_share, "starvation_s": starvation_s,
         }, where="<RedisLimiter>", key_path=PLUGIN_NAME)
         max_concurrency = concurrency_number(max_concurrency, PLUGIN_NAME, "RedisLimiter")
         redis = _import_redis()
@@ -429,9 +440,14 @@ class RedisLimiter:
         # enforced fleet-wide.
         self._pacer: Optional[AdmissionLimiter] = (
             AdmissionLimiter(max_concurrency=self.max_concurrency, burst=self.burst,
-                             safety_margin=self.safety_margin, clock=self.clock)
+                             safety_margin=self.safety_margin, clock=self.clock,
+                             starvation_share=starvation_share, starvation_s=starvation_s)
             if self.adaptive else None)
         self._control_ttl_ms = int(CONTROL_TTL_S * 1000)
+        self._fleet_lanes = FleetLanes(
+            redis_client.register_script(LANE_GATE_LUA),
+            redis_client.register_script(LANE_LEAVE_LUA), starvation_share=starvation_share,
+            starvation_s=starvation_s, clock=self.clock)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], *, concurrency: int, namespace: str = "",
@@ -602,6 +618,8 @@ class RedisLimiter:
                 *self._client_tpm_gcra, lane.max_concurrency, *lane.rpm_gcra, *lane.tpm_gcra,
                 cost, 1 if self.adaptive else 0, min(lane.max_concurrency or 1, INITIAL_LIMIT)]
         backoff = POLL_MIN_S
+        waiter = self._fleet_lanes.waiter(FleetLanes.keys(
+            lane_scope(self.base_key, lane.model), f"{self.base_key}:all"), permit_id, request)
         with self._lock:
             lane.active += 1
         granted = False
@@ -609,6 +627,7 @@ class RedisLimiter:
             if not lane.introduced:
                 self._introduce(lane)
             while True:
+                turn = self._lane_turn(waiter, deadline, timeout)
                 news, pace, token_pace, limits = self._share(lane)
                 with self._lock:
                     known = lane.version
@@ -618,6 +637,7 @@ class RedisLimiter:
                 value, detail = reply[1], reply[2]
                 self._take_in(lane, reply[5:], (1, 0, cost, 0) if granted else (0, 0, 0, 0))
                 if granted:
+                    self._leave_lane(waiter, admitted=True, overtook=turn == OVERTAKE)
                     permit = _RedisPermit(permit_id, lane, cost, _text(value),
                                           learned_tpm_interval=token_pace[0],
                                           fleet_level=int(reply[3]), window_rank=int(reply[4]))
@@ -625,6 +645,7 @@ class RedisLimiter:
                         self._held[permit_id] = permit
                     self._ensure_renewer()
                     return permit
+                waiter.held_up(self._client_wide(lane, _text(detail)))
                 now = self.clock.monotonic()
                 if deadline is not None and now >= deadline:
                     raise self._timeout_error(request, timeout, _text(detail))
@@ -641,6 +662,44 @@ class RedisLimiter:
         finally:
             if not granted:
                 self._idle(lane)
+                self._leave_lane(waiter)
+
+    @staticmethod
+    def _client_wide(lane: _Lane, reason: str) -> bool:
+        """Whether a refusal for ``reason`` was by a limit every model shares: a rate when
+        the model has none of its own, slots when it has no slots of its own."""
+        if reason == "rate":
+            return not lane.rpm_gcra[0] and not lane.tpm_gcra[0]
+        return reason == "slots" and not lane.max_concurrency
+
+    def _lane_turn(self, waiter: FleetWaiter, deadline: Optional[float],
+                   timeout: Optional[float]) -> int:
+        """Wait until no higher priority lane waits anywhere in the fleet (or this call may
+        overtake them, see :mod:`.fleet_lanes`): :data:`GO` or :data:`OVERTAKE`."""
+        backoff = POLL_MIN_S
+        while True:
+            turn = waiter.turn()
+            if turn != WAIT:
+                return turn
+            now = self.clock.monotonic()
+            if deadline is not None and now >= deadline:
+                raise self._timeout_error(waiter.request, timeout, "lane")
+            wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
+            backoff = min(POLL_MAX_S, backoff * 2)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self._sleep(max(0.0, wait))
+            if self._closed:
+                raise RuntimeError("the limiter was closed while this attempt waited")
+
+    def _leave_lane(self, waiter: FleetWaiter, *, admitted: bool = False,
+                    overtook: bool = False) -> None:
+        """A waiter leaves the fleet's queues, admitted or giving up. Should Redis not answer
+        now, its heartbeat expires instead: an admitted attempt keeps its lease."""
+        try:
+            waiter.leave(admitted=admitted, overtook=overtook)
+        except self._redis_error as exc:
+            logger.debug("could not leave the fleet's queue of waiters: %s", exc)
 
     # -- what the fleet learned ------------------------------------------------------------
 
@@ -847,7 +906,8 @@ class RedisLimiter:
         waiting_for = {"hold": "a shared hold after a 429", "rate": "a shared rate limit",
                        "pace": "the fleet's learned send or token rate",
                        "window": "the fleet's quota of a window to open",
-                       "slots": "a shared concurrency slot"}.get(reason, reason)
+                       "slots": "a shared concurrency slot",
+                       "lane": "calls of a higher priority lane"}.get(reason, reason)
         return RateLimitError(
             f"redis_limiter did not admit {request.method} {request.route} "
             f"model={request.model or '-'} within acquire_timeout={timeout:g} s "
