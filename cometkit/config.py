@@ -8,8 +8,11 @@ Every problem is a :class:`~cometkit.ConfigError` whose message reads
 ``<file>: <key.path>: <problem>. <what is allowed / how to fix it>``, because the person who
 sees it is usually not the person who wrote the file.
 
-The YAML is read with a safe loader only: a tag such as ``!!python/object/apply`` is refused
-before anything is constructed, so a configuration file can never run code.
+The steps live in their own modules: :mod:`cometkit._yaml` reads the file (a hardened safe
+loader: a tag such as ``!!python/object/apply`` is refused before anything is constructed, so a
+configuration file can never run code), :mod:`cometkit._interpolate` fills in ``${VAR}``, and
+:mod:`cometkit._redact` makes a configuration fit to show. This module holds the top-level
+schema and puts the steps together.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from . import _redact
 from ._exceptions import ConfigError
+from ._interpolate import file_of, interpolate
+from ._redact import REDACTED
+from ._yaml import dump_yaml, read_yaml_file
 from .hints import parse_duration
 from .options import Interpolated, InvalidValue, Option, validate_section
 from .prices import PRICE_OPTIONS
@@ -48,10 +54,7 @@ CONFIG_ENV = "COMETKIT_CONFIG"
 #: minutes to finish.
 DEFAULT_TIMEOUT_S = (10.0, 600.0)
 #: What a secret is replaced with when configuration is shown.
-REDACTED = "***"
 #: Secrets shorter than this are only redacted where they are the whole value: replacing a
-#: short string inside every other value would mangle the output without protecting anything.
-_MIN_SUBSTRING_SECRET = 6
 
 _TIMEOUT_ACCEPTS = ("seconds > 0 for both connect and read (a number or a duration such as "
                     '"30s"), a mapping {connect: s, read: s} or a list [connect, read]')
@@ -228,263 +231,6 @@ class LoadedConfig:
     where: str = "<defaults>"
 
 
-# -- reading YAML ---------------------------------------------------------------------------
-
-
-class _UnsafeTag(yaml.MarkedYAMLError):
-    pass
-
-
-class _DuplicateKey(yaml.MarkedYAMLError):
-    pass
-
-
-def _short_tag(tag: str) -> str:
-    prefix = "tag:yaml.org,2002:"
-    return "!!" + tag[len(prefix):] if tag.startswith(prefix) else tag
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that names refused tags and rejects duplicate keys.
-
-    PyYAML silently keeps the last of two equal keys; in a configuration that hides a mistake
-    (two ``concurrency:`` lines, one forgotten), so it is an error here.
-    """
-
-    def construct_undefined(self, node: yaml.Node) -> Any:
-        raise _UnsafeTag(None, None, f"tag {_short_tag(node.tag)} is not allowed",
-                         node.start_mark)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: dict[tuple[str, str], yaml.Node] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue
-            ident = (key_node.tag, key_node.value)
-            if ident in seen:
-                first = seen[ident].start_mark.line + 1
-                raise _DuplicateKey(None, None, f"duplicate key {key_node.value!r} (first "
-                                    f"given on line {first})", key_node.start_mark)
-            seen[ident] = key_node
-        return super().construct_mapping(node, deep=deep)
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._open_anchors: set[str] = set()
-
-    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> Any:
-        """Refuse what PyYAML would follow into a Python ``RecursionError``: an alias to an
-        anchor whose node is not finished (a structure containing itself), and nesting deeper
-        than :data:`MAX_CONFIG_DEPTH` (the composer recurses once per level)."""
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            if event.anchor in self._open_anchors:
-                raise _BadStructure(None, None, f"alias *{event.anchor} is inside its own anchor "
-                                    f"&{event.anchor}, so the value would contain itself "
-                                    "forever (a recursive alias)", event.start_mark)
-            return super().compose_node(parent, index)
-        if self._depth >= MAX_CONFIG_DEPTH:
-            raise _BadStructure(None, None, f"values nested more than {MAX_CONFIG_DEPTH} levels "
-                                "deep", event.start_mark)
-        anchor = getattr(event, "anchor", None)
-        self._depth += 1
-        if anchor is not None:
-            self._open_anchors.add(anchor)
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-            self._open_anchors.discard(anchor)
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        size, depth = _expanded_shape(node)
-        if size > MAX_CONFIG_VALUES:
-            raise _BadStructure(None, None, f"the document expands to more than "
-                                f"{MAX_CONFIG_VALUES} values (YAML aliases repeating aliases?)",
-                                node.start_mark)
-        if depth > MAX_CONFIG_DEPTH:
-            raise _BadStructure(None, None, "once its aliases are expanded, the document nests "
-                                f"values more than {MAX_CONFIG_DEPTH} levels deep (aliases of "
-                                "aliases of nested values?)",
-                                node.start_mark)
-        return super().construct_document(node)
-
-
-_ConfigLoader.add_constructor(None, _ConfigLoader.construct_undefined)
-
-#: A configuration is small; a document that expands past this many values is refused before
-#: it is built, so an alias bomb ("billion laughs") costs nothing.
-MAX_CONFIG_VALUES = 100_000
-#: Deepest nesting of mappings and lists accepted (a real configuration needs about five).
-#: Everything that walks a configuration (YAML composing, ``${VAR}`` interpolation,
-#: validation, redaction) recurses once per level, so a deeper document is refused up front
-#: instead of ending in a ``RecursionError``.
-MAX_CONFIG_DEPTH = 64
-
-
-class _BadStructure(yaml.MarkedYAMLError):
-    """Too large, too deep or recursive: refused before anything is built."""
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [part for pair in node.value for part in pair]
-    return []
-
-
-def _expanded_shape(root: yaml.Node) -> tuple[int, int]:
-    """``(values, depth)`` of ``root`` once aliases are expanded.
-
-    Counted on the node graph, where an alias is a shared node, so the count is cheap even for
-    an alias bomb; walked with an explicit stack, so a long chain of aliases cannot exhaust
-    Python's recursion limit either. A node reached again while it is being walked (a cycle
-    the composer let through) is refused.
-    """
-    shape: dict[int, tuple[int, int]] = {}
-    walking: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        if children_done:
-            walking.discard(key)
-            kids = [shape[id(child)] for child in _children(node)]
-            size = 1 + sum(size for size, _ in kids)
-            depth = 1 + max((depth for _, depth in kids), default=0)
-            shape[key] = (size, depth)
-            if size > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
-                return size, depth  # refused anyway: no need to finish the walk
-            continue
-        if key in shape:
-            continue
-        if key in walking:
-            raise _BadStructure(None, None, "a value contains itself (a recursive alias)",
-                                node.start_mark)
-        walking.add(key)
-        stack.append((node, True))
-        stack.extend((child, False) for child in _children(node) if id(child) not in shape)
-    return shape[id(root)]
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no code runs
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        if isinstance(exc, _UnsafeTag):
-            raise ConfigError(
-                f"{where}: {at}: {exc.problem}. Configuration is read with YAML safe loading "
-                "only: use plain mappings, lists, strings, numbers, booleans and null.",
-                path=where) from None
-        if isinstance(exc, _BadStructure):
-            raise ConfigError(f"{where}: {at}: {exc.problem}.", path=where) from None
-        if isinstance(exc, _DuplicateKey):
-            raise ConfigError(f"{where}: {at}: {exc.problem}. Keep one of them.",
-                              path=where) from None
-        context = exc.context or ""
-        if context and exc.context_mark is not None and exc.context_mark is not mark:
-            context += (f" (which began at line {exc.context_mark.line + 1}, column "
-                        f"{exc.context_mark.column + 1})")
-        problem = "; ".join(p for p in (context, exc.problem) if p)
-        raise ConfigError(f"{where}: {at}: invalid YAML: {problem}. Check the indentation and "
-                          "quoting around that line.", path=where) from None
-    except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML parse error is marked
-        raise ConfigError(f"{where}: invalid YAML: {exc}", path=where) from None
-
-
-def _read_file(path: Union[str, os.PathLike], *, from_env: bool) -> tuple[Any, str]:
-    name = os.fsdecode(os.fspath(path))
-    origin = f" (named by ${CONFIG_ENV})" if from_env else ""
-    try:
-        with open(os.path.expanduser(name), encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        fix = f"Fix or unset ${CONFIG_ENV}." if from_env else "Check the path."
-        raise ConfigError(f"{name}: configuration file not found{origin}. {fix}",
-                          path=name) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: configuration file is not UTF-8 text{origin} (byte "
-                          f"{exc.start}). Save it as UTF-8.", path=name) from None
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read the configuration file{origin}: "
-                          f"{exc.strerror or exc}.", path=name) from None
-    return _parse_yaml(text, name), name
-
-
-# -- ${VAR} interpolation -------------------------------------------------------------------
-
-_REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
-_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
-
-
-def _substitute(text: str, environ: Mapping[str, str], where: str, key: str) -> str:
-    def replace(match: re.Match) -> str:
-        token = match.group(0)
-        if token == "$${":
-            return "${"
-        body = match.group(1)
-        parts = _BODY.fullmatch(body) if body is not None else None
-        if parts is None:
-            shown = token if body is not None else token + "..."
-            raise ConfigError(
-                f"{where}: {key}: malformed environment reference {shown!r}. Write ${{NAME}} "
-                "or ${NAME:-default}, or $${ for a literal '${'.", path=_file(where), key=key)
-        name, default = parts.group(1), parts.group(2)
-        value = environ.get(name)
-        if default is not None and not value:
-            return default
-        if value is None:
-            raise ConfigError(
-                f"{where}: {key}: environment variable {name} is not set. Export it, or write "
-                f"${{{name}:-default}} to give a default.", path=_file(where), key=key)
-        return value
-
-    result = _REFERENCE.sub(replace, text)
-    whole = _REFERENCE.fullmatch(text)
-    if whole is not None and whole.group(0) != "$${":
-        return Interpolated(result, reference=text)
-    return result
-
-
-def _file(where: str) -> Optional[str]:
-    return where if where and not where.startswith("<") else None
-
-
-def interpolate(
-    value: Any,
-    *,
-    where: str = "",
-    key_path: str = "",
-    environ: Optional[Mapping[str, str]] = None,
-) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string inside ``value``.
-
-    ``${VAR:-default}`` uses the default when the variable is unset or empty, as the shell
-    does; ``$${`` is a literal ``${``. A value that is exactly one reference comes back as an
-    :class:`~cometkit.options.Interpolated` string, which the validator reads as a number or a
-    boolean where the option wants one. Keys are left alone.
-
-    :raises ConfigError: for an unset variable without a default, naming the key path.
-    """
-    env = os.environ if environ is None else environ
-    if isinstance(value, str):
-        if "${" not in value:
-            return value
-        return _substitute(value, env, where, key_path or "top level")
-    if isinstance(value, dict):
-        return {k: interpolate(v, where=where, environ=env,
-                               key_path=f"{key_path}.{k}" if key_path else str(k))
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [interpolate(v, where=where, environ=env, key_path=f"{key_path}[{i}]")
-                for i, v in enumerate(value)]
-    return value
-
-
 # -- loading --------------------------------------------------------------------------------
 
 #: How error messages name keyword arguments given to ``Client(...)``.
@@ -509,14 +255,14 @@ def load_config(
     if source is None:
         env_path = os.environ.get(CONFIG_ENV, "").strip()
         if env_path:
-            raw, path = _read_file(env_path, from_env=True)
+            raw, path = read_yaml_file(env_path, named_by=CONFIG_ENV)
             where = path
         else:
             raw, where = {}, "<defaults>"
     elif isinstance(source, Mapping):
         raw, where = dict(source), "<dict>"
     elif isinstance(source, (str, os.PathLike)):
-        raw, path = _read_file(source, from_env=False)
+        raw, path = read_yaml_file(source)
         where = path
     else:
         raise ConfigError(f"config: must be a path to a YAML file or a mapping, got "
@@ -526,7 +272,7 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: top level: must be a mapping of keys such as "
                           f"{', '.join(CORE_OPTIONS)}, got a {type(raw).__name__}.",
-                          path=_file(where), key="")
+                          path=file_of(where), key="")
     checked = validate_section(CORE_OPTIONS, interpolate(raw, where=where), where=where)
     data = {name: checked[name] for name in CORE_OPTIONS}  # declaration order, for display
     lanes_where = where
@@ -543,112 +289,8 @@ def load_config(
     return LoadedConfig(data=data, path=path, where=where)
 
 
-# -- showing it -----------------------------------------------------------------------------
-
-
-def _secret_values(data: Any, schema: Mapping[str, Option]) -> Iterable[str]:
-    if not isinstance(data, dict):
-        return
-    for name, value in data.items():
-        option = schema.get(name) if isinstance(name, str) else None
-        if option is None:
-            continue
-        if option.secret and isinstance(value, str) and value:
-            yield value
-        elif option.kind == "section":
-            yield from _secret_values(value, option.children)
-        elif option.kind == "mapping" and option.children and isinstance(value, dict):
-            for sub in value.values():
-                yield from _secret_values(sub, option.children)
-
-
-def _scrub(value: Any, secrets: list[str]) -> Any:
-    if isinstance(value, str):
-        text = str(value)
-        for secret in secrets:
-            if text == secret:
-                return REDACTED
-            if len(secret) >= _MIN_SUBSTRING_SECRET and secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
-    if isinstance(value, dict):
-        return {_scrub(k, secrets): _scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, secrets) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_scrub(v, secrets) for v in value)
-    return value
-
-
-def _redact_declared(data: Any, schema: Mapping[str, Option],
-                     plugin_schemas: Mapping[str, Mapping[str, Option]], top: bool) -> Any:
-    if not isinstance(data, dict):
-        return data
-    out = {}
-    for name, value in data.items():
-        option = schema.get(name) if isinstance(name, str) else None
-        if top and name == "plugins" and isinstance(value, dict):
-            value = {plugin: _redact_declared(section, plugin_schemas.get(plugin, {}), {}, False)
-                     for plugin, section in value.items()}
-        elif option is not None and option.secret and value is not None:
-            value = REDACTED
-        elif option is not None and option.kind == "section":
-            value = _redact_declared(value, option.children, {}, False)
-        elif option is not None and option.kind == "mapping" and isinstance(value, dict):
-            value = {k: _redact_declared(v, option.children, {}, False) for k, v in value.items()}
-        out[name] = value
-    return out
-
-
-def redact(
-    data: Mapping[str, Any],
-    schema: Mapping[str, Option] = CORE_OPTIONS,
-    *,
-    plugin_schemas: Optional[Mapping[str, Mapping[str, Option]]] = None,
-    secrets: Iterable[str] = (),
-) -> dict[str, Any]:
-    """A copy of ``data`` fit to show: no secret survives, not even in part.
-
-    Values of options declared ``secret=True`` become ``"***"`` (``null`` stays ``null``: that
-    the key is unset is worth seeing). Then the API key in effect (``api_key``, else
-    ``$COMETAPI_KEY``), every declared secret value and any extra ``secrets`` are replaced
-    wherever else they occur — a key pasted into a URL or a header template as well.
-
-    :param plugin_schemas: each plugin's option schema by plugin name, to redact secrets in
-        ``plugins.<name>`` sections.
-    :param secrets: further strings to hide.
-    """
-    plugin_schemas = plugin_schemas or {}
-    found = [*secrets, *_secret_values(dict(data), schema)]
-    plugins = data.get("plugins")
-    if isinstance(plugins, dict):
-        for name, section in plugins.items():
-            found.extend(_secret_values(section, plugin_schemas.get(name, {})))
-    env_key = os.environ.get("COMETAPI_KEY")
-    if env_key:
-        found.append(env_key)
-    # Longest first, so a secret containing another is replaced whole.
-    unique = sorted({s for s in found if s}, key=len, reverse=True)
-    declared = _redact_declared(dict(data), schema, plugin_schemas, True)
-    return _scrub(declared, unique)
-
-
-class _ShowDumper(yaml.SafeDumper):
-    pass
-
-
-def _represent_tuple(dumper: yaml.SafeDumper, data: tuple) -> yaml.Node:
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", list(data), flow_style=True)
-
-
-_ShowDumper.add_representer(tuple, _represent_tuple)
-_ShowDumper.add_representer(Interpolated, yaml.SafeDumper.represent_str)
-
-
-def dump_yaml(data: Any) -> str:
-    """``data`` as YAML in its own key order; tuples such as ``timeout`` as ``[a, b]``.
-
-    It does not redact: pass the result of :func:`redact`.
-    """
-    return yaml.dump(data, Dumper=_ShowDumper, sort_keys=False, default_flow_style=False,
-                     allow_unicode=True)
+def redact(data: Mapping[str, Any], schema: Mapping[str, Option] = CORE_OPTIONS, *,
+           plugin_schemas: Optional[Mapping[str, Mapping[str, Option]]] = None,
+           secrets: Iterable[str] = ()) -> dict[str, Any]:
+    """:func:`cometkit._redact.redact` with the core's schema by default."""
+    return _redact.redact(data, schema, plugin_schemas=plugin_schemas, secrets=secrets)

@@ -224,7 +224,7 @@ def test_recursive_or_too_deep_yaml_is_a_config_error_with_file_and_line(tmp_pat
 
 
 def test_nesting_up_to_the_limit_is_accepted(tmp_path):
-    from cometkit.config import MAX_CONFIG_DEPTH
+    from cometkit._yaml import MAX_CONFIG_DEPTH
 
     # the top-level mapping is one level, `timeout` holds the rest
     nested = "[" * (MAX_CONFIG_DEPTH - 1) + "]" * (MAX_CONFIG_DEPTH - 1)
