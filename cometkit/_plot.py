@@ -11,8 +11,9 @@ Four panels over the run's time, sharing the x axis (seconds since the first att
 4. concurrency: attempts in flight, from each attempt's start (``timestamp - duration_s``, the
    CSV timestamp being the attempt's end) to its end.
 
-Rows are read by :func:`cometkit.summary.read_attempts` and folded into calls by
-:class:`cometkit.summary.OpenCalls`, exactly as for the table, so a CSV written before
+Rows are read by :func:`cometkit.metrics_csv.read_attempts` (once, for the table and the plot
+together) and folded into calls by :class:`cometkit.summary.OpenCalls`, exactly as for the
+table, so a CSV written before
 ``queue_s`` existed plots too (with no queue time). matplotlib is an optional dependency
 (``pip install 'cometkit[plot]'``).
 """
@@ -23,9 +24,11 @@ import math
 from array import array
 from typing import Any
 
-from .summary import OpenCalls, read_attempts
+from .metrics_csv import read_attempts
+from .records import AttemptRecord
+from .summary import OpenCalls
 
-__all__ = ["MissingMatplotlib", "require_matplotlib", "plot_metrics", "read_series"]
+__all__ = ["MissingMatplotlib", "require_matplotlib", "plot_metrics", "read_series", "Series"]
 
 #: Time bins of the throughput and latency panels (at least one second each).
 TARGET_BINS = 120
@@ -51,7 +54,9 @@ def require_matplotlib() -> Any:
 
 
 class Series:
-    """The columns of a metrics CSV that the plot needs, in compact arrays."""
+    """The columns of a metrics CSV that the plot needs, in compact arrays: fed one attempt
+    record at a time (:meth:`add`), as ``cometkit report`` reads the file once for its table
+    and its plot."""
 
     def __init__(self) -> None:
         self.start = array("d")      # every attempt: start and end, epoch seconds
@@ -64,6 +69,24 @@ class Series:
         self.call_wire = array("d")
         self.call_backoff = array("d")
         self.skipped = 0
+        self._calls = OpenCalls()
+
+    def add(self, record: AttemptRecord) -> None:
+        """One attempt row (and the call it ends, if it is the call's last)."""
+        calls = self._calls
+        split = calls.split_of(record)
+        end = record.timestamp
+        self.start.append(end - split.wire_us / 1e6)
+        self.end.append(end)
+        self.is_429.append(record.status_code == 429)
+        call = calls.add(record, split)
+        if call is not None:
+            self.call_end.append(end)
+            self.call_latency.append(call.total_us / 1e6)
+            self.call_failed.append(record.outcome == "error")
+            self.call_queue.append(call.queue_us / 1e6)
+            self.call_wire.append(call.wire_us / 1e6)
+            self.call_backoff.append(call.backoff_us / 1e6)
 
 
 def read_series(path: str) -> Series:
@@ -72,41 +95,27 @@ def read_series(path: str) -> Series:
     :raises ValueError: the file is not a metrics CSV (see :func:`read_attempts`).
     """
     series = Series()
-    calls = OpenCalls()
 
     def skipped(_line: int, _reason: str) -> None:
         series.skipped += 1
 
     for record in read_attempts(path, on_skip=skipped):
-        split = calls.split_of(record)
-        end = record.timestamp
-        series.start.append(end - split.wire_us / 1e6)
-        series.end.append(end)
-        series.is_429.append(record.status_code == 429)
-        call = calls.add(record, split)
-        if call is not None:
-            series.call_end.append(end)
-            series.call_latency.append(call.total_us / 1e6)
-            series.call_failed.append(record.outcome == "error")
-            series.call_queue.append(call.queue_us / 1e6)
-            series.call_wire.append(call.wire_us / 1e6)
-            series.call_backoff.append(call.backoff_us / 1e6)
+        series.add(record)
     return series
 
 
-def plot_metrics(csv_path: str, png_path: str) -> None:
-    """Draw the run recorded in ``csv_path`` into ``png_path``.
+def plot_metrics(series: Series, png_path: str, *, source: str = "the metrics CSV") -> None:
+    """Draw the run in ``series`` (:func:`read_series`, or fed row by row) into ``png_path``.
 
     :raises MissingMatplotlib: matplotlib is not installed.
-    :raises ValueError: the file is not a metrics CSV, or holds no attempt.
+    :raises ValueError: ``series`` holds no attempt (``source`` names where it came from).
     """
     require_matplotlib()
     import matplotlib.pyplot as plt
     import numpy as np
 
-    series = read_series(csv_path)
     if not len(series.end):
-        raise ValueError(f"{csv_path} holds no attempt to plot")
+        raise ValueError(f"{source} holds no attempt to plot")
     starts = np.frombuffer(series.start, dtype=np.float64)
     ends = np.frombuffer(series.end, dtype=np.float64)
     t0 = float(starts.min())
@@ -126,7 +135,7 @@ def plot_metrics(csv_path: str, png_path: str) -> None:
 
     fig, (ax_rate, ax_latency, ax_split, ax_flight) = plt.subplots(
         4, 1, sharex=True, figsize=(11, 12), constrained_layout=True)
-    fig.suptitle(f"{csv_path}: {len(call_end)} calls ({int(call_failed.sum())} failed), "
+    fig.suptitle(f"{source}: {len(call_end)} calls ({int(call_failed.sum())} failed), "
                  f"{len(ends)} attempts ({int(is_429.sum())} answered 429)")
 
     ax_rate.plot(centres, calls / bin_s, label="calls/s", color="tab:blue")

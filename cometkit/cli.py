@@ -330,8 +330,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
         prices = PriceTable(load_config(args.config).data.get("prices"))
     except ConfigError as exc:
         return _error(str(exc))
-    try:
-        summary = Summary.from_csv(args.csv, prices=prices)
+    series = None
+    if args.plot:
+        from ._plot import Series
+
+        series = Series()
+    try:  # one read of the file, for the table and the plot
+        summary = Summary.from_csv(args.csv, prices=prices,
+                                   also=None if series is None else series.add)
     except FileNotFoundError:
         return _error(f"{args.csv}: no such file")
     except OSError as exc:
@@ -348,11 +354,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if summary.skipped_rows:
         _say(f"cometkit report: {summary.skipped_rows} unreadable row(s) skipped (a run cut "
              "short leaves one)")
-    if args.plot:
+    if series is not None:
         from ._plot import plot_metrics
 
         try:
-            plot_metrics(args.csv, args.plot)
+            plot_metrics(series, args.plot, source=args.csv)
         except (OSError, ValueError, csv.Error) as exc:
             return _error(f"cannot write the plot {args.plot}: {exc}")
         _say(f"cometkit report: plot written to {args.plot}")

@@ -46,7 +46,7 @@ from cometkit import (
     PluginSpec,
     hookimpl,
 )
-from cometkit.summary import column_formatter
+from cometkit.metrics_csv import column_formatter
 
 __all__ = ["CsvMetricsSink", "cometkit_plugin_spec", "cometkit_make_metrics_sink"]
 

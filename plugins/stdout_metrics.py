@@ -36,8 +36,9 @@ from cometkit import (
     PluginSpec,
     hookimpl,
 )
+from cometkit.metrics_csv import column_formatter, format_timestamp
 from cometkit.prices import PriceTable
-from cometkit.summary import Summary, column_formatter, format_timestamp
+from cometkit.summary import Summary
 
 __all__ = ["StdoutMetricsSink", "cometkit_plugin_spec", "cometkit_make_metrics_sink"]
 

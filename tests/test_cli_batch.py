@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -562,6 +563,27 @@ def test_report_plot_writes_a_png(metrics_csv):
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def test_report_plot_reads_the_csv_once_for_the_table_and_the_plot(metrics_csv):
+    """A named pipe can be read only once: the table and the plot come from one read."""
+    pytest.importorskip("matplotlib")
+    pipe = metrics_csv.parent / "metrics.pipe"
+    os.mkfifo(pipe)
+    content = metrics_csv.read_bytes()
+
+    def feed() -> None:
+        with open(pipe, "wb") as handle:  # blocks until the report opens it
+            handle.write(content)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    png = metrics_csv.parent / "once.png"
+    done = run_cli("report", pipe, "--plot", png, cwd=metrics_csv.parent, timeout=60)
+    writer.join(5)
+    assert done.returncode == 0, done.stderr
+    assert "Aggregated" in done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_plot_without_matplotlib_says_how_to_install_it(metrics_csv, tmp_path):

@@ -12,8 +12,9 @@ from test_summary import attempt
 
 import cometkit
 from cometkit import ATTEMPT_FIELDS, CALL_FIELDS, CallRecord, ClientContext, ConfigError
+from cometkit.metrics_csv import parse_timestamp
 from cometkit.options import validate_section
-from cometkit.summary import AGGREGATED, Summary, parse_timestamp
+from cometkit.summary import AGGREGATED, Summary
 from cometkit_plugins import csv_metrics, stdout_metrics
 from cometkit_plugins.csv_metrics import CsvMetricsSink
 from cometkit_plugins.stdout_metrics import StdoutMetricsSink

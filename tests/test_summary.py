@@ -12,12 +12,7 @@ import pytest
 import cometkit.summary as summary_module
 from cometkit import ATTEMPT_FIELDS, AttemptRecord
 from cometkit._plot import read_series
-from cometkit.prices import ModelPrice, PriceTable
-from cometkit.summary import (
-    AGGREGATED,
-    LatencySketch,
-    OpenCalls,
-    Summary,
+from cometkit.metrics_csv import (
     column_formatter,
     format_seconds,
     format_timestamp,
@@ -26,6 +21,8 @@ from cometkit.summary import (
     read_attempts,
     restore_cell,
 )
+from cometkit.prices import ModelPrice, PriceTable
+from cometkit.summary import AGGREGATED, LatencySketch, OpenCalls, Summary
 
 
 def attempt(**fields) -> AttemptRecord:
