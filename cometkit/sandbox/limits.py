@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-__all__ = ["go_duration", "rfc3339", "TokenBucket", "FixedWindow", "Admission", "RateLimits",
+from ..buckets import TokenBucket
+
+__all__ = ["go_duration", "rfc3339", "FixedWindow", "Admission", "RateLimits",
            "HEADER_FAMILIES", "WINDOW_ALIGNS", "WINDOW_RETRY_AFTERS"]
 
 #: Rate-limit header naming: ``openai`` (``x-ratelimit-limit-requests``...), ``litellm``
@@ -50,42 +52,6 @@ def go_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes}m{text}"
     return f"{minutes}m{text}" if minutes else text
-
-
-class TokenBucket:
-    """``capacity`` tokens, refilled at ``rate`` per second. Not thread-safe: callers lock.
-
-    A cost larger than the capacity is admitted when the bucket is full and leaves it in debt,
-    so a big request is slow rather than impossible.
-    """
-
-    __slots__ = ("rate", "capacity", "level", "stamp")
-
-    def __init__(self, rate: float, capacity: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.level = capacity
-        self.stamp = now
-
-    def refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-            self.stamp = now
-
-    def wait_s(self, cost: float) -> float:
-        """Seconds until ``cost`` can be taken (0 when it can now)."""
-        missing = min(cost, self.capacity) - self.level
-        return 0.0 if missing <= _EPSILON else missing / self.rate
-
-    def take(self, cost: float) -> None:
-        self.level -= cost
-
-    def remaining(self, limit: float) -> int:
-        """The bucket's fill as a share of ``limit`` (the per-minute limit), floored."""
-        return max(0, math.floor(self.level / self.capacity * limit + _EPSILON))
-
-    def to_full_s(self) -> float:
-        return max(0.0, (self.capacity - self.level) / self.rate)
 
 
 def rfc3339(epoch_s: float) -> str:
@@ -283,24 +249,27 @@ class RateLimits:
                 if type(limit) is FixedWindow:
                     limit.refresh(window_now)
                 elif limit is not None:
-                    limit.refill(now)
+                    limit.refill(now)  # a TokenBucket
             kind, wait, limit_hit = None, 0.0, None
             if self._max_in_flight is not None and state.serving >= self._max_in_flight:
                 kind, wait = "in_flight", self._in_flight_retry_s
             for name, limit, charge in (("requests", state.requests, 1),
                                         ("tokens", state.tokens, cost)):
                 if kind is None and limit is not None:
-                    wait = limit.wait_s(charge)
+                    # a window's time is the one refresh() was given
+                    wait = (limit.wait_s(charge) if type(limit) is FixedWindow
+                            else limit.wait_s(charge, now))
                     if wait > 0:
                         kind, limit_hit = name, limit
             if kind is None:
-                if state.requests is not None:
-                    state.requests.take(1)
-                if state.tokens is not None:
-                    state.tokens.take(cost)
+                for limit, charge in ((state.requests, 1), (state.tokens, cost)):
+                    if type(limit) is FixedWindow:
+                        limit.take(charge)
+                    elif limit is not None:
+                        limit.take(charge, now)
                 state.serving += 1
-                return Admission(True, headers=self._headers(state, None, 0.0))
-            headers = self._headers(state, kind, wait)
+                return Admission(True, headers=self._headers(state, None, 0.0, now))
+            headers = self._headers(state, kind, wait, now)
         windowed = type(limit_hit) is FixedWindow
         hint: Optional[float] = wait
         if windowed:
@@ -315,7 +284,8 @@ class RateLimits:
         with self._lock:
             self._models[model].serving -= 1
 
-    def _headers(self, state: _ModelState, kind: Optional[str], wait: float) -> tuple:
+    def _headers(self, state: _ModelState, kind: Optional[str], wait: float,
+                 now: float) -> tuple:
         """Rate-limit headers in the configured family's names.
 
         A bucket reports as OpenAI does for a per-minute limit enforced in shorter buckets: the
@@ -337,8 +307,8 @@ class RateLimits:
                 remaining = limit.remaining()
                 reset = limit.left_s() if self._window_retry_after != "none" else None
             elif total:
-                remaining = limit.remaining(total)
-                reset = wait if kind == name else limit.to_full_s()
+                remaining = limit.remaining(total, now)
+                reset = wait if kind == name else limit.to_full_s(now)
             else:
                 continue
             total_text, remaining_text = _number(total), str(remaining)

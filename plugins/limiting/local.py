@@ -40,13 +40,13 @@ from cometkit import (
     SystemClock,
     Throttle,
 )
+from cometkit.buckets import TokenBucket
 from cometkit.options import validate_section
 
 from .adaptive import (
     MAX_HOLD_S,
     AdaptiveControl,
 )
-from .buckets import TokenBucket
 from .plan import (
     OPTIONS,
     OVERTAKE_CREDIT,
