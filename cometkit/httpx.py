@@ -292,11 +292,7 @@ class _EventBody:
             return
         if not isinstance(event, dict):
             return
-        closer = self._closer
-        closer.model = closer.model or event.get("model")
-        usage = event.get("usage")
-        if isinstance(usage, dict):
-            closer.usage = usage
+        self._closer.note(event)
         failure = event_error(event, self._request_id)
         if failure is not None:
             self._failure = failure
