@@ -22,11 +22,14 @@ from urllib.parse import urlsplit
 import requests
 
 from ._answers import send_attempt
+from ._binary import BinaryAnswer
 from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
 from ._exceptions import APIError, ConfigError
+from ._multipart import encode_upload
 from ._objects import ApiObject
 from ._plugins import PluginSet, build_plugins
 from ._resources import Chat, Embeddings, Models
+from ._routes import Audio, Batches, Files, Images, Moderations, Responses, TextCompletions
 from ._streaming import Stream, completion_as_chunk, event_error
 from ._transport import (
     DEFAULT_BASE_URL,
@@ -157,6 +160,11 @@ def _check_construction_args(base_url: Any, clock: Any, rng: Any, extra_plugins:
                         f"{type(extra_plugins).__name__}")
 
 
+def _raw_content(content: bytes, _response: Any) -> bytes:
+    """The decoder of a raw answer: its bytes as they are."""
+    return content
+
+
 def _nothing_to_finish(*_: Any) -> None:
     """The finisher of a stream whose attempt the engine already recorded."""
 
@@ -250,6 +258,13 @@ class Client:
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
         self.models = Models(self)
+        self.responses = Responses(self)
+        self.completions = TextCompletions(self)
+        self.moderations = Moderations(self)
+        self.images = Images(self)
+        self.files = Files(self)
+        self.batches = Batches(self)
+        self.audio = Audio(self)
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -288,14 +303,26 @@ class Client:
         timeout: Union[float, tuple[float, float], None] = None,
         operation: Optional[str] = None,
         deadline: Union[float, str, None] = None,
+        files: Optional[Mapping[str, Any]] = None,
+        data: Optional[Mapping[str, Any]] = None,
+        raw: bool = False,
     ) -> Any:
         """Call any route below ``base_url`` through the limiter, retries and metrics.
 
         :param deadline: seconds the whole call may take (admission, attempts, retry waits);
             ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
+        :param files: an upload (``multipart/form-data``) instead of a JSON body: field
+            name -> bytes, a binary file, a path or ``(filename, content[, content_type])``;
+            encoded once, so a retry sends the same bytes.
+        :param data: the form fields sent with ``files``.
+        :param raw: return the answer's bytes as a :class:`BinaryAnswer` (speech, a file's
+            content) instead of decoding JSON.
+        :param operation: the operation name in the metrics (default: the route's, see
+            ``docs/metrics.md``).
 
         :returns: an :class:`ApiObject` for a JSON object answer, a list for a JSON array, a
-            :class:`Stream` when ``stream`` is true, or ``None`` for an empty body.
+            :class:`Stream` when ``stream`` is true, a :class:`BinaryAnswer` when ``raw`` is
+            true, or ``None`` for an empty body.
         """
         if not isinstance(method, str):
             raise TypeError(f"method must be a string such as \"POST\", got "
@@ -309,11 +336,14 @@ class Client:
         _check_mapping("headers", headers)
         if not path.startswith("/"):
             path = "/" + path
+        if files is not None and json is not None:
+            raise TypeError("give json= (a JSON body) or files= (an upload), not both")
         method = method.upper()
-        model = json.get("model") if isinstance(json, dict) else None
+        fields = data if files is not None else json
+        model = fields.get("model") if isinstance(fields, Mapping) else None
         return self._call(method, path, json, params=params, headers=headers, stream=stream,
                           timeout=timeout, operation=operation or operation_for(path),
-                          model=model, deadline=deadline)
+                          model=model, deadline=deadline, files=files, data=data, raw=raw)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's worker pool."""
@@ -455,15 +485,33 @@ class Client:
         stream: bool = False,
         timeout: Union[float, tuple[float, float], None] = None,
         deadline: Union[float, str, None] = None,
+        files: Optional[Mapping[str, Any]] = None,
+        data: Optional[Mapping[str, Any]] = None,
+        raw: bool = False,
+        answer_type: Callable[[dict, Optional[str]], Any] = ApiObject,
     ) -> Any:
+        """One call to its end. ``files``/``data``: an upload instead of the JSON ``body``;
+        ``raw``: the answer as a :class:`BinaryAnswer`; ``answer_type``: what wraps a JSON
+        object answer (a route's own :class:`ApiObject` subclass)."""
         if self._closed:
             raise RuntimeError("this cometkit.Client is closed")
         # checked here, for request() and every resource
         timeout_s = _call_timeout(timeout) or self.timeout_s
         deadline_s = call_deadline(deadline, self.deadline_s)
+        if raw and stream:
+            raise ValueError("raw=True reads the whole answer; stream=True is for event "
+                             "streams: give one of them")
+        if files is not None:
+            payload, content_type = encode_upload(files, data)
+            headers = {**(headers or {}), "Content-Type": content_type}
+            body = dict(data or {})  # what the limiter and the sinks may read of the request
+        elif data is not None:
+            raise TypeError("data= holds the form fields of an upload: give files= with it, "
+                            "or send a JSON body with json=")
+        else:
+            payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         request = RequestInfo(new_request_id(), operation, method, route, model, stream,
                               body, self._clock.monotonic(), deadline_s)
-        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         send = self._transport.send
         secrets = self._transport.secrets  # answers come through it already blanked
 
@@ -473,7 +521,8 @@ class Client:
                                      stream=stream,
                                      timeout_s=cut_timeout(timeout_s, result.time_left_s)),
                 stream=stream, method=method, route=route, secrets=secrets,
-                error_from=300, decode=self._decode)  # the transport follows no redirect
+                error_from=300,  # the transport follows no redirect
+                decode=_raw_content if raw else self._decode)
             if stream and result.error is None and not sent.held:
                 # a whole JSON answer to a stream request: an error, or the lot
                 sent.response.close()
@@ -502,7 +551,11 @@ class Client:
             return Stream(sent.response, _nothing_to_finish, monotonic=self._clock.monotonic,
                           started_at=result.started_at, request_id=sent.provider_request_id,
                           preloaded=[completion_as_chunk(sent.value)], defer=self._engine.defer)
-        return self._wrap(sent.value, sent.provider_request_id)
+        if raw:
+            return BinaryAnswer(sent.value, status_code=sent.response.status_code,
+                                headers=sent.response.headers,
+                                request_id=sent.provider_request_id)
+        return self._wrap(sent.value, sent.provider_request_id, answer_type)
 
     @staticmethod
     def _decode(content: bytes, response: requests.Response) -> Any:
@@ -519,9 +572,10 @@ class Client:
             ) from exc
 
     @staticmethod
-    def _wrap(value: Any, request_id: Optional[str] = None) -> Any:
+    def _wrap(value: Any, request_id: Optional[str] = None,
+              answer_type: Callable[[dict, Optional[str]], Any] = ApiObject) -> Any:
         if isinstance(value, dict):
-            return ApiObject(value, request_id)
+            return answer_type(value, request_id)
         if isinstance(value, list):
             return [ApiObject(v) if isinstance(v, dict) else v for v in value]
         return value

@@ -7,6 +7,7 @@ limiter, retry policy and metrics as ``client.request``.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Union
+from urllib.parse import quote
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._client import Client
@@ -16,6 +17,14 @@ __all__ = ["Chat", "Completions", "Embeddings", "Models"]
 Timeout = Union[float, "tuple[float, float]", None]
 #: Seconds (or a duration such as ``"20s"``) the whole call may take; ``None``: the client's.
 Deadline = Union[float, str, None]
+
+
+def path_id(name: str, value: Any, *, safe: str = "") -> str:
+    """``value`` as one segment of a route (percent-encoded, ``safe`` characters kept), or
+    a ``ValueError`` naming ``name``: an empty id would call another route."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"Expected a non-empty string for {name}, got {value!r}")
+    return quote(value, safe=safe)
 
 
 class _Resource:
@@ -60,3 +69,10 @@ class Models(_Resource):
         """``GET /models``: the answer's ``.data`` lists the models."""
         return self._client._call("GET", "/models", None, operation="models", model=None,
                                   timeout=timeout, deadline=deadline)
+
+    def retrieve(self, model: str, *, timeout: Timeout = None,
+                 deadline: Deadline = None) -> Any:
+        """``GET /models/{model}``: one model (``.id``, ``.owned_by``)."""
+        return self._client._call("GET", f"/models/{path_id('model', model, safe='/')}", None,
+                                  operation="models", model=None, timeout=timeout,
+                                  deadline=deadline)
