@@ -10,6 +10,7 @@ import json
 
 import pytest
 from fakes import FakeClock
+from scripted_server import Reply, ScriptedServer, json_reply
 
 import cometkit
 from cometkit import Client
@@ -245,3 +246,42 @@ def test_route_ids_are_checked_before_sending(cometkit_sandbox, tmp_path):
             with pytest.raises(ValueError, match="non-empty"):
                 call()
     assert cometkit_sandbox.stats()["attempts"] == 0
+
+
+@pytest.mark.parametrize("failure, message", [
+    ({"type": "error", "code": "server_error", "message": "boom", "sequence_number": 2},
+     "boom"),
+    ({"type": "response.failed", "sequence_number": 2,
+      "response": {"id": "resp_1", "error": {"code": "server_error", "message": "gone"}}},
+     "gone"),
+])
+def test_a_responses_stream_ending_in_an_error_event_raises_it(failure, message, tmp_path):
+    created = {"type": "response.created", "sequence_number": 0,
+               "response": {"id": "resp_1", "model": "m1", "error": None, "usage": None}}
+    delta = {"type": "response.output_text.delta", "delta": "he", "sequence_number": 1}
+    events = [json.dumps(created), json.dumps(delta), json.dumps(failure)]
+    with ScriptedServer(lambda seen: Reply(200, events=events)) as srv:
+        config = {"plugins": {"limiter": False, "backoff": False,
+                              "csv_metrics": {"path": str(tmp_path / "attempts.csv")}}}
+        with Client(api_key="sk-test", base_url=srv.base_url, config=config) as client:
+            stream = client.responses.create(model="m1", input="x", stream=True)
+            seen = []
+            with pytest.raises(cometkit.APIError, match=message) as raised:
+                for event in stream:
+                    seen.append(event.type)
+    assert seen == ["response.created", "response.output_text.delta"]
+    assert raised.value.code == "server_error"
+    (row,) = rows(tmp_path)
+    assert (row["outcome"], row["response_model"]) == ("error", "m1")
+
+
+def test_a_whole_response_to_a_stream_request_is_no_error(tmp_path):
+    """A Responses API object carries ``"error": null``: answered whole to ``stream=True``,
+    it is the stream's one event, not a failure."""
+    body = {"id": "resp_1", "object": "response", "model": "m1", "error": None,
+            "output": [], "usage": {"input_tokens": 2, "output_tokens": 1}}
+    with ScriptedServer(lambda seen: json_reply(200, body)) as srv:
+        with Client(api_key="sk-test", base_url=srv.base_url,
+                    config={"plugins": {"limiter": False}}) as client:
+            events = list(client.responses.create(model="m1", input="x", stream=True))
+    assert [event.id for event in events] == ["resp_1"]

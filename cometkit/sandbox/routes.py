@@ -86,11 +86,19 @@ def _reply(prompt: str, limit: Optional[int]) -> tuple[str, int, bool]:
     return reply, tokens, False
 
 
-def _item_text(item: Any) -> tuple[str, str]:
-    """``(role, text)`` of a Responses API input item or a chat-style message."""
-    if not isinstance(item, dict):
-        raise BadRequest("Invalid 'input': items must be objects.", "input")
-    return str(item.get("role") or "user"), _text(item.get("content"))
+def _conversation(items: list, preamble: Any, param: str) -> tuple[int, str]:
+    """``(characters of prompt, text of the last user turn)`` of Responses API input items
+    or Anthropic messages, after the ``instructions`` or ``system`` text ``preamble``."""
+    chars = len(_text(preamble)) if preamble else 0
+    last_user = ""
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadRequest(f"Invalid '{param}': items must be objects.", param)
+        text = _text(item.get("content"))
+        chars += len(text)
+        if item.get("role", "user") == "user":
+            last_user = text
+    return chars, last_user
 
 
 def _plan_text(kind: str, document: dict, prompt_chars: int, last_user: str, limit_name: str,
@@ -114,13 +122,7 @@ def _plan_responses(document: dict, token_ratio: float) -> RoutePlan:
         items = raw
     else:
         raise BadRequest("Missing required parameter: 'input'.", "input")
-    chars = len(document.get("instructions") or "")
-    last_user = ""
-    for item in items:
-        role, text = _item_text(item)
-        chars += len(text)
-        if role == "user":
-            last_user = text
+    chars, last_user = _conversation(items, document.get("instructions"), "input")
     return _plan_text("responses", document, chars, last_user, "max_output_tokens", token_ratio)
 
 
@@ -139,14 +141,7 @@ def _plan_messages(document: dict, token_ratio: float) -> RoutePlan:
         raise BadRequest("messages: Field required", "messages")
     if _positive_int(document, "max_tokens") is None:
         raise BadRequest("max_tokens: Field required", "max_tokens")
-    system = document.get("system")
-    chars = len(_text(system)) if system else 0
-    last_user = ""
-    for message in messages:
-        role, text = _item_text(message)
-        chars += len(text)
-        if role == "user":
-            last_user = text
+    chars, last_user = _conversation(messages, document.get("system"), "messages")
     return _plan_text("messages", document, chars, last_user, "max_tokens", token_ratio)
 
 
