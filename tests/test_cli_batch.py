@@ -283,7 +283,7 @@ def test_invalid_input_is_reported_by_line_and_nothing_is_sent(tmp_path, cometki
         '{"prompt": "no id", "model": "m"}',
         "",
         '{"custom_id": "ok-1", "prompt": "again", "model": "m"}',
-        '{"custom_id": "u", "method": "POST", "url": "/v1/images/generations", "body": {}}',
+        '{"custom_id": "u", "method": "POST", "url": "/v1/audio/speech", "body": {}}',
         '{"custom_id": "g", "method": "GET", "url": "/v1/chat/completions", "body": {}}',
         '{"custom_id": "nomodel", "prompt": "x"}',
     ]) + "\n")
