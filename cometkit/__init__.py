@@ -4,6 +4,7 @@ Retry strategy, admission control and metrics are supplied by pluggy plugins; se
 ``docs/plugins.md``. Everything a plugin may use is exported here.
 """
 
+from ._binary import BinaryAnswer
 from ._checkout import map_plugins_package
 from ._client import Client
 from ._exceptions import (
@@ -51,6 +52,7 @@ __all__ = [
     "Client",
     "ApiObject",
     "Stream",
+    "BinaryAnswer",
     "hookimpl",
     "ClientContext",
     "Option",

@@ -13,8 +13,7 @@ from fakes import FakeClock
 from scripted_server import Reply, ScriptedServer, json_reply
 
 import cometkit
-from cometkit import Client
-from cometkit._binary import BinaryAnswer
+from cometkit import BinaryAnswer, Client
 from cometkit.sandbox.routes import PNG_BYTES
 
 
@@ -217,6 +216,8 @@ def test_files_and_batches_round_trip(cometkit_sandbox, tmp_path):
         assert (uploaded.object, uploaded.filename, uploaded.bytes) == (
             "file", "batch.jsonl", source.stat().st_size)
         assert client.files.content(uploaded.id).content == source.read_bytes()
+        with pytest.raises(cometkit.NotFoundError, match="file-missing"):
+            client.files.content("file-missing")  # a raw answer's error status is typed too
         batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/responses")
         other = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/responses")
         assert batch.status == "in_progress" and batch.request_counts.total == 3
