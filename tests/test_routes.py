@@ -218,6 +218,8 @@ def test_files_and_batches_round_trip(cometkit_sandbox, tmp_path):
         assert client.files.content(uploaded.id).content == source.read_bytes()
         with pytest.raises(cometkit.NotFoundError, match="file-missing"):
             client.files.content("file-missing")  # a raw answer's error status is typed too
+        with pytest.raises(cometkit.BadRequestError, match="endpoint"):
+            client.batches.create(input_file_id=uploaded.id, endpoint="/v1/audio/speech")
         batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/responses")
         other = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/responses")
         assert batch.status == "in_progress" and batch.request_counts.total == 3

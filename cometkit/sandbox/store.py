@@ -19,7 +19,7 @@ __all__ = ["BATCH_ENDPOINTS", "FILE_PURPOSES", "Store", "StoreError", "MAX_ITEMS
 
 #: The endpoints a batch may name (the OpenAI Batch API's).
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions",
-                   "/v1/responses", "/v1/moderations")
+                   "/v1/responses", "/v1/moderations", "/v1/images/generations")
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 #: Most files, batches and responses kept of each; the oldest go first.
 MAX_ITEMS = 10_000
