@@ -1,4 +1,5 @@
-"""The body of an upload (``multipart/form-data``): files and form fields, encoded once.
+"""The body of an upload (``multipart/form-data``): files and form fields, encoded once
+(and decoded, where an upload is read rather than sent).
 
 A file object can be read only once, and a retry must send the very bytes the first attempt
 sent: so the whole body is built before the first attempt and every attempt sends it as it
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import mimetypes
 import os
+from email import policy
+from email.parser import BytesParser
 from typing import Any, Mapping, Optional
 
 from urllib3.filepost import encode_multipart_formdata
 
-__all__ = ["encode_upload"]
+__all__ = ["decode_upload", "encode_upload"]
 
 #: What one file of ``files=`` may be (see :func:`encode_upload`).
 _FILE_SHAPES = ("bytes, a file opened in binary mode, a path, or a tuple (filename, content"
@@ -93,3 +96,39 @@ def encode_upload(files: Mapping[str, Any], data: Optional[Mapping[str, Any]]
     for name, value in files.items():
         fields.append((str(name), _file_field(str(name), value)))
     return encode_multipart_formdata(fields)
+
+
+def decode_upload(content_type: Optional[str], body: Any) -> Optional[dict]:
+    """The fields of a ``multipart/form-data`` body: text, a list of texts for a name ending
+    in ``[]``, or ``(filename, bytes, content type)`` for a file; ``None`` when the body is
+    not one (another content type, not bytes, no boundary, no parts). The inverse of
+    :func:`encode_upload`, for the sandbox and for reading facts (the model) out of an
+    upload that is passed on as it is."""
+    if not isinstance(body, bytes) or not content_type or \
+            not content_type.lower().startswith("multipart/form-data"):
+        return None
+    try:
+        return _parts(content_type, body)
+    except Exception:
+        return None
+
+
+def _parts(content_type: str, body: bytes) -> Optional[dict]:
+    message = BytesParser(policy=policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        return None
+    fields: dict = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        content = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is not None:
+            fields[name] = (filename, content, part.get_content_type())
+        elif name.endswith("[]"):
+            fields.setdefault(name, []).append(content.decode("utf-8", "replace"))
+        else:
+            fields[name] = content.decode("utf-8", "replace")
+    return fields or None

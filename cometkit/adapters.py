@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from ._answers import json_object, note_body, note_head
+from ._answers import note_body, note_head, request_fields
 from ._client import Client
 from ._engine import Sent, cut_timeout, new_request_id, operation_for
 from ._exceptions import APITimeoutError
@@ -81,7 +81,7 @@ class CometAdapter(HTTPAdapter):
         path = urlsplit(request.url or "").path
         base_path = urlsplit(self.client.base_url).path
         route = path[len(base_path):] if base_path and path.startswith(base_path) else path
-        body = json_object(request.body, request.headers.get("Content-Type"))
+        body = request_fields(request.body, request.headers.get("Content-Type"))
         info = RequestInfo(new_request_id(), operation_for(path), (request.method or "GET").upper(),
                            route or "/", body.get("model") if body else None, stream, body,
                            engine.clock.monotonic(), self.client.deadline_s)

@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
-from ._answers import json_object, send_attempt
+from ._answers import request_fields, send_attempt
 from ._engine import Sent, new_request_id, operation_for
 from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
 from ._streaming import StreamCloser, end_when_dropped, event_error, sse_lines
@@ -149,7 +149,7 @@ class Transport:
         body = request.read() or None
         outgoing, picked = _outgoing_headers(request.headers)
         self._note_sdk_retry(picked.get("x-stainless-retry-count"))
-        payload = json_object(body, picked.get("content-type"))
+        payload = request_fields(body, picked.get("content-type"))
         stream = bool(payload and payload.get("stream") is True)
         method = request.method
         info = RequestInfo(new_request_id(), operation_for(path), method, path,

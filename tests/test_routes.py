@@ -288,3 +288,23 @@ def test_a_whole_response_to_a_stream_request_is_no_error(tmp_path):
                     config={"plugins": {"limiter": False}}) as client:
             events = list(client.responses.create(model="m1", input="x", stream=True))
     assert [event.id for event in events] == ["resp_1"]
+
+
+def test_an_upload_through_the_requests_adapter_records_its_model_and_operation(
+        cometkit_sandbox, tmp_path):
+    import requests
+
+    from cometkit.adapters import CometAdapter
+
+    config = {"plugins": {"csv_metrics": {"path": str(tmp_path / "attempts.csv")}}}
+    adapter = CometAdapter.from_config(config, base_url=cometkit_sandbox.base_url)
+    with requests.Session() as session:
+        session.mount(cometkit_sandbox.base_url, adapter)
+        answer = session.post(cometkit_sandbox.base_url + "/audio/transcriptions",
+                              files={"file": ("a.wav", b"x" * 100)},
+                              data={"model": "whisper-1"}, timeout=10)
+    adapter.close()
+    assert answer.json()["text"] == "sandbox transcript of a.wav: 100 bytes"
+    (row,) = rows(tmp_path)
+    assert (row["operation"], row["model"], row["input_tokens"]) == (
+        "audio.transcriptions", "whisper-1", "1")

@@ -59,5 +59,5 @@ def test_moderations_images_and_speech_through_the_sdk(sdk_and_rows, tmp_path):
     operations = [(r["operation"], r["model"], r["status_code"]) for r in rows()]
     assert operations == [("moderations", "", "200"), ("images", "dall-e-3", "200"),
                           ("audio.speech", "tts-1", "200"),
-                          # the transport reads the model from a JSON body only, not a form
-                          ("audio.transcriptions", "", "200")]
+                          # the model of an upload is read from its form fields
+                          ("audio.transcriptions", "whisper-1", "200")]

@@ -25,10 +25,10 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Sequence
 
+from .._multipart import decode_upload
 from ..records import Clock, SystemClock
 from . import responses, routes
 from .faults import FaultPlan, FaultSpec
-from .forms import parse_form
 from .limits import (
     HEADER_FAMILIES,
     WINDOW_ALIGNS,
@@ -426,7 +426,7 @@ class Sandbox:
                 return self._error(handler, call, 400, "We could not parse the JSON body of "
                                    "your request.", "invalid_request_error")
         elif kind in ("transcriptions", "file_upload"):
-            document = parse_form(handler.headers.get("Content-Type"), body)
+            document = decode_upload(handler.headers.get("Content-Type"), body)
             if document is None:
                 return self._error(handler, call, 400, "The body must be multipart/form-data "
                                    "with a file.", "invalid_request_error")
