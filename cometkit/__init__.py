@@ -4,6 +4,7 @@ Retry strategy, admission control and metrics are supplied by pluggy plugins; se
 ``docs/plugins.md``. Everything a plugin may use is exported here.
 """
 
+from ._binary import BinaryAnswer
 from ._checkout import map_plugins_package
 from ._client import Client
 from ._exceptions import (
@@ -55,6 +56,7 @@ __all__ = [
     "ListObject",
     "RawResponse",
     "Stream",
+    "BinaryAnswer",
     "hookimpl",
     "ClientContext",
     "Option",

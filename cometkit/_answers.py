@@ -16,10 +16,12 @@ from typing import Any, Callable, Optional
 
 from ._engine import Sent, usage_tokens
 from ._exceptions import APIConnectionError, APIError, SecretFilter, make_status_error
+from ._multipart import decode_upload
 from ._transport import TRANSPORT_ERRORS, Answer, answers_in_events, connection_error
 from .records import AttemptResult
 
-__all__ = ["failure_from", "json_object", "note_head", "note_body", "send_attempt"]
+__all__ = ["failure_from", "json_object", "request_fields", "note_head", "note_body",
+           "send_attempt"]
 
 
 def json_object(body: Any, content_type: Optional[str]) -> Optional[dict]:
@@ -33,6 +35,19 @@ def json_object(body: Any, content_type: Optional[str]) -> Optional[dict]:
     except (TypeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def request_fields(body: Any, content_type: Optional[str]) -> Optional[dict]:
+    """What a request sent that the engine reads (its ``model``, the text the token estimate
+    counts): a JSON object body as :func:`json_object` gives it, or the text fields of an
+    upload (``multipart/form-data``, the files left out); ``None`` for anything else."""
+    fields = json_object(body, content_type)
+    if fields is None:
+        upload = decode_upload(content_type, body)
+        if upload is not None:
+            fields = {name: value for name, value in upload.items()
+                      if not isinstance(value, tuple)}
+    return fields
 
 
 def _json_object_of(content: bytes, response: Any) -> Optional[dict]:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import requests
 
 from ._answers import send_attempt
+from ._binary import BinaryAnswer
 from ._call_options import (
     checked_headers,
     checked_query,
@@ -32,10 +33,12 @@ from ._call_options import (
 )
 from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
 from ._exceptions import APIConnectionError, APIError, APIStatusError, ConfigError, SecretFilter
-from ._objects import json_default, wrap_answer
+from ._multipart import encode_upload
+from ._objects import ApiObject, json_default, wrap_answer
 from ._plugins import PluginSet, build_plugins
 from ._raw_response import RawResponse
 from ._resources import Chat, Embeddings, Models
+from ._routes import Audio, Batches, Files, Images, Moderations, Responses, TextCompletions
 from ._streaming import Stream, completion_as_chunk, event_error, read_first_event
 from ._transport import (
     DEFAULT_BASE_URL,
@@ -172,6 +175,11 @@ def _check_construction_args(base_url: Any, clock: Any, rng: Any, extra_plugins:
                                                                  (list, tuple)):
         raise TypeError("extra_plugins must be a list or tuple of plugin objects, got "
                         f"{type(extra_plugins).__name__}")
+
+
+def _raw_content(content: bytes, _response: Any) -> bytes:
+    """The decoder of a raw answer: its bytes as they are."""
+    return content
 
 
 def _nothing_to_finish(*_: Any) -> None:
@@ -312,6 +320,13 @@ class Client:
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
         self.models = Models(self)
+        self.responses = Responses(self)
+        self.completions = TextCompletions(self)
+        self.moderations = Moderations(self)
+        self.images = Images(self)
+        self.files = Files(self)
+        self.batches = Batches(self)
+        self.audio = Audio(self)
 
     def _check_retry_policy(self) -> None:
         """``max_retries`` above 0 asks for retries: refuse it when no plugin retries."""
@@ -360,6 +375,9 @@ class Client:
         operation: Optional[str] = None,
         deadline: Union[float, str, None] = None,
         priority: Optional[str] = None,
+        files: Optional[Mapping[str, Any]] = None,
+        data: Optional[Mapping[str, Any]] = None,
+        raw: bool = False,
     ) -> Any:
         """Call any route below ``base_url`` through the limiter, retries and metrics.
 
@@ -368,11 +386,19 @@ class Client:
         :param priority: the call's lane, one of the client's ``priorities`` (``None``: the
             client's ``priority``); the limiter admits a waiting call of a higher lane first.
             An unknown name raises :class:`ConfigError` (a ``ValueError``).
+        :param files: an upload (``multipart/form-data``) instead of a JSON body: field
+            name -> bytes, a binary file, a path or ``(filename, content[, content_type])``;
+            encoded once, so a retry sends the same bytes.
+        :param data: the form fields sent with ``files``.
+        :param raw: return the answer's bytes as a :class:`BinaryAnswer` (speech, a file's
+            content) instead of decoding JSON.
+        :param operation: the operation name in the metrics (default: the route's, see
+            ``docs/metrics.md``).
 
         :returns: an :class:`ApiObject` for a JSON object answer (a :class:`ListObject`
             for a list answer, paged with ``after`` when it says ``has_more``), a list for a
-            JSON array, a :class:`Stream` when ``stream`` is true, or ``None`` for an empty
-            body.
+            JSON array, a :class:`Stream` when ``stream`` is true, a :class:`BinaryAnswer`
+            when ``raw`` is true, or ``None`` for an empty body.
         """
         if not isinstance(method, str):
             raise TypeError(f"method must be a string such as \"POST\", got "
@@ -386,11 +412,15 @@ class Client:
         headers = checked_headers("headers", headers) or None
         if not path.startswith("/"):
             path = "/" + path
+        if files is not None and json is not None:
+            raise TypeError("give json= (a JSON body) or files= (an upload), not both")
         method = method.upper()
-        model = json.get("model") if isinstance(json, dict) else None
+        fields = data if files is not None else json
+        model = fields.get("model") if isinstance(fields, Mapping) else None
         return self._call(method, path, json, params=params, headers=headers, stream=stream,
                           timeout=timeout, operation=operation or operation_for(path),
-                          model=model, deadline=deadline, priority=priority)
+                          model=model, deadline=deadline, priority=priority, files=files, data=data,
+                          raw=raw)
 
     @property
     def engine(self) -> CallEngine:
@@ -642,22 +672,40 @@ class Client:
         stream: bool = False,
         timeout: Any = None,
         deadline: Union[float, str, None] = None,
-        raw: bool = False,
+        raw_response: bool = False,
         priority: Optional[str] = None,
+        files: Optional[Mapping[str, Any]] = None,
+        data: Optional[Mapping[str, Any]] = None,
+        raw: bool = False,
+        answer_type: Callable[[dict, Optional[str]], Any] = ApiObject,
     ) -> Any:
-        """One call to its end. ``raw``: answer with a :class:`RawResponse`."""
+        """One call to its end. ``raw_response``: answer with a :class:`RawResponse`;
+        ``files``/``data``: an upload instead of the JSON ``body``; ``raw``: the answer as a
+        :class:`BinaryAnswer`; ``answer_type``: what wraps a JSON object answer (a route's own
+        :class:`ApiObject` subclass)."""
         self._check_open()
         # checked here, for request() and every resource
         timeout_s = _call_timeout(timeout, self.timeout_s)
         deadline_s = call_deadline(deadline, self.deadline_s)
+        if raw and stream:
+            raise ValueError("raw=True reads the whole answer; stream=True is for event "
+                             "streams: give one of them")
         if self._default_headers:
             headers = {**self._default_headers, **(headers or {})}
         if self._default_query:
             params = {**self._default_query, **(params or {})}
+        if files is not None:
+            payload, content_type = encode_upload(files, data)
+            headers = {**(headers or {}), "Content-Type": content_type}
+            body = dict(data or {})  # what the limiter and the sinks may read of the request
+        elif data is not None:
+            raise TypeError("data= holds the form fields of an upload: give files= with it, "
+                            "or send a JSON body with json=")
+        else:
+            payload = None if body is None else json.dumps(body, separators=(",", ":"),
+                                                           default=json_default).encode()
         request = self.new_request(method, route, body, stream=stream, operation=operation,
                                    model=model, deadline_s=deadline_s, priority=priority)
-        payload = None if body is None else json.dumps(body, separators=(",", ":"),
-                                                       default=json_default).encode()
         send = self._transport.send
         secrets = self._transport.secrets  # answers come through it already blanked
 
@@ -667,7 +715,8 @@ class Client:
                                      stream=stream,
                                      timeout_s=cut_timeout(timeout_s, result.time_left_s)),
                 stream=stream, method=method, route=route, secrets=secrets,
-                follows_redirects=False, decode=self._decode)  # the transport follows none
+                follows_redirects=False,  # the transport follows none
+                decode=_raw_content if raw else self._decode)
             if stream and result.error is None and not sent.held:
                 # a whole JSON answer to a stream request: an error, or the lot
                 sent.response.close()
@@ -701,8 +750,8 @@ class Client:
         answer = self._answer(sent, result, permit, stream=stream, secrets=secrets,
                               method=method, route=route, body=body, operation=operation,
                               model=model, params=params, headers=headers, timeout=timeout,
-                              deadline=deadline)
-        if not raw:
+                              deadline=deadline, raw=raw, answer_type=answer_type)
+        if not raw_response:
             return answer
         return RawResponse(status_code=sent.response.status_code,
                            headers=sent.response.headers,
@@ -714,9 +763,11 @@ class Client:
                 secrets: Any, method: str, route: str, body: Any, operation: str,
                 model: Optional[str], params: Optional[Mapping[str, Any]],
                 headers: Optional[Mapping[str, str]], timeout: Any,
-                deadline: Union[float, str, None]) -> Any:
-        """What a successful call returns: a :class:`Stream`, or the decoded answer (a list
-        answer that says ``has_more`` fetches its next page with the same options)."""
+                deadline: Union[float, str, None], raw: bool = False,
+                answer_type: Callable[[dict, Optional[str]], Any] = ApiObject) -> Any:
+        """What a successful call returns: a :class:`Stream`, a :class:`BinaryAnswer`
+        (``raw``), or the decoded answer (a list answer that says ``has_more`` fetches its
+        next page with the same options)."""
         if sent.held:
             return Stream(sent.response, self._engine.finisher(sent, result, permit),
                           monotonic=self._clock.monotonic, started_at=result.started_at,
@@ -726,13 +777,17 @@ class Client:
             return Stream(sent.response, _nothing_to_finish, monotonic=self._clock.monotonic,
                           started_at=result.started_at, request_id=sent.provider_request_id,
                           preloaded=[completion_as_chunk(sent.value)], defer=self._engine.defer)
+        if raw:
+            return BinaryAnswer(sent.value, status_code=sent.response.status_code,
+                                headers=sent.response.headers,
+                                request_id=sent.provider_request_id)
         next_page = None
         if method == "GET" and isinstance(sent.value, dict) and sent.value.get("has_more"):
             def next_page(after: str) -> Any:
                 return self._call(method, route, body, operation=operation, model=model,
                                   params={**(params or {}), "after": after}, headers=headers,
                                   timeout=timeout, deadline=deadline)
-        return wrap_answer(sent.value, sent.provider_request_id, next_page)
+        return wrap_answer(sent.value, sent.provider_request_id, next_page, answer_type)
 
     @staticmethod
     def _decode(content: bytes, response: requests.Response) -> Any:

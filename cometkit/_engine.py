@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -43,18 +44,36 @@ _call_counter = itertools.count(1)
 _ID_PREFIX = f"ck-{os.getpid():x}-{random.getrandbits(24):06x}-"
 
 
-#: OpenTelemetry GenAI operation names by route; ``/chat/completions`` before ``/completions``.
-_OPERATIONS = (("/chat/completions", "chat"), ("/embeddings", "embeddings"),
-               ("/models", "models"), ("/completions", "text_completion"))
+#: The operation name of each route, matched at the end of the path: OpenTelemetry GenAI
+#: names (``gen_ai.operation.name``) where the conventions have one, clear names otherwise.
+#: The first pattern that matches wins, so ``chat/completions`` comes before ``completions``.
+_OPERATIONS = (
+    (r"chat/completions", "chat"),
+    (r"messages", "chat"),  # the Anthropic-format route CometAPI also serves
+    (r"completions", "text_completion"),
+    (r"embeddings", "embeddings"),
+    (r"responses", "generate_content"),
+    (r"responses/[^/]+(?:/[^/]+)?", "responses"),  # retrieve, delete, input_items, cancel
+    (r"moderations", "moderations"),
+    (r"images/(?:generations|edits|variations)", "images"),
+    (r"audio/transcriptions", "audio.transcriptions"),
+    (r"audio/translations", "audio.translations"),
+    (r"audio/speech", "audio.speech"),
+    (r"files(?:/[^/]+(?:/content)?)?", "files"),
+    (r"batches(?:/[^/]+(?:/cancel)?)?", "batches"),
+    (r"models(?:/[^/]+)?", "models"),
+)
+_OPERATION_NAMES = tuple(name for _, name in _OPERATIONS)
+_OPERATION_PATTERN = re.compile(
+    "|".join(f"(/{pattern}$)" for pattern, _ in _OPERATIONS))
 
 
 def operation_for(path: str) -> str:
-    """The operation name of a route (or a full URL path ending in one); ``request`` else."""
+    """The operation name of a route (or a full URL path ending in one, such as
+    ``/v1/files/file-1/content``); ``request`` for any other route."""
     path = path.split("?", 1)[0].rstrip("/")
-    for suffix, name in _OPERATIONS:
-        if path.endswith(suffix):
-            return name
-    return "request"
+    match = _OPERATION_PATTERN.search(path)
+    return _OPERATION_NAMES[match.lastindex - 1] if match else "request"
 
 
 def new_request_id() -> str:

@@ -262,14 +262,16 @@ class ListObject(ApiObject):
 
 
 def wrap_answer(value: Any, request_id: Optional[str] = None,
-                next_page: Optional[PageFetcher] = None) -> Any:
+                next_page: Optional[PageFetcher] = None,
+                answer_type: Callable[[dict, Optional[str]], Any] = ApiObject) -> Any:
     """A decoded answer as users read it: a list answer as a :class:`ListObject` (paged with
-    ``next_page`` when given), any other JSON object as an :class:`ApiObject`, a JSON array
-    as a list of them; anything else as it is."""
+    ``next_page`` when given), any other JSON object as an ``answer_type`` (an
+    :class:`ApiObject`, or a route's own subclass), a JSON array as a list of them; anything
+    else as it is."""
     if isinstance(value, dict):
         if value.get("object") == "list" and isinstance(value.get("data"), list):
             return ListObject(value, request_id, next_page)
-        return ApiObject(value, request_id)
+        return answer_type(value, request_id)
     if isinstance(value, list):
         return [ApiObject(v) if isinstance(v, dict) else v for v in value]
     return value

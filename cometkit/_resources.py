@@ -41,6 +41,14 @@ CHAT_PARAMS = frozenset({
 EMBEDDING_PARAMS = frozenset({"dimensions", "encoding_format", "user"})
 
 
+def path_id(name: str, value: Any, *, safe: str = "") -> str:
+    """``value`` as one segment of a route (percent-encoded, ``safe`` characters kept), or
+    a ``ValueError`` naming ``name``: an empty id would call another route."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"Expected a non-empty string for {name}, got {value!r}")
+    return quote(value, safe=safe)
+
+
 class _Resource:
     def __init__(self, client: Client, *, raw: bool = False) -> None:
         self._client = client
@@ -52,17 +60,22 @@ class _Resource:
         (status, headers -- ``x-ratelimit-*`` -- and ``.parse()`` for the usual object)."""
         return type(self)(self._client, raw=True)
 
-    def _send(self, method: str, route: str, body: Any, *, operation: str,
-              model: Optional[str], timeout: Timeout, deadline: Deadline,
-              extra_headers: Optional[Mapping[str, str]],
-              extra_query: Optional[Mapping[str, Any]], stream: bool = False,
-              priority: Priority = None) -> Any:
+    def _send(self, method: str, route: str, body: Any = None, *, operation: str,
+              model: Optional[str] = None, timeout: Timeout = None, deadline: Deadline = None,
+              extra_headers: Optional[Mapping[str, str]] = None,
+              extra_query: Optional[Mapping[str, Any]] = None, stream: bool = False,
+              priority: Priority = None, params: Optional[Mapping[str, Any]] = None,
+              **options: Any) -> Any:
+        """Every method's one way to ``Client._call``: the per-call options checked once
+        (``extra_query`` over the method's own query ``params``), ``with_raw_response``
+        honoured; ``options`` (an upload's ``files``/``data``, ``raw``, ``answer_type``)
+        passed on."""
+        query = {**(params or {}), **(checked_query("extra_query", extra_query) or {})}
         return self._client._call(method, route, body, operation=operation, model=model,
-                                  stream=stream,
-                                  params=checked_query("extra_query", extra_query) or None,
+                                  stream=stream, params=query or None,
                                   headers=checked_headers("extra_headers", extra_headers) or None,
                                   timeout=timeout, deadline=deadline, priority=priority,
-                                  raw=self._raw)
+                                  raw_response=self._raw, **options)
 
 
 class Completions(_Resource):
@@ -117,8 +130,7 @@ class Models(_Resource):
                  priority: Priority = None, extra_headers: Optional[Mapping[str, str]] = None,
                  extra_query: Optional[Mapping[str, Any]] = None) -> Any:
         """``GET /models/{model}``: one model; ``NotFoundError`` when there is none."""
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be a non-empty model id, got {model!r}")
-        return self._send("GET", f"/models/{quote(model, safe='')}", None, operation="models",
-                          model=None, timeout=timeout, deadline=deadline, priority=priority,
-                          extra_headers=extra_headers, extra_query=extra_query)
+        return self._send("GET", f"/models/{path_id('model', model, safe='/')}", None,
+                          operation="models", model=None, timeout=timeout, deadline=deadline,
+                          priority=priority, extra_headers=extra_headers,
+                          extra_query=extra_query)

@@ -114,10 +114,20 @@ def iter_sse_data(chunks: Iterable[bytes], secrets: Optional[SecretFilter] = Non
 
 def event_error(payload: Any, request_id: Optional[str] = None) -> Optional[APIError]:
     """The error an event (or a whole answer to a stream request) carries, if it is one:
-    ``{"error": ...}`` without choices."""
-    if not isinstance(payload, dict) or "error" not in payload or payload.get("choices"):
+    ``{"error": ...}`` without choices (a Responses API object's ``"error": null`` is
+    none), the Responses API's ``error`` event, or its ``response.failed`` event."""
+    if not isinstance(payload, dict) or payload.get("choices"):
         return None
-    err = payload["error"]
+    kind = payload.get("type")
+    if payload.get("error") is not None:
+        err = payload["error"]
+    elif kind == "error":
+        err = payload
+    elif kind == "response.failed":
+        inner = payload.get("response")
+        err = (inner.get("error") if isinstance(inner, dict) else None) or "the response failed"
+    else:
+        return None
     message = err.get("message") if isinstance(err, dict) else str(err)
     code = (err.get("code") or err.get("type")) if isinstance(err, dict) else None
     return APIError(f"error in stream: {message or 'no message'}", request_id=request_id,
@@ -207,6 +217,19 @@ class StreamCloser:
         self.model: Optional[str] = None
         self.ttfc_s: Optional[float] = None
 
+    def note(self, event: dict) -> None:
+        """Learn the model and the usage an event carries, in each format the routes stream:
+        at its top (chat and legacy completion chunks, Anthropic's ``message_delta``), or
+        in the object it wraps (the Responses API's ``response``, Anthropic's
+        ``message_start`` ``message``). Usage is merged, not replaced: Anthropic sends the
+        input tokens at the start and the output tokens at the end."""
+        inner = event.get("response") or event.get("message")
+        source = inner if isinstance(inner, dict) else event
+        self.model = source.get("model") or event.get("model") or self.model
+        usage = event.get("usage") or source.get("usage")
+        if isinstance(usage, dict) and usage:
+            self.usage = {**self.usage, **usage} if self.usage else usage
+
     def __call__(self, error: Optional[BaseException] = None) -> None:
         with self.lock:
             if self.done:
@@ -274,9 +297,7 @@ def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilt
                     failure = event_error(chunk, request_id)
                     if failure is not None:
                         raise failure
-                    closer.model = chunk.get("model") or closer.model
-                    if chunk.get("usage"):
-                        closer.usage = chunk["usage"]
+                    closer.note(chunk)
                 yield ApiObject(chunk, request_id)
         except TRANSPORT_ERRORS as exc:
             broken = connection_error(exc, secrets)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from ._answers import json_object, note_body, note_head
+from ._answers import note_body, note_head, request_fields
 from ._client import Client
 from ._engine import Sent, cut_timeout, operation_for
 from ._exceptions import APITimeoutError
@@ -94,7 +94,7 @@ class CometAdapter(HTTPAdapter):
         path = urlsplit(request.url or "").path
         base_path = urlsplit(client.base_url).path
         route = path[len(base_path):] if base_path and path.startswith(base_path) else path
-        body = json_object(request.body, request.headers.get("Content-Type"))
+        body = request_fields(request.body, request.headers.get("Content-Type"))
         lane, _rank = client.priorities.from_header(
             request.headers.pop(PRIORITY_HEADER, None), self.priority)
         info = client.new_request((request.method or "GET").upper(), route or "/", body,

@@ -76,8 +76,9 @@ __all__ = [
 
 logger = logging.getLogger("cometkit.batch")
 
-#: Routes a batch line may name (as the OpenAI Batch API spells them, below the API root).
-ALLOWED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+#: Routes a batch line may name (the OpenAI Batch API's endpoints, as it spells them).
+ALLOWED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
+                "/v1/moderations", "/v1/images/generations")
 #: The Batch API sends every line as a POST.
 ALLOWED_METHODS = ("POST",)
 #: The prefix of :data:`ALLOWED_URLS` that the client's ``base_url`` already ends in.

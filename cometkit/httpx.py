@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
-from ._answers import json_object, send_attempt
+from ._answers import request_fields, send_attempt
 from ._engine import Sent, cut_timeout
 from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
 from ._streaming import StreamCloser, end_when_dropped, event_error, sse_lines
@@ -161,7 +161,7 @@ class Transport:
         body = request.read() or None
         outgoing, picked = _outgoing_headers(request.headers)
         self._note_sdk_retry(picked.get("x-stainless-retry-count"))
-        payload = json_object(body, picked.get("content-type"))
+        payload = request_fields(body, picked.get("content-type"))
         stream = bool(payload and payload.get("stream") is True)
         method = request.method
         lane, _rank = client.priorities.from_header(picked.get(PRIORITY_HEADER), self.priority)
@@ -303,11 +303,7 @@ class _EventBody:
             return
         if not isinstance(event, dict):
             return
-        closer = self._closer
-        closer.model = closer.model or event.get("model")
-        usage = event.get("usage")
-        if isinstance(usage, dict):
-            closer.usage = usage
+        self._closer.note(event)
         failure = event_error(event, self._request_id)
         if failure is not None:
             self._failure = failure

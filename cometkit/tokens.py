@@ -26,8 +26,9 @@ def _text_chars(value: Any) -> int:
         return CHARS_PER_TOKEN
     if isinstance(value, list):
         return sum(_text_chars(item) for item in value)
-    if isinstance(value, Mapping):  # a content part: {"type": "text", "text": ...}
-        return _text_chars(value.get("text"))
+    if isinstance(value, Mapping):  # a content part {"type": "text", "text": ...}, or a
+        # Responses API input item {"role": ..., "content": ...}
+        return _text_chars(value.get("text")) + _text_chars(value.get("content"))
     if callable(getattr(value, "to_dict", None)):  # an answer's part, sent back as it came
         return _text_chars(value.to_dict())
     return 0
@@ -37,14 +38,17 @@ def estimate_parts(body: Optional[Mapping[str, Any]]) -> tuple[int, int]:
     """``(prompt tokens, reserved answer tokens)`` a request may cost, before it is sent.
 
     Prompt text is the ``content`` of every message (strings or text parts), ``input``
-    (embeddings, responses) and ``prompt`` (completions), at :data:`CHARS_PER_TOKEN`
+    (embeddings, moderations, responses: strings or input items), ``prompt`` (completions,
+    images), ``instructions`` (responses) and ``system`` (Anthropic messages), at
+    :data:`CHARS_PER_TOKEN`
     characters per token. ``max_tokens`` (or ``max_completion_tokens``, ``max_output_tokens``)
     is reserved for the answer, as providers reserve it; without it the answer is not reserved
     and the correction from ``usage`` after the call takes it out of the bucket instead.
     """
     if not isinstance(body, Mapping):
         return 0, 0
-    chars = _text_chars(body.get("input")) + _text_chars(body.get("prompt"))
+    chars = sum(_text_chars(body.get(key)) for key in ("input", "prompt", "instructions",
+                                                        "system"))
     messages = body.get("messages")
     if isinstance(messages, list):
         for message in messages:

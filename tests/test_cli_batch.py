@@ -195,6 +195,35 @@ def test_runner_as_a_library(tmp_path, cometkit_sandbox):
     assert first["id"].startswith("batch_req_") and first["error"] is None
 
 
+def test_cli_batch_sends_lines_for_every_batch_api_endpoint(tmp_path):
+    lines = [
+        {"custom_id": "r", "method": "POST", "url": "/v1/responses",
+         "body": {"input": "Hi there"}},
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "Once"}},
+        {"custom_id": "mod", "method": "POST", "url": "/v1/moderations",
+         "body": {"input": "I will kill it", "model": "omni-moderation-latest"}},
+        {"custom_id": "img", "method": "POST", "url": "/v1/images/generations",
+         "body": {"prompt": "a cat", "model": "dall-e-3", "response_format": "b64_json"}},
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "out.jsonl"
+    done = run_cli("batch", source, "-o", output, "--sandbox", "--model", "gpt-4o-mini",
+                   "--metrics-csv", "m.csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    by_id = {r["custom_id"]: r for r in read_output(output)}
+    assert by_id["r"]["response"]["body"]["output"][0]["content"][0]["text"] == \
+        "echo: Hi there"
+    assert by_id["c"]["response"]["body"]["choices"][0]["text"] == "echo: Once"
+    assert by_id["mod"]["response"]["body"]["results"][0]["flagged"] is True
+    assert by_id["img"]["response"]["body"]["data"][0]["b64_json"]
+    with open(tmp_path / "m.csv", newline="") as handle:
+        operations = {row["route"]: row["operation"] for row in csv.DictReader(handle)}
+    assert operations == {"/responses": "generate_content", "/completions": "text_completion",
+                          "/moderations": "moderations", "/images/generations": "images"}
+
+
 # -------------------------------------------------------------------------------------------
 # cometkit batch
 # -------------------------------------------------------------------------------------------
@@ -255,7 +284,7 @@ def test_invalid_input_is_reported_by_line_and_nothing_is_sent(tmp_path, cometki
         '{"prompt": "no id", "model": "m"}',
         "",
         '{"custom_id": "ok-1", "prompt": "again", "model": "m"}',
-        '{"custom_id": "u", "method": "POST", "url": "/v1/images/generations", "body": {}}',
+        '{"custom_id": "u", "method": "POST", "url": "/v1/audio/speech", "body": {}}',
         '{"custom_id": "g", "method": "GET", "url": "/v1/chat/completions", "body": {}}',
         '{"custom_id": "nomodel", "prompt": "x"}',
     ]) + "\n")

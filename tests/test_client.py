@@ -399,7 +399,13 @@ class TestMapDoesNotStall:
 
 @pytest.mark.parametrize("path,operation", [
     ("/chat/completions", "chat"), ("/v1/chat/completions/", "chat"), ("/embeddings", "embeddings"),
-    ("/models", "models"), ("/completions", "text_completion"), ("/files?x=1", "request"),
+    ("/models", "models"), ("/completions", "text_completion"), ("/threads/t1/runs", "request"),
+    ("/v1/messages", "chat"), ("/responses", "generate_content"),
+    ("/responses/resp_1", "responses"), ("/moderations", "moderations"),
+    ("/images/generations", "images"), ("/audio/transcriptions", "audio.transcriptions"),
+    ("/audio/speech", "audio.speech"), ("/files?purpose=batch", "files"),
+    ("/v1/files/file-1/content", "files"), ("/batches/batch_1/cancel", "batches"),
+    ("/models/gpt-4o-mini", "models"),
 ])
 def test_operation_names_follow_opentelemetry_genai(path, operation):
     from cometkit._engine import operation_for

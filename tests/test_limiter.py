@@ -166,6 +166,12 @@ def test_estimate_counts_prompt_characters_over_four_plus_max_tokens():
     assert estimate_tokens({"input": ["abcd", "efgh"]}) == 2
     assert estimate_tokens({"input": [[1, 2, 3]]}) == 3  # token ids count one each
     assert estimate_tokens({"prompt": "x" * 9}) == 3
+    # the Responses API's input items and instructions, Anthropic's system text
+    assert estimate_tokens({"input": [{"role": "user", "content": "a" * 8},
+                                      {"role": "user", "content": [
+                                          {"type": "input_text", "text": "b" * 8}]}],
+                            "instructions": "c" * 8, "max_output_tokens": 5}) == 6 + 5
+    assert estimate_tokens({"system": "s" * 8, "messages": [{"content": "abcd"}]}) == 3
     assert estimate_tokens({"messages": [], "max_tokens": True}) == 0
     assert estimate_tokens(None) == 0
 

@@ -21,11 +21,13 @@ import socketserver
 import struct
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Sequence
 
+from .._multipart import decode_upload
 from ..records import Clock, SystemClock
-from . import responses
+from . import responses, routes
 from .faults import FaultPlan, FaultSpec
 from .limits import (
     HEADER_FAMILIES,
@@ -36,6 +38,7 @@ from .limits import (
     go_duration,
 )
 from .stats import Counters, Outcome
+from .store import Store, StoreError
 
 __all__ = ["Sandbox", "RETRY_AFTER_STYLES", "HEADER_FAMILIES", "WINDOW_ALIGNS",
            "WINDOW_RETRY_AFTERS", "IN_FLIGHT_STYLES", "OVERLOAD_STYLES"]
@@ -61,12 +64,30 @@ _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\nServer: cometkit-sandbox\r\n"
     for status in http.HTTPStatus
 }
+#: ``path -> {method: kind}`` of the routes the sandbox serves; ``{id}`` is one path segment.
 _ROUTES = {
-    "/v1/chat/completions": ("POST", "chat"),
-    "/v1/embeddings": ("POST", "embeddings"),
-    "/v1/models": ("GET", "models"),
+    "/v1/chat/completions": {"POST": "chat"},
+    "/v1/embeddings": {"POST": "embeddings"},
+    "/v1/models": {"GET": "models"},
+    "/v1/models/{id}": {"GET": "model"},
+    "/v1/responses": {"POST": "responses"},
+    "/v1/responses/{id}": {"GET": "response_get", "DELETE": "response_delete"},
+    "/v1/completions": {"POST": "completions"},
+    "/v1/messages": {"POST": "messages"},
+    "/v1/moderations": {"POST": "moderations"},
+    "/v1/images/generations": {"POST": "images"},
+    "/v1/audio/speech": {"POST": "speech"},
+    "/v1/audio/transcriptions": {"POST": "transcriptions"},
+    "/v1/files": {"POST": "file_upload"},
+    "/v1/files/{id}": {"GET": "file_get"},
+    "/v1/files/{id}/content": {"GET": "file_content"},
+    "/v1/batches": {"POST": "batch_create", "GET": "batch_list"},
+    "/v1/batches/{id}": {"GET": "batch_get"},
+    "/v1/batches/{id}/cancel": {"POST": "batch_cancel"},
 }
-_MODEL_PREFIX = "/v1/models/"
+#: Kinds whose request is a JSON body to plan (their model is rate-limited).
+_PLANNED_JSON = ("chat", "embeddings") + tuple(k for k in routes.ROUTE_KINDS
+                                               if k != "transcriptions")
 _JSON = "application/json"
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -246,6 +267,7 @@ class Sandbox:
             )
         self._counters = Counters()
         self._ids = itertools.count(1)
+        self._store = Store(self._answer_line, self.clock.time)
         self._stopping = threading.Event()
         self._connections: set = set()
         self._connections_lock = threading.Lock()
@@ -381,31 +403,36 @@ class Sandbox:
             handler.close_connection = True
             return self._error(handler, call, 400, "Could not read the request body.",
                                "invalid_request_error")
-        route = _ROUTES.get(path)
-        if route is None and path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
-            route = ("GET", "model")
-        if route is None:
+        methods, ident = _route(path)
+        if methods is None:
             return self._error(handler, call, 404, f"Invalid URL ({handler.command} {path})",
                                "invalid_request_error", "unknown_url")
-        method, kind = route
-        if handler.command != method:
-            return self._error(handler, call, 405, f"Invalid method for {path}: use {method}.",
-                               "invalid_request_error", "method_not_allowed")
+        kind = methods.get(handler.command)
+        if kind is None:
+            return self._error(handler, call, 405, f"Invalid method for {path}: use "
+                               f"{' or '.join(methods)}.", "invalid_request_error",
+                               "method_not_allowed")
         if self._expected_auth is not None:
             refusal = self._check_auth(handler)
             if refusal:
                 return self._error(handler, call, 401, refusal, "invalid_request_error",
                                    "invalid_api_key")
         plan: Any = None
-        if kind in ("chat", "embeddings"):
+        document: Any = None
+        if kind in _PLANNED_JSON or kind == "batch_create":
             try:
                 document = json.loads(body)
             except ValueError:
                 return self._error(handler, call, 400, "We could not parse the JSON body of "
                                    "your request.", "invalid_request_error")
+        elif kind in ("transcriptions", "file_upload"):
+            document = decode_upload(handler.headers.get("Content-Type"), body)
+            if document is None:
+                return self._error(handler, call, 400, "The body must be multipart/form-data "
+                                   "with a file.", "invalid_request_error")
+        if kind in _PLANNED_JSON or kind == "transcriptions":
             try:
-                plan = (responses.plan_chat if kind == "chat"
-                        else responses.plan_embeddings)(document, self._token_ratio)
+                plan = _plan(kind, document, self._token_ratio)
             except responses.BadRequest as exc:
                 return self._error(handler, call, 400, str(exc), "invalid_request_error",
                                    param=exc.param)
@@ -421,11 +448,11 @@ class Sandbox:
             if not admission.ok:
                 return self._refused(handler, call, admission)
             call.admitted = True
-        return self._admitted(handler, call, kind, path, plan,
+        return self._admitted(handler, call, kind, ident, plan, document,
                               admission.headers if admission is not None else ())
 
-    def _admitted(self, handler: _Handler, call: _Call, kind: str, path: str, plan: Any,
-                  headers: tuple) -> Outcome:
+    def _admitted(self, handler: _Handler, call: _Call, kind: str, ident: Optional[str],
+                  plan: Any, document: Any, headers: tuple) -> Outcome:
         fault = None
         if self._faults:
             with self._random_lock:
@@ -438,22 +465,82 @@ class Sandbox:
         if fault is not None and fault != "slow":
             return self._inject(handler, call, fault, plan)
         created = int(self.clock.time())
+        if getattr(plan, "stream", False):
+            events = _stream_events(plan, call.number, created)
+            if kind == "responses":
+                self._keep_response(plan, call.number, created)
+            return self._send_events(handler, call, events, headers)
+        content_type = _JSON
         if kind == "chat":
-            if plan.stream:
-                events = responses.chat_stream_events(plan, call.number, created)
-                return self._send_events(handler, call, events, headers)
             body = responses.chat_body(plan, call.number, created)
         elif kind == "embeddings":
             body = responses.embeddings_body(plan)
         elif kind == "models":
             body = responses.models_body(self.models, created)
-        else:
-            model_id = path[len(_MODEL_PREFIX):]
-            if model_id not in self.models:
-                return self._error(handler, call, 404, f"The model '{model_id}' does not exist",
+        elif kind == "model":
+            if ident not in self.models:
+                return self._error(handler, call, 404, f"The model '{ident}' does not exist",
                                    "invalid_request_error", "model_not_found", "model")
-            body = responses.model_body(model_id, created)
-        return self._send(handler, 200, call, body, headers)
+            body = responses.model_body(ident, created)
+        elif plan is not None:
+            body, content_type = routes.answer(plan, call.number, created, self._origin())
+            if kind == "responses":
+                self._keep_response(plan, call.number, created, body)
+        else:
+            try:
+                body, content_type = self._stored(kind, ident, document, handler.path)
+            except StoreError as exc:
+                return self._error(handler, call, exc.status, str(exc),
+                                   "invalid_request_error", exc.code, exc.param)
+        return self._send(handler, 200, call, body, headers, content_type=content_type)
+
+    def _origin(self) -> str:
+        return self.base_url[:-len("/v1")]
+
+    def _keep_response(self, plan: Any, number: int, created: int,
+                       body: Optional[bytes] = None) -> None:
+        """Store a response for ``GET /v1/responses/{id}``, unless it asked ``store: false``."""
+        if plan.document.get("store", True) is not False:
+            if body is None:
+                body = json.dumps(routes.response_object(plan, number, created),
+                                  separators=(",", ":")).encode()
+            self._store.keep_response(f"resp_sandbox_{number}", body)
+
+    def _stored(self, kind: str, ident: Optional[str], document: Any,
+                target: str) -> tuple[bytes, str]:
+        """``(body, content type)`` of a route of the store (files, batches, responses)."""
+        store = self._store
+        if kind == "file_content":
+            return store.file_content(ident or ""), "application/octet-stream"
+        if kind == "batch_list":
+            query = urllib.parse.parse_qs(target.partition("?")[2])
+            return store.list_batches((query.get("after") or [None])[0],
+                                      (query.get("limit") or [None])[0]), _JSON
+        calls = {"file_upload": lambda: store.upload(document),
+                 "file_get": lambda: store.file(ident or ""),
+                 "batch_create": lambda: store.create_batch(document),
+                 "batch_get": lambda: store.retrieve_batch(ident or ""),
+                 "batch_cancel": lambda: store.cancel_batch(ident or ""),
+                 "response_get": lambda: store.response(ident or ""),
+                 "response_delete": lambda: store.delete_response(ident or "")}
+        return calls[kind](), _JSON
+
+    def _answer_line(self, url: str, document: Any, number: int) -> tuple[int, Any]:
+        """A batch line's answer, as the live route gives it (no limits, no faults)."""
+        kind = _route(url)[0]["POST"]  # the store checked url is a batch endpoint
+        try:
+            plan = _plan(kind, document, self._token_ratio)
+        except responses.BadRequest as exc:
+            return 400, json.loads(responses.error_body(str(exc), "invalid_request_error",
+                                                        param=exc.param))
+        created = int(self.clock.time())
+        if kind == "chat":
+            body = responses.chat_body(plan, number, created)
+        elif kind == "embeddings":
+            body = responses.embeddings_body(plan)
+        else:
+            body = routes.answer(plan, number, created, self._origin())[0]
+        return 200, json.loads(body)
 
     def _check_auth(self, handler: _Handler) -> Optional[str]:
         """Why the request is unauthorised, or ``None``. Never repeats the key it was given."""
@@ -536,7 +623,7 @@ class Sandbox:
         if fault == "truncated":
             handler.close_connection = True
             if streaming:
-                events = responses.chat_stream_events(plan, call.number, int(self.clock.time()))
+                events = _stream_events(plan, call.number, int(self.clock.time()))
                 return self._send_events(handler, call, events[:1], outcome="truncated")
             body = (responses.chat_body(plan, call.number, int(self.clock.time()))
                     if isinstance(plan, responses.ChatPlan) else responses.INVALID_JSON_BODY)
@@ -600,7 +687,9 @@ class Sandbox:
         call = _Call(0)
         call.request_id = "req_sandbox_control"
         call.finished = True  # not an API attempt: not counted
-        if (handler.command, path) == ("GET", "/_sandbox/stats"):
+        if handler.command == "GET" and path.startswith("/_sandbox/images/"):
+            self._send(handler, 200, call, routes.PNG_BYTES, content_type="image/png")
+        elif (handler.command, path) == ("GET", "/_sandbox/stats"):
             self._send(handler, 200, call, json.dumps(self.stats()).encode())
         elif (handler.command, path) == ("POST", "/_sandbox/reset"):
             self.reset_stats()
@@ -609,6 +698,36 @@ class Sandbox:
             self._send(handler, 404, call, responses.error_body(
                 f"Invalid URL ({handler.command} {path})", "invalid_request_error",
                 "unknown_url"))
+
+
+def _route(path: str) -> tuple[Optional[dict], Optional[str]]:
+    """``({method: kind}, the id in the path)`` of a route, or ``(None, None)``."""
+    methods = _ROUTES.get(path)
+    if methods is not None:
+        return methods, None
+    if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+        return _ROUTES["/v1/models/{id}"], urllib.parse.unquote(path[len("/v1/models/"):])
+    parts = path.split("/")  # "", "v1", resource, id[, action]
+    if len(parts) not in (4, 5) or not parts[3]:
+        return None, None
+    methods = _ROUTES.get("/".join(parts[:3] + ["{id}"] + parts[4:]))
+    return (methods, urllib.parse.unquote(parts[3])) if methods else (None, None)
+
+
+def _plan(kind: str, document: Any, token_ratio: float) -> Any:
+    """The plan of a request of a planned kind (:class:`~.responses.ChatPlan` & co.)."""
+    if kind == "chat":
+        return responses.plan_chat(document, token_ratio)
+    if kind == "embeddings":
+        return responses.plan_embeddings(document, token_ratio)
+    return routes.plan_route(kind, document, token_ratio)
+
+
+def _stream_events(plan: Any, number: int, created: int) -> list:
+    """The events of a streamed answer, in its route's format."""
+    if isinstance(plan, responses.ChatPlan):
+        return responses.chat_stream_events(plan, number, created)
+    return routes.stream_events(plan, number, created)
 
 
 def _reset(handler: _Handler) -> None:
