@@ -308,3 +308,29 @@ def test_an_upload_through_the_requests_adapter_records_its_model_and_operation(
     (row,) = rows(tmp_path)
     assert (row["operation"], row["model"], row["input_tokens"]) == (
         "audio.transcriptions", "whisper-1", "1")
+
+
+def test_every_route_takes_the_per_call_options_of_create():
+    """``extra_body`` merged into the body, ``extra_query`` into the query, ``extra_headers``
+    sent, ``priority`` checked against the client's lanes, and ``with_raw_response``."""
+
+    def handler(seen):
+        return json_reply(200, {"id": "modr-1", "results": [{"flagged": False}]},
+                          **{"x-ratelimit-remaining-requests": "41"})
+
+    with ScriptedServer(handler) as server, cometkit.Client(
+            "sk-test-routes-options", server.base_url, config={"plugins": {}}) as client:
+        answer = client.moderations.create(
+            input="hi", extra_body={"provider_field": 1}, extra_query={"region": "eu"},
+            extra_headers={"X-Trace": "t1"}, priority="interactive")
+        assert answer.results[0].flagged is False
+        raw = client.moderations.with_raw_response.create(input="hi")
+        assert raw.headers["x-ratelimit-remaining-requests"] == "41"
+        assert raw.parse().id == "modr-1"
+        with pytest.raises(cometkit.ConfigError):
+            client.moderations.create(input="hi", priority="urgent")
+        seen = server.seen[0]
+    assert seen.json() == {"input": "hi", "provider_field": 1}
+    assert seen.path.endswith("/moderations?region=eu")
+    assert seen.headers.get("X-Trace") == "t1"
+
