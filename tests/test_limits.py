@@ -664,3 +664,37 @@ def test_the_policys_quota_lists_are_the_limiters_too(wait_despite, quota):
                    for r in failed)
     else:
         assert "quota" not in refusals and not failed
+
+
+def test_a_fleet_window_quota_counted_short_is_tried_one_higher_until_a_refusal_settles_it(
+        clock):
+    """Ranks come from the store's count of the fleet's window (see the Redis store): the
+    first quota, counted from acceptances this process had heard of, may be short; a window
+    whose last allowed rank is accepted tries one more, and a refused rank fixes it."""
+    control = AdaptiveControl(16, clock.monotonic(), window_s=None)
+    control.window_s, control.window_quota = 10.0, 8  # learned from an early, short count
+
+    def ranked(status: int, rank: int) -> None:
+        sent = clock.monotonic()
+        control.on_admit(sent)
+        clock.advance(0.01)
+        control.on_result(answer(status, started_at=sent, clock=clock), clock.monotonic(),
+                          clock.time, window_rank=rank)
+
+    ranked(200, 8)   # the 8th of 8 accepted: the quota may be higher
+    assert control.window_quota == 9
+    ranked(200, 9)
+    assert control.window_quota == 10
+    ranked(429, 11)  # the 11th refused: the quota is 10, settled
+    assert control.window_quota == 10
+    ranked(200, 10)  # the quota's last, accepted: no more probing once settled
+    assert control.window_quota == 10
+
+
+def test_a_process_takes_the_fleets_newer_quota_for_a_window_it_knows():
+    control = AdaptiveControl(16, 0.0)
+    control.window_s, control.window_quota = 10.0, 9
+    control.adopt({"window_quota": 10})  # another process counted the same window better
+    assert control.window_quota == 10
+    control.adopt({"window_s": 60.0, "window_quota": 3})  # another window: not this one's
+    assert (control.window_s, control.window_quota) == (10.0, 10)

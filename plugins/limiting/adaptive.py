@@ -207,6 +207,8 @@ class AdaptiveControl:
         self._window_configured = window_s is not None
         #: The window, and the ceiling, were taken from the fleet (:meth:`adopt`), not met.
         self._window_adopted = False
+        #: A refusal at a counted rank fixed the window's quota (see :meth:`_window_ranked`).
+        self._quota_settled = False
         self._ceiling_adopted = False
         self._window_end = -math.inf
         self._window_admitted = 0
@@ -381,12 +383,20 @@ class AdaptiveControl:
 
     def _window_ranked(self, result: AttemptResult, rank: int, hints: RateLimitHints) -> None:
         """The quota of a learned window, from where in the fleet's window this answer's
-        attempt went out (see :meth:`on_result`)."""
+        attempt went out (see :meth:`on_result`). A refused rank fixes the quota (one less);
+        until one has, the last rank a window allowed, accepted, is taken for one short of
+        the quota: the quota first learned counts the fleet's acceptances as far as this
+        process had heard of them, which may be too few, and a quota never tried cannot be
+        found too small (one refusal, once, settles it)."""
         if result.status_code == 429 and hints.refusal in (None, "requests"):
             if self.window_quota is None or rank - 1 < self.window_quota:
                 self.window_quota = max(1, rank - 1)
-        elif result.accepted and self.window_quota is not None and rank > self.window_quota:
-            self.window_quota = rank
+            self._quota_settled = True
+        elif result.accepted and self.window_quota is not None:
+            if rank > self.window_quota:
+                self.window_quota = rank
+            if rank == self.window_quota and not self._quota_settled:
+                self.window_quota = rank + 1
 
     def _throttled(self, result: AttemptResult, hints: RateLimitHints, now: float,
                    probe: bool, in_flight: Optional[int], ranked: bool = False) -> str:
@@ -458,6 +468,7 @@ class AdaptiveControl:
                         "time left after all", hint, self.window_s)
             self.window_s = self.window_quota = None
             self._window_end = -math.inf
+            self._quota_settled = False
         # A long hint that ends a run of acceptances is taken for a window's length until a
         # different hint says otherwise (then it was a time left, and one probe went early).
         tentative = (self.window_s is None and hint >= MIN_PERIOD_S and not probe
@@ -755,7 +766,12 @@ class AdaptiveControl:
             self.window_s = self.window_quota = None
             self._window_end = -math.inf
             self._window_adopted = False
-        elif self._window_adopted and shared.get("window_quota"):
+            self._quota_settled = False
+        elif (shared.get("window_quota") and self.window_s is not None
+              and not self._window_configured
+              and (self._window_adopted or "window_s" not in shared
+                   or abs(float(window_s or 0) - self.window_s) < 1e-3)):
+            # one window, one quota for the fleet: the latest any process counted
             self.window_quota = int(shared["window_quota"])
         ceiling = shared.get("ceiling")
         if ceiling and (self.ceiling is None or self._ceiling_adopted):
@@ -777,6 +793,7 @@ class AdaptiveControl:
         self._epoch_sent_tokens += max(0, sent_tokens)
         if accepted > 0:
             self._epoch_ok += accepted
+            self._ok_since_signal += accepted  # a refusal after them ends the fleet's run
             self._grow_rate(accepted)
             if self._run_started_at is not None:  # a window's quota is the fleet's
                 self._run_ok += accepted
