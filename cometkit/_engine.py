@@ -15,7 +15,7 @@ import random
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from ._exceptions import APIConnectionError, APITimeoutError
 from ._workers import sleep_aside
@@ -103,6 +103,19 @@ class Sent:
     held: bool = False
     #: A held stream's events, its first one already read within the attempt.
     events: Any = None
+
+
+class Ended(NamedTuple):
+    """How :meth:`CallEngine.execute` ended a call."""
+
+    #: What the last attempt produced (its response, decoded value, provider request id).
+    sent: Sent
+    #: The last attempt's result.
+    result: AttemptResult
+    #: The exception the call ends with; ``None`` on success.
+    error: Optional[BaseException]
+    #: The limiter's permit, still held only when ``sent.held`` (a stream being read).
+    permit: Any
 
 
 #: Sends one attempt: fills ``result`` (status, headers, error, usage) and returns what it got.
@@ -237,24 +250,24 @@ class CallEngine:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def execute(self, request: RequestInfo, attempt_fn: AttemptFn
-                ) -> tuple[Sent, AttemptResult, Optional[BaseException], Any]:
+    def execute(self, request: RequestInfo, attempt_fn: AttemptFn) -> Ended:
         """Run one call to its end, within ``request.deadline_s`` when it has one.
 
-        :returns: ``(sent, result, error, permit)``: ``error`` is the exception the call ends
-            with (``None`` on success); ``permit`` is still held only when ``sent.held``.
+        :returns: :class:`Ended` (``sent, result, error, permit``, as a tuple too): ``error``
+            is the exception the call ends with (``None`` on success); ``permit`` is still
+            held only when ``sent.held``.
         """
         tally = [0, 0]  # attempts ended (a held stream's ends later), retries
-        ended: Optional[tuple] = None
+        ended: Optional[Ended] = None
         try:
             ended = self._execute(request, attempt_fn, tally)
             return ended
         finally:  # one lock per call for the counters
             self.count(calls=1, attempts=tally[0], retries=tally[1],
-                       failures=1 if ended is not None and ended[2] is not None else 0)
+                       failures=1 if ended is not None and ended.error is not None else 0)
 
     def _execute(self, request: RequestInfo, attempt_fn: AttemptFn, tally: list
-                 ) -> tuple[Sent, AttemptResult, Optional[BaseException], Any]:
+                 ) -> Ended:
         clock, policy, limiter = self.clock, self.policy, self.limiter
         if not self._deferred.empty():
             self.drain_deferred()
@@ -294,7 +307,7 @@ class CallEngine:
             if result.headers is not None:
                 self._read_hints(result)
             if result.error is None and sent.held:
-                return sent, result, None, permit
+                return Ended(sent, result, None, permit)
             if limiter is not None:
                 verdict = limiter.release(permit, result)
                 if isinstance(verdict, Throttle):
@@ -304,7 +317,7 @@ class CallEngine:
                 if self.sinks:
                     self._emit_attempt(result, sent, "ok", None)
                     self._emit_call(result, "ok")
-                return sent, result, None, None
+                return Ended(sent, result, None, None)
 
             decision = policy.decide(result) if policy is not None else None
             past = self._past_deadline(result, decision)
@@ -332,7 +345,7 @@ class CallEngine:
                 final = decision.error
                 if final.__cause__ is None:
                     final.__cause__ = result.error
-            return sent, result, final, None
+            return Ended(sent, result, final, None)
 
     def _end_attempt(self, result: AttemptResult) -> None:
         """Take the attempt's time on the wire so far. A stream's attempt is timed twice, at
@@ -344,7 +357,7 @@ class CallEngine:
     # -- the deadline ---------------------------------------------------------------------------
 
     def _admit(self, request: RequestInfo, timing: CallTiming,
-               last_error: Optional[BaseException]) -> tuple[Any, float, Optional[tuple]]:
+               last_error: Optional[BaseException]) -> tuple[Any, float, Optional[Ended]]:
         """``(permit, seconds waited, None)``, or ``(None, seconds waited, the call's end)``
         when the deadline passed while waiting: the limiter is given what is left of it."""
         assert self.limiter is not None
@@ -394,7 +407,7 @@ class CallEngine:
     def _end_at_deadline(self, request: RequestInfo, timing: CallTiming, why: str,
                          last_error: Optional[BaseException],
                          result: Optional[AttemptResult] = None, sent: Optional[Sent] = None,
-                         cause: Optional[BaseException] = None) -> tuple:
+                         cause: Optional[BaseException] = None) -> Ended:
         """The call fails with an ``APITimeoutError`` saying where its time went; the call
         record names it (the attempts were recorded as they ended)."""
         text = f"deadline {request.deadline_s:g} s: {timing.describe()}; {why}"
@@ -414,7 +427,7 @@ class CallEngine:
         result.error = error
         if self.sinks:
             self._emit_call(result, "error")
-        return sent if sent is not None else Sent(), result, error, None
+        return Ended(sent if sent is not None else Sent(), result, error, None)
 
     def _read_hints(self, result: AttemptResult) -> None:
         """Parse the answer's rate-limit hints once, for the limiter, the policy and the

@@ -28,7 +28,6 @@ __all__ = [
     "CallRecord",
     "RetryPolicy",
     "Limiter",
-    "Permit",
     "MetricsSink",
     "ATTEMPT_FIELDS",
     "CALL_FIELDS",
@@ -381,10 +380,6 @@ class RetryPolicy(Protocol):
     def decide(self, result: AttemptResult) -> RetryDecision:
         """Called after every failed attempt (never after a success)."""
         ...
-
-
-class Permit(Protocol):
-    """Whatever a limiter hands out on admission; the core hands it back on release."""
 
 
 @runtime_checkable

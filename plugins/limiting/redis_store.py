@@ -650,15 +650,9 @@ class RedisLimiter:
                 if deadline is not None and now >= deadline:
                     raise self._timeout_error(request, timeout, _text(detail))
                 if value >= 0:  # Redis knows when: a hold ending, a rate refilling
-                    wait = min(MAX_SLEEP_S, value / 1000.0)
+                    self._wait(min(MAX_SLEEP_S, value / 1000.0), deadline, now)
                 else:  # a slot held elsewhere: poll, backing off, with jitter
-                    wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
-                    backoff = min(POLL_MAX_S, backoff * 2)
-                if deadline is not None:
-                    wait = min(wait, deadline - now)
-                self._sleep(max(0.0, wait))
-                if self._closed:
-                    raise RuntimeError("the limiter was closed while this attempt waited")
+                    backoff = self._poll(backoff, deadline, now)
         finally:
             if not granted:
                 self._idle(lane)
@@ -684,13 +678,7 @@ class RedisLimiter:
             now = self.clock.monotonic()
             if deadline is not None and now >= deadline:
                 raise self._timeout_error(waiter.request, timeout, "lane")
-            wait = min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5))
-            backoff = min(POLL_MAX_S, backoff * 2)
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            self._sleep(max(0.0, wait))
-            if self._closed:
-                raise RuntimeError("the limiter was closed while this attempt waited")
+            backoff = self._poll(backoff, deadline, now)
 
     def _leave_lane(self, waiter: FleetWaiter, *, admitted: bool = False,
                     overtook: bool = False) -> None:
@@ -1015,6 +1003,20 @@ class RedisLimiter:
         return _LocalPermit(local.acquire(request, remaining))
 
     # -- plumbing ------------------------------------------------------------------------------
+
+    def _poll(self, backoff: float, deadline: Optional[float], now: float) -> float:
+        """Wait one poll for something only another process can free (a slot, a higher
+        lane's turn): ``backoff`` with jitter, within the deadline; the next backoff."""
+        self._wait(min(POLL_MAX_S, backoff * self.random.uniform(1.0, 1.5)), deadline, now)
+        return min(POLL_MAX_S, backoff * 2)
+
+    def _wait(self, seconds: float, deadline: Optional[float], now: float) -> None:
+        """Sleep ``seconds`` (never past ``deadline``), unless the limiter closes meanwhile."""
+        if deadline is not None:
+            seconds = min(seconds, deadline - now)
+        self._sleep(max(0.0, seconds))
+        if self._closed:
+            raise RuntimeError("the limiter was closed while this attempt waited")
 
     def _sleep(self, seconds: float) -> None:
         if self._real_time:
