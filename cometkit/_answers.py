@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from ._engine import Sent, usage_tokens
 from ._exceptions import APIConnectionError, APIError, SecretFilter, make_status_error
 from ._multipart import decode_upload
-from ._transport import TRANSPORT_ERRORS, Answer, answers_in_events, connection_error
+from ._transport import Answer, answers_in_events
 from .records import AttemptResult
 
 __all__ = ["failure_from", "json_object", "request_fields", "note_head", "note_body",
@@ -115,14 +115,10 @@ def send_attempt(result: AttemptResult, send: Callable[[], Any], *, stream: bool
         sent.value = note_body(result, sent, response, response.content, method=method,
                                route=route, secret=secret,
                                decode=decode)
-    except TRANSPORT_ERRORS as exc:
-        mapped = connection_error(exc, secrets)
-        result.error, result.error_stage = mapped, mapped.stage
+    except APIConnectionError as exc:  # the transport's own: failed, broke, cut short
+        result.error, result.error_stage = exc, exc.stage
         if sent.response is not None:
             sent.response.close()
-        sent.response = None
-    except APIConnectionError as exc:  # a body cut short
-        result.error, result.error_stage = exc, exc.stage
         sent.response = None
     except APIError as exc:  # a success status with an undecodable body
         result.error = exc

@@ -25,7 +25,7 @@ import requests
 
 from ._exceptions import APIConnectionError, APIError, SecretFilter, status_error_class
 from ._objects import ApiObject
-from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
+from ._transport import body_chunks
 
 __all__ = ["Stream", "StreamCloser", "end_when_dropped", "iter_sse_data", "sse_lines",
            "event_error", "event_status", "read_first_event", "completion_as_chunk"]
@@ -160,14 +160,10 @@ def read_first_event(response: requests.Response, secrets: SecretFilter,
         empty body); or ``(None, error)``: the attempt's error (an
         :class:`APIConnectionError` with stage ``read``, or the error event's typed error).
     """
-    events = iter_sse_data(iter_body_chunks(response), secrets)
+    events = iter_sse_data(body_chunks(response, secrets, request_id), secrets)
     try:
         first = next(events, None)
-    except TRANSPORT_ERRORS as exc:
-        broken = connection_error(exc, secrets)
-        broken.request_id = request_id
-        return None, broken
-    except APIError as exc:  # no event stream at all: the stream's own error, at once
+    except APIError as exc:  # broken before any event, or no event stream at all
         exc.request_id = exc.request_id or request_id
         return None, exc
     if first is None:
@@ -275,38 +271,30 @@ def _chunks(anchor: _Anchor, response: requests.Response, *, secrets: SecretFilt
     closer = anchor.closer
     error: Optional[BaseException] = None
     abandoned = False
+    # the transport maps a broken connection to APIConnectionError (body_chunks), with no
+    # context that could quote what the server sent
     events: Iterable[str] = preloaded if preloaded is not None else iter_sse_data(
-        iter_body_chunks(response), secrets)
+        body_chunks(response, secrets, request_id), secrets)
     try:
-        broken: Optional[APIConnectionError] = None
-        try:
-            for data in events:
-                if isinstance(data, dict):
-                    chunk: Any = data
-                elif data.strip() == "[DONE]":
-                    break
-                else:
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError:
-                        raise APIError(f"invalid JSON in stream event: {data[:200]!r}",
-                                       request_id=request_id) from None
-                if closer.ttfc_s is None:
-                    closer.ttfc_s = monotonic() - started_at
-                if isinstance(chunk, dict):
-                    failure = event_error(chunk, request_id)
-                    if failure is not None:
-                        raise failure
-                    closer.note(chunk)
-                yield ApiObject(chunk, request_id)
-        except TRANSPORT_ERRORS as exc:
-            broken = connection_error(exc, secrets)
-            broken.request_id = request_id
-        if broken is not None:
-            # raised outside the handler, so it carries no context: the HTTP library's
-            # exception may quote what the server sent (connection_error chains it as the
-            # cause only when it quotes no secret)
-            raise broken
+        for data in events:
+            if isinstance(data, dict):
+                chunk: Any = data
+            elif data.strip() == "[DONE]":
+                break
+            else:
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise APIError(f"invalid JSON in stream event: {data[:200]!r}",
+                                   request_id=request_id) from None
+            if closer.ttfc_s is None:
+                closer.ttfc_s = monotonic() - started_at
+            if isinstance(chunk, dict):
+                failure = event_error(chunk, request_id)
+                if failure is not None:
+                    raise failure
+                closer.note(chunk)
+            yield ApiObject(chunk, request_id)
     except GeneratorExit:
         # closed from outside: by Stream.close() (already ended), or because the iterator
         # is being dropped, maybe from deep inside another lock: end it on the engine's side

@@ -37,7 +37,8 @@ from urllib3.util.timeout import Timeout
 from ._exceptions import APIConnectionError, APITimeoutError, ConfigError, SecretFilter
 from ._version import __version__
 
-__all__ = ["Transport", "connection_error", "read_body", "iter_body_chunks", "TRANSPORT_ERRORS",
+__all__ = ["Transport", "connection_error", "body_chunks", "read_body",
+           "iter_body_chunks", "TRANSPORT_ERRORS",
            "answers_in_events", "is_event_stream", "DEFAULT_BASE_URL"]
 
 logger = logging.getLogger("cometkit.transport")
@@ -106,6 +107,28 @@ def connection_error(exc: BaseException, secrets: Optional[SecretFilter] = None
     if secrets is None or _chain_is_clean(exc, secrets):
         error.__cause__ = exc
     return error
+
+
+def body_chunks(response: requests.Response, secrets: Optional[SecretFilter] = None,
+                request_id: Optional[str] = None) -> Iterator[bytes]:
+    """:func:`iter_body_chunks` with the transport's errors mapped to cometkit's
+    (:func:`connection_error`, carrying ``request_id``): what every stream reads its events
+    from, so a connection that breaks mid-stream is the same ``APIConnectionError`` (stage
+    ``read``) whoever reads it. The error is raised outside the handler, so it carries no
+    context: the HTTP library's exception may quote what the server sent."""
+    chunks = iter_body_chunks(response)
+    while True:
+        broken: Optional[APIConnectionError] = None
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except TRANSPORT_ERRORS as exc:
+            broken = connection_error(exc, secrets)
+            broken.request_id = request_id
+        if broken is not None:
+            raise broken
+        yield chunk
 
 
 #: How deep :func:`_chain_is_clean` looks into an exception's causes and contexts.
@@ -312,8 +335,8 @@ class Transport:
         stream: bool = False,
         timeout_s: Optional[tuple[float, float]] = None,
     ) -> Union[requests.Response, Answer]:
-        """Send one attempt; raises ``requests`` or ``urllib3`` exceptions (the caller maps
-        them with :func:`connection_error`), or ``APIConnectionError`` for a body cut short.
+        """Send one attempt; raises only cometkit's ``APIConnectionError`` (``APITimeoutError``)
+        for a connection that failed, broke or timed out, or a body cut short.
         A streamed answer, or any answer through a proxy, is a ``requests.Response``; a
         complete answer otherwise an :class:`Answer`. Unless the answer is an event stream
         (see :func:`answers_in_events`), its body is read here, whole; either way the API key
@@ -335,22 +358,28 @@ class Transport:
             # compressing events gains nothing and makes proxies hold them back
             prepared.headers["Accept-Encoding"] = "identity"
         response: Union[requests.Response, Answer]
-        if not stream and not self.proxies:
-            response = self._send_direct(prepared, timeout_s or self.timeout_s)
-        else:
-            response = self.adapter.send(
-                prepared,
-                stream=stream,
-                timeout=timeout_s or self.timeout_s,
-                verify=self.verify,
-                proxies=self.proxies,
-            )
-        if not answers_in_events(response, stream):
-            try:
-                read_body(response)  # checked against Content-Length before any blanking
-            except BaseException:
-                response.close()
-                raise
+        broken: Optional[APIConnectionError] = None
+        try:  # the transport's errors are cometkit's from here (one mapping, here)
+            if not stream and not self.proxies:
+                response = self._send_direct(prepared, timeout_s or self.timeout_s)
+            else:
+                response = self.adapter.send(
+                    prepared,
+                    stream=stream,
+                    timeout=timeout_s or self.timeout_s,
+                    verify=self.verify,
+                    proxies=self.proxies,
+                )
+            if not answers_in_events(response, stream):
+                try:
+                    read_body(response)  # checked against Content-Length before any blanking
+                except BaseException:
+                    response.close()
+                    raise
+        except TRANSPORT_ERRORS as exc:
+            broken = connection_error(exc, self.secrets)
+        if broken is not None:
+            raise broken  # outside the handler: no context quoting what the server sent
         self._blank_secret(response)
         return response
 

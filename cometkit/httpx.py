@@ -29,7 +29,7 @@ from ._answers import request_fields, send_attempt
 from ._engine import Sent, cut_timeout
 from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
 from ._streaming import StreamCloser, end_when_dropped, event_error, sse_lines
-from ._transport import TRANSPORT_ERRORS, connection_error, iter_body_chunks
+from ._transport import body_chunks
 from .priorities import PRIORITY_HEADER
 from .records import AttemptResult
 
@@ -271,7 +271,8 @@ class _EventBody:
         closer = self._closer
         broken: Optional[APIConnectionError] = None
         try:
-            for line in sse_lines(iter_body_chunks(self._response)):
+            for line in sse_lines(body_chunks(self._response, self._secrets,
+                                              self._request_id)):
                 line = self._secrets.bytes(line)
                 if line.startswith(b"data:"):
                     data = line[5:].strip()
@@ -286,9 +287,8 @@ class _EventBody:
                             or b'"error"' in data:
                         self._note(data)
                 yield line + b"\n"
-        except TRANSPORT_ERRORS as exc:
-            broken = connection_error(exc, self._secrets)
-            broken.request_id = self._request_id
+        except APIConnectionError as exc:  # mapped by the transport (body_chunks)
+            broken = exc
         else:
             self._end()
             return

@@ -84,8 +84,24 @@ def test_after_content_a_broken_stream_is_a_typed_error_and_never_retried():
     with scripted(first) as server, client_for(server, clock, [429, 500, "read"]) as client:
         stream = client.chat.completions.create(model="m1", messages=MESSAGES, stream=True)
         got = []
-        with pytest.raises(cometkit.APIConnectionError):
+        with pytest.raises(cometkit.APIConnectionError) as info:
             for c in stream:
                 got.append(c.choices[0].delta.content)
         assert got == ["he"]
         assert server.count == 1
+    assert info.value.stage == "read"  # mapped by the transport, as for a whole answer
+
+
+def test_the_transport_raises_only_cometkits_errors_with_their_stage():
+    """The transport owns its errors: requests' and urllib3's become cometkit's in one
+    place, for a connection refused before anything was sent as for a stream."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens
+    with cometkit.Client(KEY, f"http://127.0.0.1:{port}/v1", config={"plugins": {}}) as client:
+        with pytest.raises(cometkit.APIConnectionError) as info:
+            client.transport.send("POST", "/chat/completions", b"{}")
+    assert info.value.stage == "connect"
+    assert type(info.value).__module__.startswith("cometkit")
