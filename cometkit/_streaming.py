@@ -19,7 +19,7 @@ import itertools
 import json
 import threading
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import requests
 
@@ -28,7 +28,8 @@ from ._objects import ApiObject
 from ._transport import body_chunks
 
 __all__ = ["Stream", "StreamCloser", "end_when_dropped", "iter_sse_data", "sse_lines",
-           "event_error", "event_status", "read_first_event", "completion_as_chunk"]
+           "event_error", "event_status", "read_first_event", "first_event_failure",
+           "peek_first_event", "completion_as_chunk"]
 
 #: Called once when the stream ends: (error or None, usage dict or None, response model,
 #: time to first chunk in seconds or None).
@@ -168,19 +169,49 @@ def read_first_event(response: requests.Response, secrets: SecretFilter,
         return None, exc
     if first is None:
         return iter(()), None
-    try:
-        payload = json.loads(first)
-    except ValueError:
-        payload = None  # "[DONE]", or invalid JSON: the stream itself tells
-    failure = event_error(payload, request_id)
+    failure = first_event_failure(first, request_id)
     if failure is not None:
-        status = event_status(failure)
-        if status is not None:
-            error_class = status_error_class(status)
-            failure = error_class(str(failure), status_code=status, request_id=request_id,
-                                  body=payload, code=failure.code)
         return None, failure
     return itertools.chain((first,), events), None
+
+
+def first_event_failure(data: Union[str, bytes], request_id: Optional[str]
+                        ) -> Optional[APIError]:
+    """The error a stream's first event (its ``data``) carries in place of content, as the
+    typed error of the status it names (:func:`event_status`), for the retry policy to
+    decide on; ``None`` for content (or ``[DONE]``, or text that is no JSON: the stream
+    itself tells)."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    failure = event_error(payload, request_id)
+    if failure is None:
+        return None
+    status = event_status(failure)
+    if status is None:
+        return failure
+    return status_error_class(status)(str(failure), status_code=status, request_id=request_id,
+                                      body=payload, code=failure.code)
+
+
+def peek_first_event(lines: Iterator[bytes]) -> tuple[list[bytes], Optional[bytes]]:
+    """The raw lines of an event stream up to the end of its first event, and that event's
+    ``data`` (its data lines joined, ``None`` when the stream ended before any): for a
+    front that passes the lines on as they came (:mod:`cometkit.httpx`) yet must know, within
+    the attempt, whether the stream failed before delivering anything.
+
+    :raises APIConnectionError: the connection broke before the first event ended.
+    """
+    head: list[bytes] = []
+    data: list[bytes] = []
+    for line in lines:
+        head.append(line)
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif not line and data:
+            break
+    return head, (b"\n".join(data) if data else None)
 
 
 def completion_as_chunk(body: dict) -> dict:

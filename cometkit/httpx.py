@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import threading
@@ -27,8 +28,22 @@ from urllib.parse import urlsplit
 
 from ._answers import request_fields, send_attempt
 from ._engine import Sent, cut_timeout
-from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError, SecretFilter
-from ._streaming import StreamCloser, end_when_dropped, event_error, sse_lines
+from ._exceptions import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    CometError,
+    ConfigError,
+    SecretFilter,
+)
+from ._streaming import (
+    StreamCloser,
+    end_when_dropped,
+    event_error,
+    first_event_failure,
+    peek_first_event,
+    sse_lines,
+)
 from ._transport import body_chunks
 from .priorities import PRIORITY_HEADER
 from .records import AttemptResult
@@ -171,11 +186,20 @@ class Transport:
         authorization = picked.get("authorization") or ""
         secret = authorization.split(" ", 1)[-1] if " " in authorization else None
 
+        failed_streams: list = []  # streams that failed at their first event, still open
+
         def attempt(result: AttemptResult) -> Sent:
-            return send_attempt(
+            while failed_streams:  # retried: the last attempt's stream is not needed
+                failed_streams.pop().close()
+            sent = send_attempt(
                 result, lambda: send(method, target, body, headers=outgoing, stream=stream,
                                      timeout_s=cut_timeout(timeout_s, result.time_left_s)),
                 stream=stream, method=method, route=path, secrets=secrets, secret=secret)
+            if sent.held:
+                self._read_first_event(sent, result, secrets)
+                if not sent.held and sent.response is not None:
+                    failed_streams.append(sent.response)
+            return sent
 
         try:
             sent, result, _error, permit = engine.execute(info, attempt)
@@ -184,9 +208,10 @@ class Transport:
         response = sent.response
         if response is None:
             raise self._library_error(result.error, request)
-        if sent.held:
-            body_stream = self._event_body(
-                response, engine.finisher(sent, result, permit), secrets=secrets,
+        if sent.events is not None:  # a stream; one that failed at its first event, given up
+            body_stream = self._event_body(  # on, reaches the SDK as it came (its own error)
+                response, engine.finisher(sent, result, permit) if sent.held
+                else _already_recorded, sent.events, secrets=secrets,
                 defer=engine.defer, monotonic=engine.clock.monotonic,
                 started_at=result.started_at, request_id=sent.provider_request_id,
                 errors=functools.partial(self._library_error, request=request))
@@ -195,6 +220,29 @@ class Transport:
                                        stream=body_stream, request=request)
         return self.httpx.Response(response.status_code, headers=_answer_headers(response.headers),
                                    content=response.content, request=request)
+
+    @staticmethod
+    def _read_first_event(sent: Sent, result: AttemptResult, secrets: SecretFilter) -> None:
+        """Read a held stream up to the end of its first event, within the attempt: one that
+        fails before delivering anything (an error event first, a connection broken before
+        any event) fails its attempt, for the retry policy to retry like any other (the
+        client's own streams do the same, :func:`cometkit._streaming.read_first_event`). The
+        lines read are kept (``sent.events``) to be passed on as they came."""
+        lines = sse_lines(body_chunks(sent.response, secrets, sent.provider_request_id))
+        try:
+            head, data = peek_first_event(lines)
+        except APIConnectionError as exc:
+            sent.response.close()
+            sent.response, sent.held = None, False
+            result.error, result.error_stage = exc, exc.stage
+            return
+        sent.events = itertools.chain(head, lines)
+        failure = first_event_failure(data, sent.provider_request_id) if data else None
+        if failure is not None:
+            sent.held = False
+            result.error, result.error_code = failure, failure.code
+            if isinstance(failure, APIStatusError):
+                result.status_code = failure.status_code
 
     def _below_base(self, url: Any) -> Optional[str]:
         """What follows ``base_url`` in ``url`` (path and query, as sent), or ``None``
@@ -253,10 +301,13 @@ class _EventBody:
     ending to the engine (``defer``); an end reached while reading runs at once.
     """
 
-    def __init__(self, response: Any, finisher: Any, *, secrets: SecretFilter, defer: Any,
-                 monotonic: Any, started_at: float, request_id: Optional[str],
-                 errors: Any) -> None:
+    def __init__(self, response: Any, finisher: Any, lines: Iterator[bytes], *,
+                 secrets: SecretFilter, defer: Any, monotonic: Any, started_at: float,
+                 request_id: Optional[str], errors: Any) -> None:
         self._response = response
+        #: The stream's lines (:func:`~cometkit._transport.body_chunks`, split), its first
+        #: event's already read within the attempt.
+        self._lines = lines
         self._closer = closer = StreamCloser(response, finisher)
         self._secrets = secrets
         self._defer = defer
@@ -271,8 +322,7 @@ class _EventBody:
         closer = self._closer
         broken: Optional[APIConnectionError] = None
         try:
-            for line in sse_lines(body_chunks(self._response, self._secrets,
-                                              self._request_id)):
+            for line in self._lines:
                 line = self._secrets.bytes(line)
                 if line.startswith(b"data:"):
                     data = line[5:].strip()
@@ -321,6 +371,10 @@ class _EventBody:
 
 
 @functools.cache
+def _already_recorded(*_: Any) -> None:
+    """The finisher of a stream whose attempt the engine already recorded (a failure)."""
+
+
 def _event_body_class(httpx: ModuleType) -> type:
     """:class:`_EventBody` as the library's ``SyncByteStream`` (httpx checks the type)."""
     return type("EventBody", (_EventBody, httpx.SyncByteStream), {"__module__": __name__})

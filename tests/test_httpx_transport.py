@@ -219,6 +219,37 @@ def test_an_error_event_fails_the_attempt_and_the_sdk_raises_without_the_key(tmp
     assert (row["outcome"], row["error_type"]) == ("error", "APIError")
 
 
+@pytest.mark.parametrize("opted_in", [True, False])
+def test_an_error_event_first_is_retried_by_cometkit_when_opted_in(opted_in, tmp_path):
+    """A stream that fails at its first event fails its attempt: cometkit retries it (the
+    SDK then reads the good stream), or, not opted in, hands the SDK the stream as it came,
+    whose error event the SDK raises as its own."""
+    overloaded = json.dumps({"error": {"message": "the server is overloaded",
+                                       "type": "server_error"}})
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        return Reply(200, events=[overloaded] if len(seen) == 1 else EVENTS)
+
+    clock = FakeClock()
+    retry_on = [429, 500] if opted_in else [429]
+    with ScriptedServer(handler) as srv, cometkit.Client(KEY, srv.base_url, clock=clock, config={
+            "plugins": {"backoff": {"retry_on": retry_on, "jitter": "none"}}}) as client:
+        sdk = client.openai()
+        if opted_in:
+            text = "".join(c.choices[0].delta.content or "" for c in ask(sdk, "hi", stream=True)
+                           if c.choices)
+            assert text == "Hello"
+        else:
+            with pytest.raises(openai.APIError) as info:
+                list(ask(sdk, "hi", stream=True))
+            assert "overloaded" in str(info.value)
+        assert wait_until(lambda: client.stats["calls"] == 1)
+    assert len(seen) == (2 if opted_in else 1)
+    assert clock.sleeps == ([0.5] if opted_in else [])
+
+
 def test_a_redirect_elsewhere_is_refused_and_never_carries_the_key(no_plugins):
     with ScriptedServer() as elsewhere:
         moved = Reply(307, b"", {"Location": elsewhere.base_url + "/chat/completions"})
