@@ -97,6 +97,27 @@ class Completions(_Resource):
                           extra_headers=extra_headers, extra_query=extra_query)
 
 
+    def parse(self, *, model: str, messages: list, response_format: Any,
+              **options: Any) -> Any:
+        """``create()`` with ``response_format`` a pydantic model class, as the ``openai``
+        SDK's ``parse()``: the model's schema is sent as a strict ``json_schema``, and each
+        ``choices[i].message.parsed`` holds the answer validated into the model. ``options``
+        are ``create()``'s (not ``stream``). Needs pydantic.
+
+        :raises APIError: an answer does not fit the model."""
+        from ._parsed import parse_choices, response_format_for
+
+        if options.get("stream"):
+            raise TypeError("parse() reads a whole answer: use create(stream=True) to stream")
+        if self._raw:
+            raise TypeError("with_raw_response.parse() is not supported: use "
+                            "with_raw_response.create(response_format=...) and .parse()")
+        completion = self.create(model=model, messages=messages,
+                                 response_format=response_format_for(response_format),
+                                 **options)
+        return parse_choices(completion, response_format)
+
+
 class Chat(_Resource):
     def __init__(self, client: Client, *, raw: bool = False) -> None:
         super().__init__(client, raw=raw)
