@@ -237,3 +237,76 @@ def test_pickling_a_result(client):
     restored = pickle.loads(pickle.dumps(completion))
     assert restored == completion and restored._request_id == completion._request_id
     assert restored.choices[0].message.content == "echo: keep me"
+
+
+# -- the rest of the surface, as the openai docs write it ---------------------------------------
+
+
+def test_responses(client):
+    response = client.responses.create(model="gpt-4o-mini",
+                                       input="Write a one-sentence bedtime story about a unicorn.")
+    assert isinstance(response.output_text, str) and response.output_text
+    fetched = client.responses.retrieve(response.id)
+    assert fetched.output_text == response.output_text
+    client.responses.delete(response.id)
+
+
+def test_responses_streaming(client):
+    stream = client.responses.create(model="gpt-4o-mini", input="Say 'double bubble bath'.",
+                                     stream=True)
+    deltas = []
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        elif event.type == "response.completed":
+            usage = event.response.usage
+    assert "".join(deltas) and usage.input_tokens > 0
+
+
+def test_legacy_completions(client):
+    completion = client.completions.create(model="gpt-3.5-turbo-instruct",
+                                           prompt="Say this is a test", max_tokens=7)
+    assert isinstance(completion.choices[0].text, str)
+
+
+def test_moderations(client):
+    response = client.moderations.create(model="omni-moderation-latest",
+                                         input="...text to classify goes here...")
+    assert response.results[0].flagged in (True, False)
+
+
+def test_images(client):
+    result = client.images.generate(model="dall-e-3", prompt="a white siamese cat",
+                                    size="1024x1024", n=1)
+    assert result.data[0].url or result.data[0].b64_json
+
+
+def test_speech_to_file_and_transcription(client, tmp_path):
+    speech_file_path = tmp_path / "speech.mp3"
+    response = client.audio.speech.create(model="gpt-4o-mini-tts", voice="coral",
+                                          input="Today is a wonderful day to build something!")
+    response.write_to_file(speech_file_path)
+    assert speech_file_path.stat().st_size > 0
+    with open(speech_file_path, "rb") as audio_file:
+        transcription = client.audio.transcriptions.create(model="gpt-4o-transcribe",
+                                                           file=audio_file)
+    assert isinstance(transcription.text, str)
+
+
+def test_files_and_batches(client, tmp_path):
+    requests_file = tmp_path / "batchinput.jsonl"
+    requests_file.write_text("\n".join(json.dumps({
+        "custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini",
+                 "messages": [{"role": "user", "content": f"Hello world {i}"}]}})
+        for i in (1, 2)) + "\n")
+    batch_input_file = client.files.create(file=open(requests_file, "rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=batch_input_file.id,
+                                  endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"description": "nightly eval job"})
+    batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    file_response = client.files.content(batch.output_file_id)
+    lines = [json.loads(line) for line in file_response.text.splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == ["request-1", "request-2"]
+    assert any(b.id == batch.id for b in client.batches.list(limit=10))
