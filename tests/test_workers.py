@@ -4,6 +4,7 @@ out a back-off, and the pool never runs more than ``concurrency`` calls at once.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -172,3 +173,39 @@ def test_map_submits_at_most_its_window_and_yields_every_item_in_order(window):
             [i * 2 for i in range(200)]
     assert max(seen_running) <= min(window, 4)
 
+
+
+def test_batch_keeps_sending_while_a_request_waits_out_its_back_off(tmp_path):
+    """``cometkit batch`` runs on the same pool: with one place, the other lines go out
+    while the first one's retry waits."""
+    from cometkit.batch import BatchRunner
+
+    answered_while_asleep: list[str] = []
+    clock = BlockingClock()
+    firsts = []
+
+    def handler(seen: Seen) -> Reply:
+        text = seen.json()["messages"][0]["content"]
+        if text == "first":
+            firsts.append(text)
+            if len(firsts) == 1:
+                return json_reply(503, {"error": {"message": "overloaded",
+                                                  "type": "server_error"}})
+        if clock.sleeping.is_set() and not clock.wake.is_set():
+            answered_while_asleep.append(text)
+            if len(answered_while_asleep) == 3:
+                clock.wake.set()
+        return json_reply(200, chat_body(text))
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({
+        "custom_id": text, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "m1", "messages": [{"role": "user", "content": text}]}}) + "\n"
+        for text in ("first", "a", "b", "c")))
+    with ScriptedServer(handler) as server, cometkit.Client(
+            KEY, server.base_url, concurrency=1, clock=clock,
+            config={"plugins": {"backoff": {"retry_on": [503]}}}) as client, \
+            BatchRunner(source, tmp_path / "out.jsonl") as runner:
+        result = runner.run(client)
+    assert (result.ok, result.failed) == (4, 0)
+    assert sorted(answered_while_asleep) == ["a", "b", "c"]
