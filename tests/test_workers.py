@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import pytest
 from scripted_server import Reply, ScriptedServer, Seen, chat_body, json_reply
@@ -119,11 +120,9 @@ def test_outside_a_pool_it_simply_sleeps():
     assert clock.sleeps == [2.5]
 
 
-def test_map_keeps_sending_while_a_call_waits_out_its_back_off():
-    """concurrency=1: the first call's 503 is retried after a back-off; while it sleeps, the
-    other items are sent and answered on the pool's one place."""
-    answered_while_asleep: list[str] = []
-    clock = BlockingClock()
+def first_fails_once(clock: BlockingClock, answered_while_asleep: list) -> Any:
+    """A server answering 503 to the first request of "first" (once), and noting what it
+    answers while ``clock`` has a retry asleep; after three of those, the sleep ends."""
     firsts = []
 
     def handler(seen: Seen) -> Reply:
@@ -139,7 +138,16 @@ def test_map_keeps_sending_while_a_call_waits_out_its_back_off():
                 clock.wake.set()
         return json_reply(200, chat_body(text))
 
-    with ScriptedServer(handler) as server:
+    return ScriptedServer(handler)
+
+
+def test_map_keeps_sending_while_a_call_waits_out_its_back_off():
+    """concurrency=1: the first call's 503 is retried after a back-off; while it sleeps, the
+    other items are sent and answered on the pool's one place."""
+    answered_while_asleep: list[str] = []
+    clock = BlockingClock()
+
+    with first_fails_once(clock, answered_while_asleep) as server:
         config = {"plugins": {"backoff": {"retry_on": [429, 503]}}}
         with cometkit.Client(KEY, server.base_url, concurrency=1, clock=clock,
                              config=config) as client:
@@ -182,27 +190,13 @@ def test_batch_keeps_sending_while_a_request_waits_out_its_back_off(tmp_path):
 
     answered_while_asleep: list[str] = []
     clock = BlockingClock()
-    firsts = []
-
-    def handler(seen: Seen) -> Reply:
-        text = seen.json()["messages"][0]["content"]
-        if text == "first":
-            firsts.append(text)
-            if len(firsts) == 1:
-                return json_reply(503, {"error": {"message": "overloaded",
-                                                  "type": "server_error"}})
-        if clock.sleeping.is_set() and not clock.wake.is_set():
-            answered_while_asleep.append(text)
-            if len(answered_while_asleep) == 3:
-                clock.wake.set()
-        return json_reply(200, chat_body(text))
 
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({
         "custom_id": text, "method": "POST", "url": "/v1/chat/completions",
         "body": {"model": "m1", "messages": [{"role": "user", "content": text}]}}) + "\n"
         for text in ("first", "a", "b", "c")))
-    with ScriptedServer(handler) as server, cometkit.Client(
+    with first_fails_once(clock, answered_while_asleep) as server, cometkit.Client(
             KEY, server.base_url, concurrency=1, clock=clock,
             config={"plugins": {"backoff": {"retry_on": [503]}}}) as client, \
             BatchRunner(source, tmp_path / "out.jsonl") as runner:
