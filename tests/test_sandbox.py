@@ -801,7 +801,9 @@ def test_slow_fault_answers_late_and_stop_interrupts_it():
     sb.start()
     results: list = []
     thread = send_in_background(sb, results)
-    assert wait_until(lambda: sb.stats()["in_flight"] == 1, TIMEOUT)
+    # the fault is drawn once the request is read: from then on the answer is being delayed
+    # (in_flight counts it from its first byte, when stopping would cut its body short)
+    assert wait_until(lambda: sb.stats()["faults_injected"] == {"slow": 1}, TIMEOUT)
     sb.stop()
     thread.join(TIMEOUT)
     assert not thread.is_alive(), "stop() did not interrupt the slow answer"
