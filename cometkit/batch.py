@@ -1,6 +1,7 @@
 """The batch runner behind ``cometkit batch``: JSONL in, JSONL out, resumable, flat memory.
 
-The runner works in two streamed passes over the input and never holds its lines:
+The input format (what a line may say) is :mod:`cometkit._batch_input`. The runner works in
+two streamed passes over the input and never holds its lines:
 
 1. :meth:`BatchRunner.prepare` validates every line (JSON, ``custom_id`` present and unique,
    known URL and method, a model for every request) and collects *all* problems with their
@@ -35,7 +36,6 @@ error answer when there was one (``null`` for a connection failure).
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import errno
 import json
@@ -49,6 +49,17 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator, Optional
 
+from ._batch_input import (
+    ALLOWED_METHODS,
+    ALLOWED_URLS,
+    MAX_PROBLEMS,
+    BatchInputError,
+    BatchItem,
+    LineError,
+    Problem,
+    parse_line,
+    read_lines,
+)
 from ._client import check_count
 from ._engine import usage_tokens
 from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, CometError
@@ -76,31 +87,6 @@ __all__ = [
 
 logger = logging.getLogger("cometkit.batch")
 
-#: Routes a batch line may name (the OpenAI Batch API's endpoints, as it spells them).
-ALLOWED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
-                "/v1/moderations", "/v1/images/generations")
-#: The Batch API sends every line as a POST.
-ALLOWED_METHODS = ("POST",)
-#: The prefix of :data:`ALLOWED_URLS` that the client's ``base_url`` already ends in.
-_API_PREFIX = "/v1"
-_BATCH_KEYS = frozenset({"method", "url", "body"})
-#: Problems kept for the report; the rest are only counted.
-MAX_PROBLEMS = 50
-
-
-class BatchInputError(CometError):
-    """The input has invalid lines; nothing was sent. ``problems`` lists the first ones."""
-
-    def __init__(self, path: str, problems: list[Problem], count: int) -> None:
-        self.path = path
-        self.problems = problems
-        self.count = count
-        lines = [f"{path}:{p.line}: {p.message}" for p in problems]
-        if count > len(problems):
-            lines.append(f"... and {count - len(problems)} more problem(s)")
-        super().__init__(f"{count} invalid line(s) in {path}; nothing was sent:\n"
-                         + "\n".join(lines))
-
 
 class BatchOutputError(CometError):
     """The output file cannot be resumed (it is not an earlier run's output, or is locked)."""
@@ -127,111 +113,6 @@ class BatchRunError(CometError):
 class BatchWriteError(BatchRunError):
     """The output file cannot be written (disk full, file size limit, I/O error): the run
     stopped admitting requests at the first failed write and wrote nothing after it."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One invalid input line."""
-
-    line: int
-    message: str
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One request of the batch, as sent."""
-
-    line: int
-    custom_id: str
-    method: str
-    url: str
-    body: dict
-
-    @property
-    def route(self) -> str:
-        """The path below the client's ``base_url`` (which ends in ``/v1``)."""
-        return self.url[len(_API_PREFIX):]
-
-
-class _LineError(ValueError):
-    pass
-
-
-def _batch_item(obj: dict, line: int, model: Optional[str]) -> BatchItem:
-    missing = [key for key in ("method", "url", "body") if key not in obj]
-    if missing:
-        raise _LineError("OpenAI Batch format needs custom_id, method, url and body; missing "
-                         + ", ".join(missing))
-    method, url, body = obj["method"], obj["url"], obj["body"]
-    if not isinstance(method, str) or method.upper() not in ALLOWED_METHODS:
-        raise _LineError(f"method {method!r} is not allowed: use "
-                         + " or ".join(ALLOWED_METHODS))
-    if url not in ALLOWED_URLS:
-        raise _LineError(f"unknown url {url!r}: allowed are {', '.join(ALLOWED_URLS)}")
-    if not isinstance(body, dict):
-        raise _LineError(f"body must be a JSON object, got {type(body).__name__}")
-    if not body.get("model"):
-        if not model:
-            raise _LineError("body has no model and no --model was given")
-        body = {"model": model, **body}
-    _check_body(body)
-    return BatchItem(line, obj["custom_id"], method.upper(), url, body)
-
-
-def _check_body(body: dict) -> None:
-    if body.get("stream"):
-        raise _LineError("stream: true is not supported in a batch (each answer is written "
-                         "whole); remove it")
-
-
-def _shorthand_item(obj: dict, line: int, model: Optional[str]) -> BatchItem:
-    body = {key: value for key, value in obj.items() if key != "custom_id"}
-    if "prompt" in body:
-        if "messages" in body:
-            raise _LineError("give either prompt or messages, not both")
-        prompt = body.pop("prompt")
-        if not isinstance(prompt, str):
-            raise _LineError(f"prompt must be a string, got {type(prompt).__name__}")
-        body["messages"] = [{"role": "user", "content": prompt}]
-    elif not isinstance(body["messages"], list) or not body["messages"]:
-        raise _LineError("messages must be a non-empty list of {role, content} objects")
-    if not body.get("model"):
-        if not model:
-            raise _LineError("shorthand line has no model and no --model was given")
-        body["model"] = model
-    _check_body(body)
-    return BatchItem(line, obj["custom_id"], "POST", "/v1/chat/completions", body)
-
-
-def parse_line(raw: bytes, line: int, *, model: Optional[str] = None) -> Optional[BatchItem]:
-    """One input line as a :class:`BatchItem`; ``None`` for a blank line.
-
-    :param model: the model for lines that name none (``--model``).
-    :raises ValueError: what is wrong with the line (without its line number).
-    """
-    if not raw.strip():
-        return None
-    if line == 1 and raw.startswith(codecs.BOM_UTF8):  # files saved by some Windows editors
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise _LineError(f"not UTF-8 text (byte {exc.start})") from None
-    except ValueError as exc:
-        raise _LineError(f"invalid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise _LineError(f"must be a JSON object, got {type(obj).__name__}")
-    custom_id = obj.get("custom_id")
-    if custom_id is None or custom_id == "":
-        raise _LineError("missing custom_id")
-    if not isinstance(custom_id, str):
-        raise _LineError(f"custom_id must be a string, got {json.dumps(custom_id)}")
-    if _BATCH_KEYS & obj.keys():
-        return _batch_item(obj, line, model)
-    if "prompt" in obj or "messages" in obj:
-        return _shorthand_item(obj, line, model)
-    raise _LineError("neither OpenAI Batch format (custom_id, method, url, body) nor shorthand "
-                     "(custom_id with prompt or messages)")
 
 
 def is_ok_record(record: Any) -> bool:
@@ -295,11 +176,6 @@ def _write_all(out: IO[bytes], data: bytes) -> None:
         if not written:
             raise OSError(errno.EIO, "the output file accepted no more bytes")
         view = view[written:]
-
-
-def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as handle:
-        yield from enumerate(handle, start=1)
 
 
 @dataclass
@@ -466,7 +342,7 @@ class BatchRunner:
         problems: list[Problem] = []
         count = 0
         total = 0
-        for line, raw in _read_lines(self.input_path):
+        for line, raw in read_lines(self.input_path):
             try:
                 item = parse_line(raw, line, model=self.model)
             except ValueError as exc:
@@ -579,7 +455,7 @@ class BatchRunner:
         fd, temp = tempfile.mkstemp(prefix=".cometkit-batch-", suffix=".tmp", dir=directory)
         try:
             with os.fdopen(fd, "wb") as out:
-                for _, raw in _read_lines(self.output_path):
+                for _, raw in read_lines(self.output_path):
                     record = json.loads(raw)
                     if is_ok_record(record) or record["custom_id"] not in input_ids:
                         out.write(raw)
@@ -602,7 +478,7 @@ class BatchRunner:
     def pending_items(self) -> Iterator[BatchItem]:
         """The input's requests not answered yet, read again line by line; stops early once
         :meth:`stop` was called."""
-        for line, raw in _read_lines(self.input_path):
+        for line, raw in read_lines(self.input_path):
             if self._stop.is_set():
                 return
             item = parse_line(raw, line, model=self.model)
@@ -762,7 +638,7 @@ class BatchRunner:
                 item = next(items)
             except StopIteration:
                 return
-            except _LineError as exc:
+            except LineError as exc:
                 raise BatchRunError(f"{self.input_path} changed during the run and now has an "
                                     f"invalid line: {exc}. Fix it and rerun to resume.") from None
             except OSError as exc:
