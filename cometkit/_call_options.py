@@ -105,7 +105,15 @@ def request_body(method: str, fields: Mapping[str, Any], params: Mapping[str, An
         raise TypeError(f"{method}() got an unexpected keyword argument {name!r}.{hint} A field "
                         f"the provider accepts beyond the openai API goes in "
                         f"extra_body={{{name!r}: ...}}.")
+    return with_extra_body({**fields, **params}, extra_body)
+
+
+def with_extra_body(body: Optional[Mapping[str, Any]], extra_body: Any) -> dict[str, Any]:
+    """``body`` with ``extra_body`` (the provider's own fields) merged over it.
+
+    :raises TypeError: ``extra_body`` is not a mapping.
+    """
     if extra_body is not None and not isinstance(extra_body, Mapping):
         raise TypeError(f"extra_body must be a mapping of body fields, got "
                         f"{type(extra_body).__name__}")
-    return {**fields, **params, **(extra_body or {})}
+    return {**(body or {}), **(extra_body or {})}

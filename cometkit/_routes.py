@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
+from ._call_options import with_extra_body
 from ._objects import ApiObject
 from ._resources import Deadline, Priority, Timeout, _Resource, path_id
 
@@ -51,10 +52,7 @@ class _Route(_Resource):
     def _send(self, method: str, route: str, body: Any = None, *,
               extra_body: Optional[Mapping[str, Any]] = None, **options: Any) -> Any:
         if extra_body is not None:
-            if not isinstance(extra_body, Mapping):
-                raise TypeError(f"extra_body must be a mapping of body fields, got "
-                                f"{type(extra_body).__name__}")
-            body = {**(body or {}), **extra_body}
+            body = with_extra_body(body, extra_body)
         return super()._send(method, route, body, **options)
 
 

@@ -329,6 +329,9 @@ def test_every_route_takes_the_per_call_options_of_create():
         assert raw.parse().id == "modr-1"
         with pytest.raises(cometkit.ConfigError):
             client.moderations.create(input="hi", priority="urgent")
+        with pytest.raises(TypeError, match="extra_body must be a mapping"):
+            client.moderations.create(input="hi", extra_body=["provider_field"])
+        assert server.count == 2  # neither refusal sent anything
         seen = server.seen[0]
     assert seen.json() == {"input": "hi", "provider_field": 1}
     assert seen.path.endswith("/moderations?region=eu")
