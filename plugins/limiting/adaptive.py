@@ -39,9 +39,9 @@ out. A server can refuse for several reasons, and each is met differently:
 
 Every refusal of a rate **holds** the lane: for the server's hint (measured from the start of
 the current window when the hint is a period), or, with no hint, for :data:`DEFAULT_HOLD_S`,
-eight times longer after each refused probe and never past the next wall-clock minute
-(where calendar minutes reopen). When the hold ends the lane is *half-open*: one probe goes
-out, and the others wait for its answer, so a closed limit sees one attempt per hold, not one
+then 2 s, then until the next turn of the wall-clock minute (where calendar minutes reopen);
+no hint-less hold runs past that turn. When the hold ends the lane is *half-open*: one probe
+goes out, and the others wait for its answer, so a closed limit sees one attempt per hold, not one
 per waiting call. A refused probe holds again; an accepted one reopens the lane, and the first
 admissions after it go out **paced** (one every ``latency / allowed concurrency``) unless a
 window is known.
@@ -73,6 +73,7 @@ __all__ = [
     "RATE_ACCELERATION_PER_S",
     "SOFT_BACKOFF",
     "DEFAULT_HOLD_S",
+    "MINUTE_AFTER_PROBES",
     "MAX_HOLD_S",
     "MIN_RATE_PER_S",
     "MIN_MEASURE_S",
@@ -107,10 +108,16 @@ RATE_FLOOR = 0.5
 #: First hold after a 429 that carries no usable hint, in seconds; :data:`HOLD_GROWTH` times
 #: longer after each refused probe (a limit that stays closed is probed ever more rarely).
 DEFAULT_HOLD_S = 0.25
-#: Growth of a hint-less hold per refused probe: 0.25 s, 2 s, 16 s, then the turn of the
-#: minute -- a calendar minute costs about four refusals, a smooth bucket (whose first probe
-#: after 0.25 s is accepted) never meets the growth.
+#: Growth of a hold per refused probe: a hint-less one goes 0.25 s, 2 s, then (after
+#: :data:`MINUTE_AFTER_PROBES` refused probes) to the turn of the wall-clock minute; a hinted
+#: one that keeps being refused waits at least as long.
 HOLD_GROWTH = 8.0
+#: Refused hint-less probes after which the next probe waits for the turn of the minute: a
+#: limit still closed 2.25 s after its first refusal is most often a calendar minute (LiteLLM's
+#: router counts rpm per UTC minute), which then costs its first refusal and two probes, not a
+#: probe every few seconds. A smooth bucket's first probe (after 0.25 s) is accepted and never
+#: meets the longer holds; a slow one without hints waits for the minute once, then is paced.
+MINUTE_AFTER_PROBES = 2
 #: Longest hold, whatever the server says: the retry policy decides whether a call waits
 #: longer; other calls should not queue for minutes behind one hint.
 MAX_HOLD_S = 60.0
@@ -451,7 +458,8 @@ class AdaptiveControl:
             self._failed_probes += 1
         if hint is None:
             self._last_hint = None
-            hold = min(MAX_HOLD_S, DEFAULT_HOLD_S * HOLD_GROWTH ** min(self._failed_probes, 8))
+            hold = (DEFAULT_HOLD_S * HOLD_GROWTH ** self._failed_probes
+                    if self._failed_probes < MINUTE_AFTER_PROBES else MAX_HOLD_S)
             to_minute = 60.0 - wall % 60.0 + MINUTE_SLACK_S
             self._minute_probe = to_minute <= hold
             return min(hold, to_minute), ("window" if self.window_s is not None else kind)
