@@ -29,23 +29,22 @@ from ._objects import ApiObject, ListObject
 from ._raw_response import RawResponse
 from ._streaming import Stream
 from ._version import __version__
+from .clock import Clock, SystemClock
 from .context import ClientContext
 from .hookspecs import hookimpl
 from .options import Option, PluginSpec
-from .records import (
+from .plugin_api import (
     ATTEMPT_FIELDS,
     CALL_FIELDS,
     AttemptRecord,
     AttemptResult,
     CallRecord,
     CallTiming,
-    Clock,
     Limiter,
     MetricsSink,
     RequestInfo,
     RetryDecision,
     RetryPolicy,
-    SystemClock,
     Throttle,
 )
 

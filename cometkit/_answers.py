@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from ._engine import Sent, usage_tokens
 from ._exceptions import APIConnectionError, APIError, SecretFilter, make_status_error
 from ._multipart import decode_upload
-from ._transport import Answer, answers_in_events
-from .records import AttemptResult
+from ._transport import CompleteAnswer, answers_in_events
+from .plugin_api import AttemptResult
 
 __all__ = ["failure_from", "json_object", "request_fields", "note_head", "note_body",
            "send_attempt"]
@@ -83,7 +83,7 @@ def note_body(result: AttemptResult, sent: Sent, response: Any, content: bytes, 
     """
     status = response.status_code
     if not result.accepted:
-        full = response.as_response() if isinstance(response, Answer) else response
+        full = response.as_response() if isinstance(response, CompleteAnswer) else response
         error = make_status_error(status, content, response.headers, response=full,
                                   method=method, route=route, secret=secret)
         result.error, result.error_code = error, error.code
@@ -101,7 +101,7 @@ def send_attempt(result: AttemptResult, send: Callable[[], Any], *, stream: bool
                  decode: Callable[[bytes, Any], Any] = _json_object_of) -> Sent:
     """One attempt through cometkit's transport (``send()`` calls its ``send``), read with
     :func:`note_head` and :func:`note_body`. An event-stream answer is left unread and held
-    (``sent.held``); a connection failure becomes the attempt's ``APIConnectionError``
+    (``sent.streaming``); a connection failure becomes the attempt's ``APIConnectionError``
     (``sent.response`` is then ``None``); an undecodable success its ``APIError``.
     ``sent.value`` is the decoded body of a complete success."""
     sent = Sent()
@@ -109,7 +109,7 @@ def send_attempt(result: AttemptResult, send: Callable[[], Any], *, stream: bool
         response = sent.response = send()
         note_head(result, sent, response, follows_redirects=follows_redirects)
         if answers_in_events(response, stream):
-            sent.held = True
+            sent.streaming = True
             return sent
         # read whole (and checked against its length) by the transport
         sent.value = note_body(result, sent, response, response.content, method=method,

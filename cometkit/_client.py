@@ -46,11 +46,12 @@ from ._transport import (
     check_base_url,
 )
 from ._workers import Window, WorkerPool
+from .clock import Clock, SystemClock
 from .config import load_config, parse_deadline, parse_timeout
 from .options import InvalidValue
+from .plugin_api import AttemptResult, RequestInfo
 from .prices import PriceTable
 from .priorities import Priorities
-from .records import AttemptResult, Clock, RequestInfo, SystemClock
 
 __all__ = ["Client"]
 
@@ -183,7 +184,7 @@ def _raw_content(content: bytes, _response: Any) -> bytes:
 
 
 def _nothing_to_finish(*_: Any) -> None:
-    """The finisher of a stream whose attempt the engine already recorded."""
+    """The end_of_stream of a stream whose attempt the engine already recorded."""
 
 
 #: Results ``Client.map`` may hold for its consumer at least (finished items behind one that
@@ -717,7 +718,7 @@ class Client:
                 stream=stream, method=method, route=route, secrets=secrets,
                 follows_redirects=False,  # the transport follows none
                 decode=_raw_content if raw else self._decode)
-            if stream and result.error is None and not sent.held:
+            if stream and result.error is None and not sent.streaming:
                 # a whole JSON answer to a stream request: an error, or the lot
                 sent.response.close()
                 value = sent.value
@@ -731,12 +732,12 @@ class Client:
                         request_id=sent.provider_request_id, body=value)
                 if failure is not None:
                     result.error, result.error_code = failure, failure.code
-            elif sent.held:  # an event stream: its first event is part of the attempt
+            elif sent.streaming:  # an event stream: its first event is part of the attempt
                 sent.events, failure = read_first_event(sent.response, secrets,
                                                         sent.provider_request_id)
                 if failure is not None:
                     sent.response.close()
-                    sent.held = False
+                    sent.streaming = False
                     result.error, result.error_code = failure, failure.code
                     if isinstance(failure, APIConnectionError):
                         result.error_stage = failure.stage
@@ -755,7 +756,7 @@ class Client:
             return answer
         return RawResponse(status_code=sent.response.status_code,
                            headers=sent.response.headers,
-                           content=None if sent.held else sent.response.content,
+                           content=None if sent.streaming else sent.response.content,
                            parsed=answer, request_id=sent.provider_request_id,
                            retries_taken=result.attempt - 1)
 
@@ -768,8 +769,8 @@ class Client:
         """What a successful call returns: a :class:`Stream`, a :class:`BinaryAnswer`
         (``raw``), or the decoded answer (a list answer that says ``has_more`` fetches its
         next page with the same options)."""
-        if sent.held:
-            return Stream(sent.response, self._engine.finisher(sent, result, permit),
+        if sent.streaming:
+            return Stream(sent.response, self._engine.end_of_stream(sent, result, permit),
                           monotonic=self._clock.monotonic, started_at=result.started_at,
                           request_id=sent.provider_request_id, secrets=secrets,
                           defer=self._engine.defer, preloaded=sent.events)

@@ -19,13 +19,13 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from ._exceptions import APIConnectionError, APITimeoutError
 from ._workers import sleep_aside
+from .clock import Clock
 from .hints import DEFAULT_REFUSALS, RefusalRules, parse_hints, refusal_text
-from .records import (
+from .plugin_api import (
     AttemptRecord,
     AttemptResult,
     CallRecord,
     CallTiming,
-    Clock,
     Limiter,
     MetricsSink,
     RequestInfo,
@@ -99,8 +99,8 @@ class Sent:
     provider_request_id: Optional[str] = None
     response_model: Optional[str] = None
     #: A success whose body is still being read (a stream): the limiter slot stays held and
-    #: the attempt is finished later through :meth:`CallEngine.finisher`.
-    held: bool = False
+    #: the attempt is finished later through :meth:`CallEngine.end_of_stream`.
+    streaming: bool = False
     #: A held stream's events, its first one already read within the attempt.
     events: Any = None
 
@@ -114,7 +114,7 @@ class Ended(NamedTuple):
     result: AttemptResult
     #: The exception the call ends with; ``None`` on success.
     error: Optional[BaseException]
-    #: The limiter's permit, still held only when ``sent.held`` (a stream being read).
+    #: The limiter's permit, still held only when ``sent.streaming`` (a stream being read).
     permit: Any
 
 
@@ -255,7 +255,7 @@ class CallEngine:
 
         :returns: :class:`Ended` (``sent, result, error, permit``, as a tuple too): ``error``
             is the exception the call ends with (``None`` on success); ``permit`` is still
-            held only when ``sent.held``.
+            held only when ``sent.streaming``.
         """
         tally = [0, 0]  # attempts ended (a held stream's ends later), retries
         ended: Optional[Ended] = None
@@ -306,7 +306,7 @@ class CallEngine:
             timing.attempts += 1
             if result.headers is not None:
                 self._read_hints(result)
-            if result.error is None and sent.held:
+            if result.error is None and sent.streaming:
                 return Ended(sent, result, None, permit)
             if limiter is not None:
                 verdict = limiter.release(permit, result)
@@ -440,7 +440,7 @@ class CallEngine:
         if error is not None and getattr(error, "retry_after_s", 0) is None:
             error.retry_after_s = hints.wait_s  # type: ignore[attr-defined]
 
-    def finisher(self, sent: Sent, result: AttemptResult, permit: Any
+    def end_of_stream(self, sent: Sent, result: AttemptResult, permit: Any
                  ) -> Callable[[Optional[BaseException], Optional[dict], Optional[str],
                                 Optional[float]], None]:
         """The callback that ends a held attempt (a stream) exactly once."""

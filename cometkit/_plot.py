@@ -25,7 +25,7 @@ from array import array
 from typing import Any
 
 from .metrics_csv import read_attempts
-from .records import AttemptRecord
+from .plugin_api import AttemptRecord
 from .summary import OpenCalls
 
 __all__ = ["MissingMatplotlib", "require_matplotlib", "plot_metrics", "read_series", "Series"]

@@ -32,7 +32,7 @@ from ._checkout import entry_points_from_setup_cfg
 from ._exceptions import ConfigError, PluginError
 from .context import ClientContext
 from .options import PluginSpec, validate_section
-from .records import Limiter, MetricsSink, RetryPolicy
+from .plugin_api import Limiter, MetricsSink, RetryPolicy
 
 __all__ = [
     "ENTRY_POINT_GROUP",

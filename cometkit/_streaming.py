@@ -33,7 +33,8 @@ __all__ = ["Stream", "StreamCloser", "end_when_dropped", "iter_sse_data", "sse_l
 
 #: Called once when the stream ends: (error or None, usage dict or None, response model,
 #: time to first chunk in seconds or None).
-Finisher = Callable[[Optional[BaseException], Optional[dict], Optional[str], Optional[float]], None]
+EndOfStream = Callable[[Optional[BaseException], Optional[dict], Optional[str], Optional[float]],
+                       None]
 #: Runs ``fn(*args)`` later on a normal thread; safe to call from a finalizer.
 Defer = Callable[..., None]
 
@@ -235,9 +236,9 @@ class StreamCloser:
     """The part of a stream that must run exactly once, and what the stream learned so far
     (the ending reports it). Holds neither the stream nor its iterator."""
 
-    def __init__(self, response: requests.Response, finisher: Finisher) -> None:
+    def __init__(self, response: requests.Response, end_of_stream: EndOfStream) -> None:
         self.response: Optional[requests.Response] = response
-        self.finisher: Optional[Finisher] = finisher
+        self.end_of_stream: Optional[EndOfStream] = end_of_stream
         self.lock = threading.Lock()
         self.done = False
         self.usage: Optional[dict] = None
@@ -262,15 +263,15 @@ class StreamCloser:
             if self.done:
                 return
             self.done = True
-        response, finisher = self.response, self.finisher
+        response, end_of_stream = self.response, self.end_of_stream
         # drop them: an error's traceback may refer back to the iterator's frame
-        self.response = self.finisher = None
+        self.response = self.end_of_stream = None
         try:
             if response is not None:
                 response.close()
         finally:
-            if finisher is not None:
-                finisher(error, self.usage, self.model, self.ttfc_s)
+            if end_of_stream is not None:
+                end_of_stream(error, self.usage, self.model, self.ttfc_s)
 
 
 class _Anchor:
@@ -357,7 +358,7 @@ class Stream:
     def __init__(
         self,
         response: requests.Response,
-        finisher: Finisher,
+        end_of_stream: EndOfStream,
         *,
         monotonic: Callable[[], float],
         started_at: float,
@@ -377,7 +378,7 @@ class Stream:
         """
         self.response = response
         self.request_id = request_id
-        closer = self._closer = StreamCloser(response, finisher)
+        closer = self._closer = StreamCloser(response, end_of_stream)
         anchor = self._anchor = _Anchor(closer)
         self._finalizer = end_when_dropped(anchor, defer, closer, request_id)
         self._iterator: Optional[Iterator[ApiObject]] = None

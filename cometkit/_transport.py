@@ -247,7 +247,7 @@ def _read1_urllib3_126(raw: Any) -> bytes:
         return raw._decode(data, True, not data)
 
 
-class Answer:
+class CompleteAnswer:
     """A complete (non-streamed) answer read straight from urllib3's pool.
 
     The hot path needs only status, headers and body; building a full ``requests.Response``
@@ -334,11 +334,11 @@ class Transport:
         headers: Optional[Mapping[str, str]] = None,
         stream: bool = False,
         timeout_s: Optional[tuple[float, float]] = None,
-    ) -> Union[requests.Response, Answer]:
+    ) -> Union[requests.Response, CompleteAnswer]:
         """Send one attempt; raises only cometkit's ``APIConnectionError`` (``APITimeoutError``)
         for a connection that failed, broke or timed out, or a body cut short.
         A streamed answer, or any answer through a proxy, is a ``requests.Response``; a
-        complete answer otherwise an :class:`Answer`. Unless the answer is an event stream
+        complete answer otherwise a :class:`CompleteAnswer`. Unless the answer is an event stream
         (see :func:`answers_in_events`), its body is read here, whole; either way the API key
         is blanked out of it before it is returned."""
         prepared = requests.PreparedRequest()
@@ -357,7 +357,7 @@ class Transport:
         if stream and not (headers and any(k.lower() == "accept-encoding" for k in headers)):
             # compressing events gains nothing and makes proxies hold them back
             prepared.headers["Accept-Encoding"] = "identity"
-        response: Union[requests.Response, Answer]
+        response: Union[requests.Response, CompleteAnswer]
         broken: Optional[APIConnectionError] = None
         try:  # the transport's errors are cometkit's from here (one mapping, here)
             if not stream and not self.proxies:
@@ -383,12 +383,12 @@ class Transport:
         self._blank_secret(response)
         return response
 
-    def _blank_secret(self, response: Union[requests.Response, Answer]) -> None:
+    def _blank_secret(self, response: Union[requests.Response, CompleteAnswer]) -> None:
         """The one place an answer's headers and complete body lose any echo of the key
         (a streamed body is filtered line by line as it is read)."""
         secrets = self.secrets
         secrets.headers(response.headers)
-        if isinstance(response, Answer):
+        if isinstance(response, CompleteAnswer):
             response.content = secrets.bytes(response.content)
             if response._raw.headers is not response.headers:
                 secrets.headers(response._raw.headers)
@@ -410,7 +410,7 @@ class Transport:
         return pool
 
     def _send_direct(self, prepared: requests.PreparedRequest,
-                     timeout_s: tuple[float, float]) -> Answer:
+                     timeout_s: tuple[float, float]) -> CompleteAnswer:
         """Send through the adapter's urllib3 pool without requests' per-call extras.
 
         Used when no proxy applies and the body is read at once: the same pool, TLS settings
@@ -423,7 +423,7 @@ class Transport:
             redirect=False, assert_same_host=False, preload_content=True, decode_content=True,
             retries=_NO_RETRIES, timeout=Timeout(connect=timeout_s[0], read=timeout_s[1]),
         )
-        return Answer(raw, self.adapter, prepared)
+        return CompleteAnswer(raw, self.adapter, prepared)
 
     def close(self) -> None:
         self.session.close()

@@ -27,8 +27,8 @@ from ._client import Client
 from ._engine import Sent, cut_timeout, operation_for
 from ._exceptions import APITimeoutError
 from ._transport import connection_error
+from .plugin_api import AttemptResult
 from .priorities import PRIORITY_HEADER
-from .records import AttemptResult
 
 __all__ = ["CometAdapter"]
 

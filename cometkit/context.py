@@ -7,8 +7,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .clock import Clock, SystemClock
 from .prices import PriceTable
-from .records import Clock, SystemClock
 
 __all__ = ["ClientContext"]
 

@@ -20,7 +20,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     from .context import ClientContext
     from .options import PluginSpec
-    from .records import Limiter, MetricsSink, RetryPolicy
+    from .plugin_api import Limiter, MetricsSink, RetryPolicy
 
 #: The pluggy project name; hook implementations use :data:`hookimpl`.
 PROJECT_NAME = "cometkit"

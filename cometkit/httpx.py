@@ -45,8 +45,8 @@ from ._streaming import (
     sse_lines,
 )
 from ._transport import body_chunks
+from .plugin_api import AttemptResult
 from .priorities import PRIORITY_HEADER
-from .records import AttemptResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._client import Client
@@ -62,7 +62,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: decode); every other header the SDK sends goes out as it is.
 _OWN_REQUEST_HEADERS = frozenset({"host", "content-length", "transfer-encoding",
                                   "accept-encoding"})
-#: Answer headers that describe the body as it travelled: it reaches the SDK decoded and
+#: CompleteAnswer headers that describe the body as it travelled: it reaches the SDK decoded and
 #: whole (or as a decoded stream), so they would mislead it.
 _TRAVEL_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
@@ -195,9 +195,9 @@ class Transport:
                 result, lambda: send(method, target, body, headers=outgoing, stream=stream,
                                      timeout_s=cut_timeout(timeout_s, result.time_left_s)),
                 stream=stream, method=method, route=path, secrets=secrets, secret=secret)
-            if sent.held:
+            if sent.streaming:
                 self._read_first_event(sent, result, secrets)
-                if not sent.held and sent.response is not None:
+                if not sent.streaming and sent.response is not None:
                     failed_streams.append(sent.response)
             return sent
 
@@ -210,7 +210,7 @@ class Transport:
             raise self._library_error(result.error, request)
         if sent.events is not None:  # a stream; one that failed at its first event, given up
             body_stream = self._event_body(  # on, reaches the SDK as it came (its own error)
-                response, engine.finisher(sent, result, permit) if sent.held
+                response, engine.end_of_stream(sent, result, permit) if sent.streaming
                 else _already_recorded, sent.events, secrets=secrets,
                 defer=engine.defer, monotonic=engine.clock.monotonic,
                 started_at=result.started_at, request_id=sent.provider_request_id,
@@ -233,13 +233,13 @@ class Transport:
             head, data = peek_first_event(lines)
         except APIConnectionError as exc:
             sent.response.close()
-            sent.response, sent.held = None, False
+            sent.response, sent.streaming = None, False
             result.error, result.error_stage = exc, exc.stage
             return
         sent.events = itertools.chain(head, lines)
         failure = first_event_failure(data, sent.provider_request_id) if data else None
         if failure is not None:
-            sent.held = False
+            sent.streaming = False
             result.error, result.error_code = failure, failure.code
             if isinstance(failure, APIStatusError):
                 result.status_code = failure.status_code
@@ -301,14 +301,14 @@ class _EventBody:
     ending to the engine (``defer``); an end reached while reading runs at once.
     """
 
-    def __init__(self, response: Any, finisher: Any, lines: Iterator[bytes], *,
+    def __init__(self, response: Any, end_of_stream: Any, lines: Iterator[bytes], *,
                  secrets: SecretFilter, defer: Any, monotonic: Any, started_at: float,
                  request_id: Optional[str], errors: Any) -> None:
         self._response = response
         #: The stream's lines (:func:`~cometkit._transport.body_chunks`, split), its first
         #: event's already read within the attempt.
         self._lines = lines
-        self._closer = closer = StreamCloser(response, finisher)
+        self._closer = closer = StreamCloser(response, end_of_stream)
         self._secrets = secrets
         self._defer = defer
         self._monotonic = monotonic
@@ -372,7 +372,7 @@ class _EventBody:
 
 @functools.cache
 def _already_recorded(*_: Any) -> None:
-    """The finisher of a stream whose attempt the engine already recorded (a failure)."""
+    """The end_of_stream of a stream whose attempt the engine already recorded (a failure)."""
 
 
 def _event_body_class(httpx: ModuleType) -> type:

@@ -15,7 +15,7 @@ import datetime as _dt
 import time as _time
 from typing import Any, Callable, Iterator, Optional, Union
 
-from .records import ATTEMPT_FIELDS, AttemptRecord
+from .plugin_api import ATTEMPT_FIELDS, AttemptRecord
 
 __all__ = [
     "read_attempts",

@@ -44,8 +44,8 @@ import threading
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 from .metrics_csv import read_attempts
+from .plugin_api import AttemptRecord
 from .prices import PriceTable, format_usd
-from .records import AttemptRecord
 
 __all__ = [
     "Summary",

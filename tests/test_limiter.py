@@ -632,12 +632,12 @@ def test_a_calls_token_estimate_is_worked_out_once_and_counts_answers_put_back(m
     """Every attempt and every limiter reads ``RequestInfo.token_estimate``: worked out once
     per call. An answer's message appended to ``messages`` (the tool loop) is counted as the
     JSON it is sent as."""
-    import cometkit.records as records
+    import cometkit.plugin_api as plugin_api
     from cometkit._objects import ApiObject
 
     calls = []
-    real = records.estimate_parts
-    monkeypatch.setattr(records, "estimate_parts", lambda body: calls.append(1) or real(body))
+    real = plugin_api.estimate_parts
+    monkeypatch.setattr(plugin_api, "estimate_parts", lambda body: calls.append(1) or real(body))
     answer = ApiObject({"role": "assistant", "content": "x" * 400})
     request = RequestInfo("ck-t", "chat", "POST", "/chat/completions", "m1",
                           json={"messages": [{"role": "user", "content": "y" * 40}, answer],

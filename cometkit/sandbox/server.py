@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Sequence
 
 from .._multipart import decode_upload
-from ..records import Clock, SystemClock
+from ..clock import Clock, SystemClock
 from . import responses, routes
 from .faults import FaultPlan, FaultSpec
 from .limits import (

@@ -1,12 +1,13 @@
-"""The values that cross the hook boundary: what a plugin is told and what it answers.
+"""The plugin API: the protocols a plugin implements and the values the hooks pass.
 
-These are the whole vocabulary between the core and a plugin. First-party plugins use
+What a plugin is told (:class:`RequestInfo`, :class:`AttemptResult`, the records) and what it
+answers (:class:`Throttle`, :class:`RetryDecision`) are the whole vocabulary between the core
+and a plugin, with the clock it is given (:mod:`cometkit.clock`). First-party plugins use
 nothing else, so a third-party plugin can do everything they do.
 """
 
 from __future__ import annotations
 
-import time as _time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, runtime_checkable
@@ -17,8 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hints import RateLimitHints
 
 __all__ = [
-    "Clock",
-    "SystemClock",
     "RequestInfo",
     "AttemptResult",
     "CallTiming",
@@ -32,27 +31,6 @@ __all__ = [
     "ATTEMPT_FIELDS",
     "CALL_FIELDS",
 ]
-
-
-class Clock(Protocol):
-    """Time as the core and plugins see it; tests inject a fake one so nothing sleeps."""
-
-    def monotonic(self) -> float: ...
-
-    def time(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """The real clock."""
-
-    monotonic = staticmethod(_time.monotonic)
-    time = staticmethod(_time.time)
-    sleep = staticmethod(_time.sleep)
-
-    def __repr__(self) -> str:
-        return "SystemClock()"
 
 
 @dataclass(frozen=True)
