@@ -816,12 +816,16 @@ class AdaptiveControl:
             return None
         return until - now
 
+    def held_s(self, now: float) -> float:
+        """Seconds the hold after a refusal lasts from ``now`` (0 when none)."""
+        return max(0.0, self.hold_until - now)
+
     def snapshot(self, now: float) -> dict[str, Any]:
         """What the control has learned, for :meth:`AdmissionLimiter.stats` and logs."""
         return {
             "limit": self.allowed(),
             "rate_per_s": self.rate_per_s,
-            "hold_remaining_s": max(0.0, self.hold_until - now),
+            "hold_remaining_s": self.held_s(now),
             "latency_s": self.latency_s,
             "throttled": self.throttled,
             "signals": self.signals,
