@@ -19,7 +19,9 @@ injected clock other than the system clock, that timed wait is ``clock.sleep()``
 clock jumps straight there.
 
 Options and the adaptive algorithm are documented in ``docs/plugins/limiter.md``; the
-algorithm itself lives in :mod:`.adaptive`, the options and arithmetic in :mod:`.plan`.
+algorithm itself lives in :mod:`.adaptive`, the options and arithmetic in :mod:`.plan`, and
+what the store keeps per lane and per attempt (and learns about tokens) in
+:mod:`._local_lanes`.
 """
 
 from __future__ import annotations
@@ -40,13 +42,10 @@ from cometkit import (
     SystemClock,
     Throttle,
 )
-from cometkit.buckets import TokenBucket
 from cometkit.options import validate_section
 
-from .adaptive import (
-    MAX_HOLD_S,
-    AdaptiveControl,
-)
+from ._local_lanes import Lane, Permit, Waiter, rate_bucket
+from .adaptive import AdaptiveControl
 from .plan import (
     OPTIONS,
     OVERTAKE_CREDIT,
@@ -55,7 +54,6 @@ from .plan import (
     concurrency_number,
     factory_kwargs,
     lane_cap,
-    paced_rate,
     starvation_credit,
     token_refund,
     tokens_limited,
@@ -75,148 +73,11 @@ PLUGIN_NAME = "limiter"
 _MAX_WAIT_S = 30.0
 _EPSILON = 1e-9
 
-# -------------------------------------------------------------------------------------------
-# The limiter
-# -------------------------------------------------------------------------------------------
-
-
-#: Weight of the newest observation in a lane's learned server-tokens / estimate ratio.
-TOKEN_RATIO_SMOOTHING = 0.3
-#: A prompt estimated below this many tokens says too little about the server's tokenizer.
-MIN_RATIO_SAMPLE_TOKENS = 16
-#: The learned tokenizer ratio stays within these bounds.
-TOKEN_RATIO_BOUNDS = (0.2, 5.0)
-
-
-class _Lane:
-    """The calls of one model: its slots, its buckets and what adaptive mode learned.
-
-    ``token_ratio`` is the server's token count over the client's estimate, learned from
-    ``usage``.
-    """
-
-    __slots__ = ("model", "max_concurrency", "in_flight", "waiting", "requests", "tokens",
-                 "control", "token_ratio", "count_tokens", "learned_tokens", "answer_tokens",
-                 "admitted", "stated_seq")
-
-    def __init__(self, model: Optional[str], max_concurrency: int,
-                 requests: Optional[TokenBucket], tokens: Optional[TokenBucket],
-                 control: Optional[AdaptiveControl], count_tokens: bool) -> None:
-        self.model = model
-        self.max_concurrency = max_concurrency
-        self.in_flight = 0
-        self.waiting = 0
-        self.requests = requests
-        self.tokens = tokens
-        self.control = control
-        #: The token rate adaptive mode learned from token refusals, as a bucket.
-        self.learned_tokens: Optional[TokenBucket] = None
-        #: Smoothed answer length (``usage.completion_tokens``), reserved for calls that set
-        #: no ``max_tokens``: the server charges the answer too, and reserving nothing for it
-        #: sends twice what the bucket holds.
-        self.answer_tokens: Optional[float] = None
-        self.token_ratio: Optional[float] = None
-        self.count_tokens = count_tokens
-        #: Attempts admitted so far, and the number (``_Permit.seq``) of the latest-admitted
-        #: attempt whose answer stated the requests remaining: what the server knew last.
-        self.admitted = 0
-        self.stated_seq = 0
-
-    def price(self, estimate: tuple[int, int]) -> tuple[int, int, int]:
-        """``(cost, prompt estimate, reserved answer)`` in tokens of an attempt of this lane,
-        from the client's ``(prompt, max_tokens)`` estimate, the prompt scaled by what the
-        server's tokenizer was seen to count, an answer length reserved when no
-        ``max_tokens`` is set."""
-        prompt, answer = estimate
-        scaled = math.ceil(prompt * self.token_ratio) if self.token_ratio else prompt
-        guess = math.ceil(self.answer_tokens) if not answer and self.answer_tokens else 0
-        return scaled + answer + guess, prompt, answer
-
-    def allowed(self) -> int:
-        if self.control is None:
-            return self.max_concurrency
-        return min(self.max_concurrency, self.control.allowed())
-
-    def demand_changed(self, now: float) -> None:
-        if self.control is not None:
-            self.control.note_demand(now, self.in_flight + self.waiting > 0)
-
-
-class _Permit:
-    """Handed out by :meth:`AdmissionLimiter.acquire`; given back once to ``release``."""
-
-    __slots__ = ("lane", "cost", "prompt_estimate", "answer_reserved", "probe", "level", "seq",
-                 "window_rank", "released")
-
-    def __init__(self, lane: _Lane, cost: int, prompt_estimate: int = 0,
-                 answer_reserved: int = 0, probe: bool = False, level: int = 1,
-                 seq: int = 0) -> None:
-        self.lane = lane
-        self.cost = cost
-        #: Its place among the lane's admissions (1 for the first).
-        self.seq = seq
-        #: The lane's attempts in flight when this one was admitted, itself included.
-        self.level = level
-        #: Its place among the admissions of a known window, counted over the whole fleet by
-        #: a store that shares one (0: not counted).
-        self.window_rank = 0
-        self.prompt_estimate = prompt_estimate
-        self.answer_reserved = answer_reserved
-        #: The probe of a half-open lane: its answer decides whether the lane reopens.
-        self.probe = probe
-        self.released = False
-
-    def __repr__(self) -> str:
-        state = "released" if self.released else "held"
-        return f"<limiter permit model={self.lane.model or '-'} tokens={self.cost} {state}>"
-
-
-#: The price of an attempt while its lane does not count tokens.
-_FREE = (0, 0, 0)
-
-
-class _Waiter:
-    __slots__ = ("lane", "request", "cost", "parts", "estimate", "cond", "permit", "since",
-                 "rank")
-
-    def __init__(self, lane: _Lane, request: RequestInfo) -> None:
-        self.lane = lane
-        self.request = request
-        #: Its priority lane's rank (0: the highest): the queue's first order.
-        self.rank = request.priority_rank
-        self.cost = 0
-        self.parts = _FREE
-        #: The client's ``(prompt, max_tokens)`` estimate, made once, when tokens count.
-        self.estimate: Optional[tuple[int, int]] = None
-        #: Set when it queues (an attempt admitted at once never waits on it).
-        self.cond: Any = None
-        self.permit: Optional[_Permit] = None
-        #: When the call began: a call back from a 429 keeps its place among the oldest of
-        #: its priority lane.
-        self.since = request.started_at
-        self.reprice()
-
-    def reprice(self) -> None:
-        """Price the attempt at what its lane knows now: a call that queued before the
-        lane counted tokens (or learned the server's ratio) must not go out uncharged."""
-        if not self.lane.count_tokens:
-            return
-        if self.estimate is None:
-            self.estimate = self.request.token_estimate
-        self.parts = self.lane.price(self.estimate)
-        self.cost = self.parts[0]
-
 
 # What blocks a waiter: the client's own limits (nobody behind it may pass) or its lane's
 # (later calls of other models may).
 _CLIENT = "client"
 _LANE = "lane"
-
-
-def _rate_bucket(per_minute: Optional[float], burst: float, margin: float,
-                 now: float) -> Optional[TokenBucket]:
-    paced = paced_rate(per_minute, burst, margin)
-    return None if paced is None else TokenBucket(*paced, now)
 
 
 class AdmissionLimiter:
@@ -294,15 +155,15 @@ class AdmissionLimiter:
         now = self.clock.monotonic()
         # With a configured window the quota goes out together: the rate is the window's.
         self._requests = (None if window is not None else
-                          _rate_bucket(requests_per_minute, self.burst, self.safety_margin, now))
-        self._tokens = _rate_bucket(tokens_per_minute, self.burst, self.safety_margin, now)
+                          rate_bucket(requests_per_minute, self.burst, self.safety_margin, now))
+        self._tokens = rate_bucket(tokens_per_minute, self.burst, self.safety_margin, now)
         self._count_tokens = tokens_limited(tokens_per_minute, self.models)
         # A plain lock: nothing calls back in while it is held. (A stream abandoned to the
         # garbage collector does not release from its finalizer, which may run inside any
         # critical section: the core queues that release and makes it on a normal thread.)
         self._lock = threading.Lock()
-        self._queue: deque[_Waiter] = deque()
-        self._lanes: dict[Optional[str], _Lane] = {}
+        self._queue: deque[Waiter] = deque()
+        self._lanes: dict[Optional[str], Lane] = {}
         self._in_flight = 0
         self._closed = False
 
@@ -321,7 +182,7 @@ class AdmissionLimiter:
 
     # -- Limiter protocol ----------------------------------------------------------------------
 
-    def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> _Permit:
+    def acquire(self, request: RequestInfo, timeout_s: Optional[float] = None) -> Permit:
         """Wait, highest priority lane first and first come first served within a lane, until
         the attempt may go out; return its permit.
 
@@ -332,13 +193,13 @@ class AdmissionLimiter:
         """
         timeout = admission_timeout(self.acquire_timeout, timeout_s)
         with self._lock:
-            waiter: Optional[_Waiter] = None
+            waiter: Optional[Waiter] = None
             try:
                 if self._closed:
                     raise RuntimeError("this limiter is closed")
                 now = self.clock.monotonic()
                 lane = self._lanes.get(request.model) or self._new_lane(request.model, now)
-                priced = _Waiter(lane, request)
+                priced = Waiter(lane, request)
                 if not self._queue and self._blocked(lane, priced.cost, now)[0] is None:
                     return self._grant(lane, priced.parts, now)
                 priced.cond = threading.Condition(self._lock)
@@ -362,7 +223,7 @@ class AdmissionLimiter:
         :returns: for a 429 with adaptive mode on, the :class:`cometkit.Throttle` the retry
             policy reads (``accepting`` while the server keeps accepting other calls).
         """
-        if not isinstance(permit, _Permit):
+        if not isinstance(permit, Permit):
             logger.debug("release() of something that is not a permit of this limiter: %r",
                          permit)
             return None
@@ -421,10 +282,10 @@ class AdmissionLimiter:
 
     # -- internals (called with the lock held) -------------------------------------------------
 
-    def _new_lane(self, model: Optional[str], now: float) -> _Lane:
+    def _new_lane(self, model: Optional[str], now: float) -> Lane:
         section = self.models.get(model, {}) if model is not None else {}
         cap = lane_cap(self.max_concurrency, self.models, model)
-        requests = _rate_bucket(section.get("requests_per_minute"), self.burst,
+        requests = rate_bucket(section.get("requests_per_minute"), self.burst,
                                 self.safety_margin, now)
         control = None
         if self.adaptive:
@@ -438,14 +299,14 @@ class AdmissionLimiter:
                 cap, now, rate_floor_per_s=min(rates) if rates else None,
                 window_s=self.window, window_aligned=self.window_align == "clock",
                 window_quota=quota, wall_offset=self.clock.time() - now)
-        lane = _Lane(
+        lane = Lane(
             model, cap, requests,
-            _rate_bucket(section.get("tokens_per_minute"), self.burst, self.safety_margin, now),
+            rate_bucket(section.get("tokens_per_minute"), self.burst, self.safety_margin, now),
             control, self._count_tokens)
         self._lanes[model] = lane
         return lane
 
-    def _enqueue(self, waiter: _Waiter) -> None:
+    def _enqueue(self, waiter: Waiter) -> None:
         """Queue a waiter by its priority lane, then by the age of its call: first come, first
         served within a lane, and a call sent back by a 429 keeps its place ahead of calls of
         its lane that began after it."""
@@ -460,21 +321,21 @@ class AdmissionLimiter:
                 return
         queue.append(waiter)
 
-    def _starving(self, now: float) -> Optional[_Waiter]:
+    def _starving(self, now: float) -> Optional[Waiter]:
         """The waiter of a lower lane that goes ahead of the higher ones now, if any: the
         oldest call below the highest waiting lane that has waited ``starvation_s``, while
         the lower lanes have a whole credit to spend."""
         if self._starvation_credit < OVERTAKE_CREDIT or not self._queue:
             return None
         top = self._queue[0].rank
-        oldest: Optional[_Waiter] = None
+        oldest: Optional[Waiter] = None
         for waiter in self._queue:
             if waiter.rank > top and now - waiter.since >= self.starvation_s and (
                     oldest is None or waiter.since < oldest.since):
                 oldest = waiter
         return oldest
 
-    def _blocked(self, lane: _Lane, cost: int, now: float) -> tuple[Optional[str],
+    def _blocked(self, lane: Lane, cost: int, now: float) -> tuple[Optional[str],
                                                                      Optional[float]]:
         """``(None, None)`` if an attempt of ``lane`` costing ``cost`` may go now, else who
         blocks it (:data:`_CLIENT` or :data:`_LANE`) and when that may change (``None``: only
@@ -504,7 +365,7 @@ class AdmissionLimiter:
             return _LANE, ready
         return None, None
 
-    def _grant(self, lane: _Lane, parts: tuple[int, int, int], now: float) -> _Permit:
+    def _grant(self, lane: Lane, parts: tuple[int, int, int], now: float) -> Permit:
         cost = parts[0]
         self._in_flight += 1
         lane.in_flight += 1
@@ -522,7 +383,7 @@ class AdmissionLimiter:
         lane.admitted += 1
         self._starvation_credit = starvation_credit(self._starvation_credit,
                                                     self.starvation_share)
-        return _Permit(lane, cost, parts[1], parts[2], probe, lane.in_flight, lane.admitted)
+        return Permit(lane, cost, parts[1], parts[2], probe, lane.in_flight, lane.admitted)
 
     def _dispatch(self, now: float) -> Optional[float]:
         """Admit every waiter that may go now, highest lane and oldest first (a starving
@@ -561,8 +422,8 @@ class AdmissionLimiter:
             self._queue[0].cond.notify()
         return next_check
 
-    def _wait(self, waiter: _Waiter, request: RequestInfo, deadline: Optional[float],
-              timeout: Optional[float]) -> _Permit:
+    def _wait(self, waiter: Waiter, request: RequestInfo, deadline: Optional[float],
+              timeout: Optional[float]) -> Permit:
         while True:
             now = self.clock.monotonic()
             next_check = self._dispatch(now)
@@ -599,7 +460,7 @@ class AdmissionLimiter:
             f"({self._in_flight} in flight, {len(self._queue)} waiting{learned})",
             status_code=429)
 
-    def _release(self, permit: _Permit, result: AttemptResult) -> Optional[Throttle]:
+    def _release(self, permit: Permit, result: AttemptResult) -> Optional[Throttle]:
         if permit.released:
             logger.debug("permit released twice: %r", permit)
             return None
@@ -613,7 +474,7 @@ class AdmissionLimiter:
         if control is not None:
             hints = result.hints
             if hints is not None and result.status_code is not None:
-                self._learn_stated_limits(lane, permit, result.accepted, hints, now)
+                lane.learn_stated_limits(permit, result.accepted, hints, now, self.safety_margin)
             signals = control.signals
             charged = charged_tokens(result, permit.answer_reserved) or 0
             kind = control.on_result(result, now, self.clock.time, probe=permit.probe,
@@ -621,7 +482,7 @@ class AdmissionLimiter:
                                      window_rank=permit.window_rank)
             lane.demand_changed(now)
             if control.token_rate_per_s is not None:
-                self._follow_token_rate(lane, control.token_rate_per_s, now)
+                lane.follow_token_rate(control.token_rate_per_s, self.burst, now)
             if kind == "tokens":
                 lane.count_tokens = True
             if kind is not None:
@@ -637,20 +498,7 @@ class AdmissionLimiter:
             self._dispatch(now)
         return verdict
 
-    def _follow_token_rate(self, lane: _Lane, rate: float, now: float) -> None:
-        """Keep the lane's learned token bucket at the rate adaptive mode learned (it holds
-        ``burst`` seconds' worth, at least one call's worth of a few thousand tokens)."""
-        bucket = lane.learned_tokens
-        capacity = max(1.0, self.burst * rate)
-        if bucket is None:
-            lane.learned_tokens = TokenBucket(rate, capacity, now)
-            return
-        bucket.ready_at(0, now)  # refill at the old rate up to now
-        bucket.rate_per_s = rate
-        bucket.capacity = capacity
-        bucket.level = min(bucket.level, capacity)
-
-    def _refused_at_configured_rate(self, lane: _Lane) -> None:
+    def _refused_at_configured_rate(self, lane: Lane) -> None:
         """A configured rate was refused: first shrink its burst (one second's worth is more
         than some servers hold); only when it refuses at the smallest burst may adaptive mode
         send below the configured rate."""
@@ -666,43 +514,8 @@ class AdmissionLimiter:
         elif lane.control is not None:
             lane.control.refused_at_floor()
 
-    def _learn_stated_limits(self, lane: _Lane, permit: _Permit, accepted: bool, hints: Any,
-                             now: float) -> None:
-        """An answer saying that no request (or token) remains holds the lane until the
-        server's reset -- or, for a per-minute limit, until one more is due (``60 / limit``
-        seconds), whichever comes first -- instead of spending a 429 to learn it. Requests
-        admitted after the answered one count against what it said remained: with 11 in
-        flight and 5 remaining, the lane stops now, not after six 429s. Without a reset, an
-        accepted answer saying none remain holds as a hint-less 429 would. A stated token
-        limit becomes the lane's token rate; a stated request limit is not used as a pace
-        (gateways state a window's quota in the same headers)."""
-        control = lane.control
-        if control is None:
-            return
-        requests_left = hints.remaining_requests
-        if requests_left is not None:
-            if permit.seq < lane.stated_seq:
-                requests_left = None  # older news than an answer already read
-            else:
-                lane.stated_seq = permit.seq
-                requests_left -= lane.admitted - permit.seq
-        for remaining, limit, reset, of_requests in (
-                (requests_left, hints.limit_requests, hints.reset_requests_s, True),
-                (hints.remaining_tokens, hints.limit_tokens, hints.reset_tokens_s, False)):
-            if remaining is None or remaining > 0:
-                continue
-            if reset is not None:
-                wait = min(reset, 60.0 / limit) if limit else reset
-                control.hold_until = max(control.hold_until, now + min(wait, MAX_HOLD_S))
-            elif of_requests and accepted:
-                control.stated_exhausted(now)
-        if hints.limit_tokens:
-            # A stated token limit is per minute in every header family (unlike requests,
-            # which gateways state per window): spend tokens at it before a 429 says so.
-            lane.count_tokens = True
-            control.adopt_token_rate(hints.limit_tokens / 60.0 * (1.0 - self.safety_margin))
 
-    def _settle_tokens(self, permit: _Permit, result: AttemptResult, now: float) -> None:
+    def _settle_tokens(self, permit: Permit, result: AttemptResult, now: float) -> None:
         """Replace the estimate with what the server charged: the prompt it counted plus the
         larger of the reserved ``max_tokens`` and the answer (providers reserve
         ``max_tokens``); refund a refused call. Learn the server's tokenizer from ``usage``."""
@@ -710,21 +523,7 @@ class AdmissionLimiter:
         refund = token_refund(permit.cost, result, permit.answer_reserved)
         if refund is None:
             return
-        if result.input_tokens is not None and permit.prompt_estimate >= MIN_RATIO_SAMPLE_TOKENS:
-            self._learn_token_ratio(lane, result.input_tokens / permit.prompt_estimate)
-        if result.output_tokens is not None:
-            output = float(result.output_tokens)
-            lane.answer_tokens = output if lane.answer_tokens is None else (
-                lane.answer_tokens + TOKEN_RATIO_SMOOTHING * (output - lane.answer_tokens))
+        lane.learn_usage(permit, result)
         for bucket in (self._tokens, lane.tokens, lane.learned_tokens):
             if bucket is not None:
                 bucket.give(refund, now)
-
-    @staticmethod
-    def _learn_token_ratio(lane: _Lane, observed: float) -> None:
-        low, high = TOKEN_RATIO_BOUNDS
-        observed = min(high, max(low, observed))
-        if lane.token_ratio is None:
-            lane.token_ratio = observed
-        else:
-            lane.token_ratio += TOKEN_RATIO_SMOOTHING * (observed - lane.token_ratio)
