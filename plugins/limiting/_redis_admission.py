@@ -29,7 +29,7 @@ from ._redis_leases import LeaseKeeper
 from ._redis_scripts import ACQUIRE_LUA, LANE_GATE_LUA, LANE_LEAVE_LUA, RELEASE_LUA, text
 from .adaptive import CONCURRENCY_BACKOFF, INITIAL_LIMIT, STORM_HORIZON_S
 from .fleet_lanes import OVERTAKE, WAIT, FleetLanes, FleetWaiter
-from .plan import charged_tokens, lane_cap, token_refund
+from .plan import charged_tokens, lane_cap, model_section, token_refund
 
 __all__ = ["SharedAdmission", "CONTROL_TTL_S"]
 
@@ -126,7 +126,7 @@ class SharedAdmission:
         with self._lock:
             lane = self._lanes.get(model)
             if lane is None:
-                section = self.models.get(model, {}) if model is not None else {}
+                section = model_section(self.models, model)
                 own_cap = section.get("max_concurrency") is not None
                 lane = RedisLane(
                     self.base_key, model,

@@ -42,18 +42,17 @@ from cometkit import (
     SystemClock,
     Throttle,
 )
-from cometkit.options import validate_section
 
 from ._local_lanes import Lane, Permit, Waiter, rate_bucket
 from .adaptive import AdaptiveControl
 from .plan import (
     OPTIONS,
     OVERTAKE_CREDIT,
+    PlanSettings,
     admission_timeout,
     charged_tokens,
-    concurrency_number,
-    factory_kwargs,
     lane_cap,
+    model_section,
     starvation_credit,
     token_refund,
     tokens_limited,
@@ -80,7 +79,7 @@ _CLIENT = "client"
 _LANE = "lane"
 
 
-class AdmissionLimiter:
+class AdmissionLimiter(PlanSettings):
     """Admits attempts under the configured limits and what adaptive mode learns.
 
     Implements :class:`cometkit.Limiter`. Thread-safe; one per client.
@@ -103,6 +102,9 @@ class AdmissionLimiter:
     :raises ConfigError: a value out of range.
     """
 
+    SCHEMA = OPTIONS
+    PLUGIN = PLUGIN_NAME
+    STORE = "AdmissionLimiter"
     DEFAULT_BURST = 1.0
     DEFAULT_SAFETY_MARGIN = 0.02
 
@@ -123,26 +125,18 @@ class AdmissionLimiter:
         starvation_share: float = OPTIONS["starvation_share"].default,
         starvation_s: float = OPTIONS["starvation_s"].default,
     ) -> None:
-        # The schema the configuration is checked against checks direct construction too.
-        validate_section(OPTIONS, {
+        values = {
             "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
             "tokens_per_minute": tokens_per_minute, "burst": burst, "adaptive": adaptive,
             "safety_margin": safety_margin, "acquire_timeout": acquire_timeout,
             "models": dict(models or {}), "window": window, "window_align": window_align,
             "starvation_share": starvation_share, "starvation_s": starvation_s,
-        }, where="<AdmissionLimiter>", key_path=PLUGIN_NAME)
+        }
+        self._checked(values)
         if window is not None and requests_per_minute is None:
             raise ConfigError(f"{PLUGIN_NAME}.window: needs requests_per_minute (the window's "
                               "quota is requests_per_minute * window / 60)", key="window")
-        self.max_concurrency = concurrency_number(max_concurrency, PLUGIN_NAME,
-                                                  "AdmissionLimiter")
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
-        self.burst = float(burst)
-        self.adaptive = bool(adaptive)
-        self.safety_margin = float(safety_margin)
-        self.acquire_timeout = acquire_timeout
-        self.models = {name: dict(section) for name, section in (models or {}).items()}
+        self._keep_plan(values)
         self.window = window
         self.window_align = window_align
         self.starvation_share = float(starvation_share)
@@ -166,13 +160,6 @@ class AdmissionLimiter:
         self._lanes: dict[Optional[str], Lane] = {}
         self._in_flight = 0
         self._closed = False
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any], *, concurrency: int,
-                     clock: Optional[Clock] = None) -> AdmissionLimiter:
-        """Build from a validated ``plugins.limiter`` section; a null ``max_concurrency``
-        means ``concurrency`` (the client's pool size)."""
-        return cls(**factory_kwargs(options, OPTIONS, concurrency), clock=clock)
 
     def __repr__(self) -> str:
         return (f"AdmissionLimiter(max_concurrency={self.max_concurrency!r}, "
@@ -283,7 +270,7 @@ class AdmissionLimiter:
     # -- internals (called with the lock held) -------------------------------------------------
 
     def _new_lane(self, model: Optional[str], now: float) -> Lane:
-        section = self.models.get(model, {}) if model is not None else {}
+        section = model_section(self.models, model)
         cap = lane_cap(self.max_concurrency, self.models, model)
         requests = rate_bucket(section.get("requests_per_minute"), self.burst,
                                 self.safety_margin, now)

@@ -9,9 +9,10 @@ the state lives. Anything both stores compute is computed here, once.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, TypeVar
 
 from cometkit import AttemptResult, ConfigError, Option
+from cometkit.options import validate_section
 from cometkit.tokens import CHARS_PER_TOKEN, estimate_parts, estimate_tokens
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "tokens_limited",
     "starvation_credit",
     "OVERTAKE_CREDIT",
+    "model_section",
+    "PlanSettings",
 ]
 
 _MODEL_OPTIONS = {
@@ -123,10 +126,16 @@ def paced_rate(per_minute: Optional[float], burst: float,
     return rate, max(1.0, burst * rate)
 
 
+def model_section(models: Mapping[str, Mapping[str, Any]],
+                  model: Optional[str]) -> Mapping[str, Any]:
+    """The ``models:`` section of ``model`` (empty for a model without one, or no model)."""
+    return models.get(model, {}) if model is not None else {}
+
+
 def lane_cap(max_concurrency: int, models: Mapping[str, Mapping[str, Any]],
              model: Optional[str]) -> int:
     """Attempts of ``model`` allowed in flight: its ``models:`` cap, within the client's."""
-    section = models.get(model, {}) if model is not None else {}
+    section = model_section(models, model)
     return min(max_concurrency, section.get("max_concurrency") or max_concurrency)
 
 
@@ -191,3 +200,54 @@ def tokens_limited(tokens_per_minute: Optional[float],
     that every admission must be estimated and charged in tokens."""
     return tokens_per_minute is not None or any(
         section.get("tokens_per_minute") is not None for section in models.values())
+
+
+_Store = TypeVar("_Store", bound="PlanSettings")
+
+
+class PlanSettings:
+    """The plan's settings as both stores hold them, checked as the configuration is.
+
+    A store names its section (:attr:`SCHEMA`), its plugin (:attr:`PLUGIN`) and itself
+    (:attr:`STORE`) for messages; its constructor hands its values to :meth:`_checked`, then
+    to :meth:`_keep_plan`.
+    """
+
+    SCHEMA: ClassVar[Mapping[str, Option]]
+    PLUGIN: ClassVar[str]
+    STORE: ClassVar[str]
+
+    max_concurrency: int
+    requests_per_minute: Optional[float]
+    tokens_per_minute: Optional[float]
+    burst: float
+    adaptive: bool
+    safety_margin: float
+    acquire_timeout: Optional[float]
+    models: dict[str, dict[str, Any]]
+
+    @classmethod
+    def from_options(cls: type[_Store], options: Mapping[str, Any], *, concurrency: int,
+                     **context: Any) -> _Store:
+        """Build from a validated section of the store's plugin; a null ``max_concurrency``
+        means ``concurrency`` (the client's pool size). ``context``: the store's keywords
+        that are not options (``clock``, and the Redis store's ``namespace`` and ``rng``)."""
+        return cls(**factory_kwargs(options, cls.SCHEMA, concurrency), **context)
+
+    def _checked(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor's ``values``, checked against the section the configuration is
+        checked against (so direct construction is checked too)."""
+        return validate_section(self.SCHEMA, values, where=f"<{self.STORE}>",
+                                key_path=self.PLUGIN)
+
+    def _keep_plan(self, values: Mapping[str, Any]) -> None:
+        """Keep the settings both stores share, from the constructor's checked ``values``."""
+        self.max_concurrency = concurrency_number(values["max_concurrency"], self.PLUGIN,
+                                                  self.STORE)
+        self.requests_per_minute = values["requests_per_minute"]
+        self.tokens_per_minute = values["tokens_per_minute"]
+        self.burst = float(values["burst"])
+        self.adaptive = bool(values["adaptive"])
+        self.safety_margin = float(values["safety_margin"])
+        self.acquire_timeout = values["acquire_timeout"]
+        self.models = {name: dict(section) for name, section in values["models"].items()}

@@ -47,7 +47,6 @@ from random import Random
 from typing import Any, Mapping, Optional
 
 from cometkit import AttemptResult, Clock, RequestInfo, SystemClock, Throttle
-from cometkit.options import validate_section
 
 from ._fleet_learning import FleetLearning, decoded
 from ._redis_admission import CONTROL_TTL_S, SharedAdmission
@@ -67,7 +66,7 @@ from ._redis_scripts import LANE_GATE_LUA, LANE_LEAVE_LUA, RENEW_LUA
 from .adaptive import INITIAL_LIMIT
 from .local import AdmissionLimiter
 from .plan import OPTIONS as LIMITER_OPTIONS
-from .plan import admission_timeout, concurrency_number, factory_kwargs, tokens_limited
+from .plan import PlanSettings, admission_timeout, tokens_limited
 
 __all__ = [
     "RedisLimiter",
@@ -84,7 +83,7 @@ __all__ = [
 logger = logging.getLogger("cometkit.redis_limiter")
 
 
-class RedisLimiter:
+class RedisLimiter(PlanSettings):
     """Admits attempts under limits shared through Redis by every client with the same API
     key, ``key_prefix`` and Redis. Implements :class:`cometkit.Limiter`; thread-safe.
 
@@ -105,6 +104,10 @@ class RedisLimiter:
     :raises ConfigError: a value out of range.
     :raises PluginError: the ``redis`` package is not installed.
     """
+
+    SCHEMA = OPTIONS
+    PLUGIN = PLUGIN_NAME
+    STORE = "RedisLimiter"
 
     def __init__(
         self,
@@ -130,7 +133,7 @@ class RedisLimiter:
         starvation_share: float = LIMITER_OPTIONS["starvation_share"].default,
         starvation_s: float = LIMITER_OPTIONS["starvation_s"].default,
     ) -> None:
-        self.options = validate_section(OPTIONS, {
+        values = {
             "max_concurrency": max_concurrency, "requests_per_minute": requests_per_minute,
             "tokens_per_minute": tokens_per_minute, "burst": burst, "adaptive": adaptive,
             "safety_margin": safety_margin, "acquire_timeout": acquire_timeout,
@@ -138,8 +141,9 @@ class RedisLimiter:
             "lease_ttl": lease_ttl, "on_redis_error": on_redis_error,
             "socket_timeout": socket_timeout,
             "starvation_share": starvation_share, "starvation_s": starvation_s,
-        }, where="<RedisLimiter>", key_path=PLUGIN_NAME)
-        max_concurrency = concurrency_number(max_concurrency, PLUGIN_NAME, "RedisLimiter")
+        }
+        self.options = self._checked(values)
+        self._keep_plan(values)
         redis = import_redis()
         # What a dead or stuck Redis raises (redis-py wraps most socket errors, not all).
         self._redis_error: tuple = (redis.RedisError, OSError)
@@ -148,14 +152,6 @@ class RedisLimiter:
         self.key_prefix = key_prefix
         self.namespace = namespace or "nokey"
         self.base_key = f"{key_prefix}:{self.namespace}"
-        self.max_concurrency = max_concurrency
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
-        self.burst = float(burst)
-        self.adaptive = bool(adaptive)
-        self.safety_margin = float(safety_margin)
-        self.acquire_timeout = acquire_timeout
-        self.models = {name: dict(section) for name, section in (models or {}).items()}
         self.lease_ttl = float(lease_ttl)
         self.on_redis_error = on_redis_error
         self.socket_timeout = float(socket_timeout)
@@ -204,15 +200,6 @@ class RedisLimiter:
             count_tokens=count_tokens, reachability=self._fallback, leases=self._leases,
             learning=self._learning, clock=self.clock, rng=self.random, closing=self._closing,
             url_shown=self.url_shown)
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any], *, concurrency: int, namespace: str = "",
-                     clock: Optional[Clock] = None, rng: Optional[Random] = None
-                     ) -> RedisLimiter:
-        """Build from a validated ``plugins.redis_limiter`` section; a null
-        ``max_concurrency`` means ``concurrency``."""
-        return cls(**factory_kwargs(options, OPTIONS, concurrency), namespace=namespace,
-                   clock=clock, rng=rng)
 
     def __repr__(self) -> str:
         return (f"RedisLimiter({self.url_shown!r}, key={self.base_key!r}, "
