@@ -1,14 +1,17 @@
 """What the in-process store keeps of each model lane and of each attempt.
 
 A :class:`Lane` holds one model's slots and buckets, what adaptive mode learned for it, and
-what its answers taught about tokens: the server's tokenizer against the client's estimate,
-the usual answer length, a learned token rate, the limits an answer stated. A :class:`Permit`
+what its answers taught: the server's tokenizer against the client's estimate, the usual
+answer length, a learned token rate, the limits an answer stated, a configured rate's burst
+that was too large; it settles an attempt's tokens once the answer says what the server
+charged. A :class:`Permit`
 is an admitted attempt, a :class:`Waiter` one still queued. The queue and the admission rules
 are :class:`.local.AdmissionLimiter`'s.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -16,9 +19,11 @@ from cometkit import AttemptResult, RequestInfo
 from cometkit.buckets import TokenBucket
 
 from .adaptive import MAX_HOLD_S, AdaptiveControl
-from .plan import paced_rate
+from .plan import paced_rate, token_refund
 
 __all__ = ["Lane", "Permit", "Waiter", "rate_bucket"]
+
+logger = logging.getLogger("cometkit.limiter")
 
 #: Weight of the newest observation in a lane's learned server-tokens / estimate ratio.
 TOKEN_RATIO_SMOOTHING = 0.3
@@ -146,6 +151,36 @@ class Lane:
             # which gateways state per window): spend tokens at it before a 429 says so.
             self.count_tokens = True
             control.adopt_token_rate(hints.limit_tokens / 60.0 * (1.0 - safety_margin))
+
+    def refused_at_configured_rate(self, client_requests: Optional[TokenBucket]) -> None:
+        """A configured rate was refused: first shrink its burst (one second's worth is more
+        than some servers hold); only when it refuses at the smallest burst may adaptive mode
+        send below the configured rate. ``client_requests``: the client-wide request bucket."""
+        shrunk = False
+        for bucket in (client_requests, self.requests):
+            if bucket is not None and bucket.capacity > 1.0:
+                bucket.capacity = max(1.0, bucket.capacity / 2.0)
+                bucket.level = min(bucket.level, bucket.capacity)
+                shrunk = True
+        if shrunk:
+            logger.info("429 at the configured rate for model=%s: burst halved",
+                        self.model or "-")
+        elif self.control is not None:
+            self.control.refused_at_floor()
+
+    def settle_tokens(self, permit: Permit, result: AttemptResult, now: float,
+                      client_tokens: Optional[TokenBucket]) -> None:
+        """Replace the estimate with what the server charged: the prompt it counted plus the
+        larger of the reserved ``max_tokens`` and the answer (providers reserve
+        ``max_tokens``); refund a refused call, to ``client_tokens`` (the client-wide token
+        bucket) and the lane's. Learn the server's tokenizer from ``usage``."""
+        refund = token_refund(permit.cost, result, permit.answer_reserved)
+        if refund is None:
+            return
+        self.learn_usage(permit, result)
+        for bucket in (client_tokens, self.tokens, self.learned_tokens):
+            if bucket is not None:
+                bucket.give(refund, now)
 
 
 class Permit:

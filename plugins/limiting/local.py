@@ -20,8 +20,14 @@ clock jumps straight there.
 
 Options and the adaptive algorithm are documented in ``docs/plugins/limiter.md``; the
 algorithm itself lives in :mod:`.adaptive`, the options and arithmetic in :mod:`.plan`, and
-what the store keeps per lane and per attempt (and learns about tokens) in
-:mod:`._local_lanes`.
+what the store keeps per lane and per attempt (and what an answer teaches a lane about tokens
+and configured rates) in :mod:`._local_lanes`, the priority order of the waiters in
+:mod:`._local_queue`.
+
+Why this module is over 400 lines: :class:`AdmissionLimiter` is one state machine behind one
+lock -- admission, the dispatch of waiters and release read and write the same slot counts,
+buckets and queue, and a release dispatches at once -- so what is left here is that machine
+and its protocol, nothing that stands on its own.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from cometkit import (
@@ -44,17 +49,15 @@ from cometkit import (
 )
 
 from ._local_lanes import Lane, Permit, Waiter, rate_bucket
+from ._local_queue import WaitQueue
 from .adaptive import AdaptiveControl
 from .plan import (
     OPTIONS,
-    OVERTAKE_CREDIT,
     PlanSettings,
     admission_timeout,
     charged_tokens,
     lane_cap,
     model_section,
-    starvation_credit,
-    token_refund,
     tokens_limited,
 )
 
@@ -141,8 +144,6 @@ class AdmissionLimiter(PlanSettings):
         self.window_align = window_align
         self.starvation_share = float(starvation_share)
         self.starvation_s = float(starvation_s)
-        #: What lower lanes may spend on overtaking (see :func:`.plan.starvation_credit`).
-        self._starvation_credit = 0.0
         self.clock: Clock = clock or SystemClock()
         # Condition waits measure real time; any other clock is waited on with its own sleep.
         self._real_time = self.clock.monotonic is time.monotonic
@@ -156,7 +157,7 @@ class AdmissionLimiter(PlanSettings):
         # garbage collector does not release from its finalizer, which may run inside any
         # critical section: the core queues that release and makes it on a normal thread.)
         self._lock = threading.Lock()
-        self._queue: deque[Waiter] = deque()
+        self._queue = WaitQueue(self.starvation_share, self.starvation_s)
         self._lanes: dict[Optional[str], Lane] = {}
         self._in_flight = 0
         self._closed = False
@@ -191,7 +192,7 @@ class AdmissionLimiter(PlanSettings):
                     return self._grant(lane, priced.parts, now)
                 priced.cond = threading.Condition(self._lock)
                 waiter = priced
-                self._enqueue(waiter)
+                self._queue.enqueue(waiter)
                 lane.waiting += 1
                 lane.demand_changed(now)
                 deadline = None if timeout is None else now + timeout
@@ -293,35 +294,6 @@ class AdmissionLimiter(PlanSettings):
         self._lanes[model] = lane
         return lane
 
-    def _enqueue(self, waiter: Waiter) -> None:
-        """Queue a waiter by its priority lane, then by the age of its call: first come, first
-        served within a lane, and a call sent back by a 429 keeps its place ahead of calls of
-        its lane that began after it."""
-        queue = self._queue
-        place = (waiter.rank, waiter.since)
-        if not queue or (queue[-1].rank, queue[-1].since) <= place:
-            queue.append(waiter)
-            return
-        for index, other in enumerate(queue):
-            if (other.rank, other.since) > place:
-                queue.insert(index, waiter)
-                return
-        queue.append(waiter)
-
-    def _starving(self, now: float) -> Optional[Waiter]:
-        """The waiter of a lower lane that goes ahead of the higher ones now, if any: the
-        oldest call below the highest waiting lane that has waited ``starvation_s``, while
-        the lower lanes have a whole credit to spend."""
-        if self._starvation_credit < OVERTAKE_CREDIT or not self._queue:
-            return None
-        top = self._queue[0].rank
-        oldest: Optional[Waiter] = None
-        for waiter in self._queue:
-            if waiter.rank > top and now - waiter.since >= self.starvation_s and (
-                    oldest is None or waiter.since < oldest.since):
-                oldest = waiter
-        return oldest
-
     def _blocked(self, lane: Lane, cost: int, now: float) -> tuple[Optional[str],
                                                                      Optional[float]]:
         """``(None, None)`` if an attempt of ``lane`` costing ``cost`` may go now, else who
@@ -368,13 +340,12 @@ class AdmissionLimiter(PlanSettings):
             probe = lane.control.on_admit(now, cost)
             lane.demand_changed(now)
         lane.admitted += 1
-        self._starvation_credit = starvation_credit(self._starvation_credit,
-                                                    self.starvation_share)
+        self._queue.admitted()
         return Permit(lane, cost, parts[1], parts[2], probe, lane.in_flight, lane.admitted)
 
     def _dispatch(self, now: float) -> Optional[float]:
         """Admit every waiter that may go now, highest lane and oldest first (a starving
-        waiter of a lower lane ahead of them, see :meth:`_starving`); return when to look
+        waiter of a lower lane ahead of them, see :meth:`.WaitQueue.starving`); return when to look
         again (``None``: not before a release). Wakes the first remaining waiter, which keeps
         time for everyone."""
         if self._closed:
@@ -382,7 +353,7 @@ class AdmissionLimiter(PlanSettings):
         next_check: Optional[float] = None
         blocked_lanes: set[int] = set()
         order = list(self._queue)
-        starving = self._starving(now)
+        starving = self._queue.starving(now)
         if starving is not None:
             order.remove(starving)
             order.insert(0, starving)
@@ -399,7 +370,7 @@ class AdmissionLimiter(PlanSettings):
                 lane.waiting -= 1
                 waiter.permit = self._grant(lane, waiter.parts, now)
                 if waiter is starving:
-                    self._starvation_credit -= 1.0
+                    self._queue.overtook()
                 waiter.cond.notify()
             elif scope is _CLIENT:
                 break
@@ -474,43 +445,13 @@ class AdmissionLimiter(PlanSettings):
                 lane.count_tokens = True
             if kind is not None:
                 if kind in ("rate", "tokens") and control.signals > signals:
-                    self._refused_at_configured_rate(lane)
+                    lane.refused_at_configured_rate(self._requests)
                 # A spent quota is no limit to wait for in the queue: the retry policy's
                 # own rules (and budget) decide, should it be told to retry quota errors.
                 verdict = Throttle(control.accepting(now) and kind != "quota", kind,
                                    control.hold_remaining_s(now))
         if lane.count_tokens:
-            self._settle_tokens(permit, result, now)
+            lane.settle_tokens(permit, result, now, self._tokens)
         if self._queue:
             self._dispatch(now)
         return verdict
-
-    def _refused_at_configured_rate(self, lane: Lane) -> None:
-        """A configured rate was refused: first shrink its burst (one second's worth is more
-        than some servers hold); only when it refuses at the smallest burst may adaptive mode
-        send below the configured rate."""
-        shrunk = False
-        for bucket in (self._requests, lane.requests):
-            if bucket is not None and bucket.capacity > 1.0:
-                bucket.capacity = max(1.0, bucket.capacity / 2.0)
-                bucket.level = min(bucket.level, bucket.capacity)
-                shrunk = True
-        if shrunk:
-            logger.info("429 at the configured rate for model=%s: burst halved",
-                        lane.model or "-")
-        elif lane.control is not None:
-            lane.control.refused_at_floor()
-
-
-    def _settle_tokens(self, permit: Permit, result: AttemptResult, now: float) -> None:
-        """Replace the estimate with what the server charged: the prompt it counted plus the
-        larger of the reserved ``max_tokens`` and the answer (providers reserve
-        ``max_tokens``); refund a refused call. Learn the server's tokenizer from ``usage``."""
-        lane = permit.lane
-        refund = token_refund(permit.cost, result, permit.answer_reserved)
-        if refund is None:
-            return
-        lane.learn_usage(permit, result)
-        for bucket in (self._tokens, lane.tokens, lane.learned_tokens):
-            if bucket is not None:
-                bucket.give(refund, now)
