@@ -7,14 +7,19 @@ that a server answering 429 to everything sees a bounded number of extra attempt
 ``docs/plugins/backoff.md``.
 
 The policy only decides; the core sleeps the decided delay (outside any limiter slot) and
-raises the error when the answer is "no".
+raises the error when the answer is "no". The budget is a counter of its own
+(:mod:`._retry_budget`), re-exported here.
+
+Why this module is over 400 lines: it is the plugin (its options and hooks) and its one
+policy, whose :meth:`BackoffPolicy.decide` is a single ordered list of rules over one
+answer; its parts (what is retryable, the delay, the deadline, the budget check, the error it
+gives up with) are steps of that one decision, not jobs of their own.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import threading
 from typing import Any, Iterable, Mapping, Optional, Union
 
 from cometkit import (
@@ -33,6 +38,8 @@ from cometkit import (
     hookimpl,
 )
 from cometkit.hints import QUOTA_CODES, WAIT_WORDS, RefusalRules, refusal_text, retry_after_s
+
+from ._retry_budget import RetryBudget
 
 __all__ = [
     "BackoffPolicy",
@@ -68,9 +75,6 @@ HINT_JITTER_RATIO = 0.1
 #: ``jitter`` values (see the AWS Architecture Blog, "Exponential Backoff and Jitter").
 JITTER_MODES = ("additive", "full", "decorrelated", "none")
 
-#: Buckets the budget window is cut into: the window slides in steps of ``window / this``.
-_BUDGET_BUCKETS = 10
-
 #: 2 ** this already exceeds any sane ``max_delay / base_delay``; larger exponents overflow.
 _MAX_EXPONENT = 62
 
@@ -93,82 +97,6 @@ def _parse_retry_on_item(value: Any) -> Union[int, str]:
     if item not in RETRYABLE_STATUSES and item not in ERROR_STAGES:
         raise ValueError(f"must be one of {allowed}, got {value!r}")
     return item
-
-
-# -------------------------------------------------------------------------------------------
-# Retry budget
-# -------------------------------------------------------------------------------------------
-
-
-class RetryBudget:
-    """How many retries the client may still make: ``ratio`` × recent calls + ``floor``.
-
-    Every call deposits (:meth:`deposit`), every retry withdraws (:meth:`try_withdraw`), both
-    counted over the last ``window_s`` seconds in a ring of buckets, so the check costs a
-    constant amount of memory and time. Within any window, retries never exceed
-    ``ratio * calls + floor``: under a server that refuses everything, N calls make at most
-    ``N * (1 + ratio) + floor`` attempts (plus ``floor`` per further window if the storm
-    lasts longer), not ``N * max_attempts``. Thread-safe; one per client.
-    """
-
-    def __init__(self, ratio: float, floor: int, window_s: float,
-                 clock: Optional[Clock] = None) -> None:
-        if ratio < 0 or floor < 0 or window_s <= 0:
-            raise ValueError("RetryBudget needs ratio >= 0, floor >= 0 and window_s > 0")
-        self.ratio = float(ratio)
-        self.floor = int(floor)
-        self.window_s = float(window_s)
-        self._clock = clock or SystemClock()
-        self._width = self.window_s / _BUDGET_BUCKETS
-        self._ticks = [-1] * _BUDGET_BUCKETS
-        self._calls = [0] * _BUDGET_BUCKETS
-        self._retries = [0] * _BUDGET_BUCKETS
-        self._lock = threading.Lock()
-
-    def _bucket(self, tick: int) -> int:
-        """Index of the bucket for ``tick``, emptied first if it held an older tick."""
-        index = tick % _BUDGET_BUCKETS
-        if self._ticks[index] != tick:
-            self._ticks[index] = tick
-            self._calls[index] = 0
-            self._retries[index] = 0
-        return index
-
-    def _totals(self, tick: int) -> tuple[int, int]:
-        oldest = tick - _BUDGET_BUCKETS
-        calls = retries = 0
-        for index in range(_BUDGET_BUCKETS):
-            if self._ticks[index] > oldest:
-                calls += self._calls[index]
-                retries += self._retries[index]
-        return calls, retries
-
-    def deposit(self) -> None:
-        """A call started: it earns ``ratio`` of a retry."""
-        tick = int(self._clock.monotonic() // self._width)
-        with self._lock:
-            self._calls[self._bucket(tick)] += 1
-
-    def try_withdraw(self) -> bool:
-        """Take one retry if the budget allows it; ``False`` (and nothing taken) if not."""
-        tick = int(self._clock.monotonic() // self._width)
-        with self._lock:
-            index = self._bucket(tick)
-            calls, retries = self._totals(tick)
-            if retries + 1 > self.ratio * calls + self.floor:
-                return False
-            self._retries[index] += 1
-            return True
-
-    def counts(self) -> tuple[int, int]:
-        """``(calls, retries)`` in the current window."""
-        tick = int(self._clock.monotonic() // self._width)
-        with self._lock:
-            return self._totals(tick)
-
-    def __repr__(self) -> str:
-        return (f"RetryBudget(ratio={self.ratio!r}, floor={self.floor!r}, "
-                f"window_s={self.window_s!r})")
 
 
 # -------------------------------------------------------------------------------------------

@@ -52,6 +52,13 @@ A success whose remaining requests (any header family the core reads) are at mos
 
 Only one signal per round trip counts: a 429 for an attempt sent before the last signal is an
 echo of the same burst, not news, so a burst of 429s cuts once.
+
+Why this module is over 400 lines: :class:`AdaptiveControl` is one state machine, not several
+controllers side by side. Concurrency, send and token rates, windows, holds and probes are one
+state read and written by every admission and answer -- a hold ends in a probe whose answer
+reopens the rate, a known window changes what a hold and a hint mean, a cap on calls in flight
+changes what a refusal teaches the rate -- so its transitions stay together here; what differs
+between the stores (where state lives, how a fleet shares it) lives in the stores.
 """
 
 from __future__ import annotations
