@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .._cli_common import checked_value
 from ..hints import parse_duration
 from .faults import FAULT_KINDS, format_faults, parse_faults
 from .server import CHOICES, Sandbox
@@ -28,13 +29,8 @@ DESCRIPTION = ("Serve an OpenAI-compatible API on 127.0.0.1 that behaves like a 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
+        return checked_value(text, kind, f"not a number: {text!r}",
+                             lambda value: None if value > 0 else f"must be positive: {text!r}")
     convert.__name__ = kind.__name__
     return convert
 
@@ -47,20 +43,13 @@ def _duration(text: str) -> float:
 
 
 def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
-    return value
+    return checked_value(text, float, f"not a number: {text!r}",
+                         lambda value: (None if 0.0 <= value <= 1.0
+                                        else f"must be between 0 and 1: {text!r}"))
 
 
 def _faults(text: str) -> Any:
-    try:
-        return parse_faults(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return checked_value(text, parse_faults)
 
 
 def _models(text: str) -> list:
