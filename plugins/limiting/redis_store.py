@@ -649,7 +649,9 @@ class RedisLimiter:
                 now = self.clock.monotonic()
                 if deadline is not None and now >= deadline:
                     raise self._timeout_error(request, timeout, _text(detail))
-                if value >= 0:  # Redis knows when: a hold ending, a rate refilling
+                if value >= 0 and not (_text(detail) == "window"
+                                       and self._quota_open(lane)):
+                    # Redis knows when: a hold ending, a rate refilling, a window opening
                     self._wait(min(MAX_SLEEP_S, value / 1000.0), deadline, now)
                 else:  # a slot held elsewhere: poll, backing off, with jitter
                     backoff = self._poll(backoff, deadline, now)
@@ -657,6 +659,14 @@ class RedisLimiter:
             if not granted:
                 self._idle(lane)
                 self._leave_lane(waiter)
+
+    def _quota_open(self, lane: _Lane) -> bool:
+        """Whether the window quota that turned a call away may still rise (see
+        :attr:`AdaptiveControl.window_quota_open`): then the call polls, not sleeps to the
+        window's end, so the fleet's probes of one more follow each other at the pace of
+        answers."""
+        return self._pacer is not None and bool(self._pacer.with_control(
+            lane.model, lambda control: control.window_quota_open))
 
     @staticmethod
     def _client_wide(lane: _Lane, reason: str) -> bool:
@@ -880,6 +890,10 @@ class RedisLimiter:
                         "%.2f s in every process", lane.label, max(1, int(float(limit))),
                         hold_s)
         if result.status_code != 429 or not self.adaptive:
+            if outcome == "ok" and permit.window_rank:
+                # An accepted rank may have raised a quota still open (a probe of one
+                # more): the fleet's waiters poll for it, so tell them now.
+                self._publish(lane)
             return local
         self._publish(lane)
         age_s = float(_text(ok_age_ms)) / 1000.0
