@@ -379,7 +379,7 @@ class TestMapDoesNotStall:
             finished.append(i)
             return i
 
-        from cometkit._client import MIN_RESULTS_BUFFERED
+        from cometkit._pool_methods import MIN_RESULTS_BUFFERED
 
         items = MIN_RESULTS_BUFFERED + 200
         with make_client(server, concurrency=2) as client:
