@@ -4,7 +4,8 @@
 encodes its body once (so every attempt sends the same bytes), hands the engine the attempt
 function (send through the transport, read a stream up to its first event), and turns what
 the last attempt got into what the caller receives: an object, a page, a stream, bytes or a
-raw response. ``Client`` inherits it, so a call costs no extra layer.
+raw response; and it builds the :class:`~cometkit.RequestInfo` every front's call starts
+from. ``Client`` inherits it, so a call costs no extra layer.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import requests
 
 from ._answers import send_attempt
 from ._binary import BinaryAnswer
-from ._client_args import call_deadline, call_timeout
-from ._engine import CallEngine, Sent, cut_timeout
+from ._call_options import checked_headers
+from ._client_args import call_deadline, call_timeout, check_mapping
+from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
 from ._exceptions import APIError
 from ._multipart import encode_upload
 from ._objects import ApiObject, json_default, wrap_answer
@@ -27,8 +29,9 @@ from ._streaming import Stream, nothing_to_finish
 from ._transport import Transport
 from .clock import Clock
 from .plugin_api import AttemptResult, RequestInfo
+from .priorities import Priorities
 
-__all__ = ["CallPath"]
+__all__ = ["CallPath", "UNSET"]
 
 
 def _raw_content(content: bytes, _response: Any) -> bytes:
@@ -36,24 +39,113 @@ def _raw_content(content: bytes, _response: Any) -> bytes:
     return content
 
 
+class _Unset:
+    """The type of :data:`UNSET`: "not given", where ``None`` means something."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
+
+
 class CallPath:
-    """The sending half of :class:`~cometkit.Client` (its ``_call``), a base class of it."""
+    """The sending half of :class:`~cometkit.Client`, a base class of it: :meth:`request`
+    (any route), :meth:`new_request` (a call's :class:`RequestInfo`, for every front) and
+    ``_call``, which every resource method ends in. Its attributes are set by ``Client``."""
 
     _transport: Transport
     _engine: CallEngine
     _clock: Clock
     timeout_s: tuple[float, float]
     deadline_s: Optional[float]
+    priorities: Priorities
+    _max_attempts: Optional[int]
     _default_headers: dict[str, str]
     _default_query: dict[str, Any]
 
     if TYPE_CHECKING:  # pragma: no cover -- defined by Client
         def _check_open(self) -> None: ...
 
-        def new_request(self, method: str, route: str, body: Any = None, *,
-                        stream: bool = False, operation: Optional[str] = None,
-                        model: Optional[str] = None, deadline_s: Any = ...,
-                        priority: Optional[str] = None) -> RequestInfo: ...
+    def request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        *,
+        params: Optional[Mapping[str, Any]] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        stream: bool = False,
+        timeout: Union[float, tuple[float, float], None] = None,
+        operation: Optional[str] = None,
+        deadline: Union[float, str, None] = None,
+        priority: Optional[str] = None,
+        files: Optional[Mapping[str, Any]] = None,
+        data: Optional[Mapping[str, Any]] = None,
+        raw: bool = False,
+    ) -> Any:
+        """Call any route below ``base_url`` through the limiter, retries and metrics.
+
+        :param deadline: seconds the whole call may take (admission, attempts, retry waits);
+            ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
+        :param priority: the call's lane, one of the client's ``priorities`` (``None``: the
+            client's ``priority``); the limiter admits a waiting call of a higher lane first.
+            An unknown name raises :class:`ConfigError` (a ``ValueError``).
+        :param files: an upload (``multipart/form-data``) instead of a JSON body: field
+            name -> bytes, a binary file, a path or ``(filename, content[, content_type])``;
+            encoded once, so a retry sends the same bytes.
+        :param data: the form fields sent with ``files``.
+        :param raw: return the answer's bytes as a :class:`BinaryAnswer` (speech, a file's
+            content) instead of decoding JSON.
+        :param operation: the operation name in the metrics (default: the route's, see
+            ``docs/metrics.md``).
+
+        :returns: an :class:`ApiObject` for a JSON object answer (a :class:`ListObject`
+            for a list answer, paged with ``after`` when it says ``has_more``), a list for a
+            JSON array, a :class:`Stream` when ``stream`` is true, a :class:`BinaryAnswer`
+            when ``raw`` is true, or ``None`` for an empty body.
+        """
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a string such as \"POST\", got "
+                            f"{type(method).__name__}")
+        if not method.strip() or not method.isalpha():
+            raise ValueError(f"method must be an HTTP method such as \"POST\", got {method!r}")
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a string such as \"/chat/completions\", got "
+                            f"{type(path).__name__}")
+        check_mapping("params", params)
+        headers = checked_headers("headers", headers) or None
+        if not path.startswith("/"):
+            path = "/" + path
+        if files is not None and json is not None:
+            raise TypeError("give json= (a JSON body) or files= (an upload), not both")
+        method = method.upper()
+        fields = data if files is not None else json
+        model = fields.get("model") if isinstance(fields, Mapping) else None
+        return self._call(method, path, json, params=params, headers=headers, stream=stream,
+                          timeout=timeout, operation=operation or operation_for(path),
+                          model=model, deadline=deadline, priority=priority, files=files, data=data,
+                          raw=raw)
+
+    def new_request(self, method: str, route: str, body: Any = None, *, stream: bool = False,
+                    operation: Optional[str] = None, model: Optional[str] = None,
+                    deadline_s: Union[float, None, _Unset] = UNSET,
+                    priority: Optional[str] = None) -> RequestInfo:
+        """The :class:`RequestInfo` of one call of this client, whichever front sends it: a new
+        id, the operation named after ``route`` (unless given), the model from ``body`` (unless
+        given), the start time, the client's ``deadline`` (unless ``deadline_s`` is given) and
+        ``max_retries``, and its priority lane (``priority``, else the client's).
+
+        :raises ConfigError: ``priority`` is no configured lane.
+        """
+        if model is None and isinstance(body, Mapping):
+            model = body.get("model") if isinstance(body.get("model"), str) else None
+        lane, rank = self.priorities.resolve(priority)
+        return RequestInfo(new_request_id(), operation or operation_for(route), method, route,
+                           model, stream, body, self._clock.monotonic(),
+                           self.deadline_s if deadline_s is UNSET else deadline_s,
+                           max_attempts=self._max_attempts, priority=lane,
+                           priority_rank=rank)
 
     def _call(
         self,

@@ -33,11 +33,10 @@ from ._client_args import (
     call_timeout,
     check_construction_args,
     check_count,
-    check_mapping,
     clean_api_key,
     client_deadline,
 )
-from ._engine import CallEngine, new_request_id, operation_for
+from ._engine import CallEngine
 from ._exceptions import ConfigError, SecretFilter
 from ._plugins import PluginSet, build_plugins
 from ._pool_methods import PoolMethods
@@ -47,7 +46,6 @@ from ._transport import DEFAULT_BASE_URL, Transport, check_base_url
 from ._workers import WorkerPool
 from .clock import Clock, SystemClock
 from .config import load_config
-from .plugin_api import RequestInfo
 from .prices import PriceTable
 from .priorities import Priorities
 
@@ -55,16 +53,6 @@ from .priorities import Priorities
 __all__ = ["Client", "check_count"]
 
 logger = logging.getLogger("cometkit")
-
-
-class _Unset:
-    """The type of :data:`UNSET`: "not given", where ``None`` means something."""
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET = _Unset()
 
 
 class Client(CallPath, PoolMethods):
@@ -228,66 +216,6 @@ class Client(CallPath, PoolMethods):
         sink_errors."""
         return dict(self._engine.stats)
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        json: Any = None,
-        *,
-        params: Optional[Mapping[str, Any]] = None,
-        headers: Optional[Mapping[str, str]] = None,
-        stream: bool = False,
-        timeout: Union[float, tuple[float, float], None] = None,
-        operation: Optional[str] = None,
-        deadline: Union[float, str, None] = None,
-        priority: Optional[str] = None,
-        files: Optional[Mapping[str, Any]] = None,
-        data: Optional[Mapping[str, Any]] = None,
-        raw: bool = False,
-    ) -> Any:
-        """Call any route below ``base_url`` through the limiter, retries and metrics.
-
-        :param deadline: seconds the whole call may take (admission, attempts, retry waits);
-            ``None``: the client's ``deadline``. Past it: ``APITimeoutError``.
-        :param priority: the call's lane, one of the client's ``priorities`` (``None``: the
-            client's ``priority``); the limiter admits a waiting call of a higher lane first.
-            An unknown name raises :class:`ConfigError` (a ``ValueError``).
-        :param files: an upload (``multipart/form-data``) instead of a JSON body: field
-            name -> bytes, a binary file, a path or ``(filename, content[, content_type])``;
-            encoded once, so a retry sends the same bytes.
-        :param data: the form fields sent with ``files``.
-        :param raw: return the answer's bytes as a :class:`BinaryAnswer` (speech, a file's
-            content) instead of decoding JSON.
-        :param operation: the operation name in the metrics (default: the route's, see
-            ``docs/metrics.md``).
-
-        :returns: an :class:`ApiObject` for a JSON object answer (a :class:`ListObject`
-            for a list answer, paged with ``after`` when it says ``has_more``), a list for a
-            JSON array, a :class:`Stream` when ``stream`` is true, a :class:`BinaryAnswer`
-            when ``raw`` is true, or ``None`` for an empty body.
-        """
-        if not isinstance(method, str):
-            raise TypeError(f"method must be a string such as \"POST\", got "
-                            f"{type(method).__name__}")
-        if not method.strip() or not method.isalpha():
-            raise ValueError(f"method must be an HTTP method such as \"POST\", got {method!r}")
-        if not isinstance(path, str):
-            raise TypeError(f"path must be a string such as \"/chat/completions\", got "
-                            f"{type(path).__name__}")
-        check_mapping("params", params)
-        headers = checked_headers("headers", headers) or None
-        if not path.startswith("/"):
-            path = "/" + path
-        if files is not None and json is not None:
-            raise TypeError("give json= (a JSON body) or files= (an upload), not both")
-        method = method.upper()
-        fields = data if files is not None else json
-        model = fields.get("model") if isinstance(fields, Mapping) else None
-        return self._call(method, path, json, params=params, headers=headers, stream=stream,
-                          timeout=timeout, operation=operation or operation_for(path),
-                          model=model, deadline=deadline, priority=priority, files=files, data=data,
-                          raw=raw)
-
     @property
     def engine(self) -> CallEngine:
         """The engine every call of this client goes through, for a front that sends its own
@@ -306,27 +234,6 @@ class Client(CallPath, PoolMethods):
     def secrets(self) -> SecretFilter:
         """Blanks this client's API key out of text a front passes on (never shows it)."""
         return self._transport.secrets
-
-    def new_request(self, method: str, route: str, body: Any = None, *, stream: bool = False,
-                    operation: Optional[str] = None, model: Optional[str] = None,
-                    deadline_s: Union[float, None, _Unset] = UNSET,
-                    priority: Optional[str] = None) -> RequestInfo:
-        """The :class:`RequestInfo` of one call of this client, whichever front sends it: a new
-        id, the operation named after ``route`` (unless given), the model from ``body`` (unless
-        given), the start time, the client's ``deadline`` (unless ``deadline_s`` is given) and
-        ``max_retries``, and its priority lane (``priority``, else the client's).
-
-        :raises ConfigError: ``priority`` is no configured lane.
-        """
-        if model is None and isinstance(body, Mapping):
-            model = body.get("model") if isinstance(body.get("model"), str) else None
-        lane, rank = self.priorities.resolve(priority)
-        return RequestInfo(new_request_id(), operation or operation_for(route), method, route,
-                           model, stream, body, self._clock.monotonic(),
-                           self.deadline_s if deadline_s is UNSET else deadline_s,
-                           max_attempts=self._max_attempts, priority=lane,
-                           priority_rank=rank)
-
 
     def httpx_client(self, *, httpx: Any = None, priority: Optional[str] = None,
                      **kwargs: Any) -> Any:

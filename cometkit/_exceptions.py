@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, MutableMapping, Optional
 if TYPE_CHECKING:  # pragma: no cover
     import requests
 
+#: The exceptions users catch, exported as they are by ``cometkit`` (the helpers below that
+#: build them and :class:`SecretFilter` are cometkit's own).
 __all__ = [
     "CometError",
     "OpenAIError",
@@ -32,9 +34,6 @@ __all__ = [
     "InternalServerError",
     "APIConnectionError",
     "APITimeoutError",
-    "status_error_class",
-    "make_status_error",
-    "SecretFilter",
 ]
 
 #: What a blanked secret reads as.
@@ -283,18 +282,9 @@ class APITimeoutError(APIConnectionError):
         self.deadline_s = deadline_s
 
 
-_STATUS_CLASSES = {
-    cls.expected_status: cls
-    for cls in (
-        BadRequestError,
-        AuthenticationError,
-        PermissionDeniedError,
-        NotFoundError,
-        ConflictError,
-        UnprocessableEntityError,
-        RateLimitError,
-    )
-}
+#: Each class above by the status it stands for (the classes say it: ``expected_status``).
+_STATUS_CLASSES = {cls.expected_status: cls for cls in APIStatusError.__subclasses__()
+                   if cls.expected_status is not None}
 
 
 def status_error_class(status_code: int) -> type[APIStatusError]:
