@@ -17,9 +17,10 @@ import requests
 
 from ._answers import send_attempt
 from ._binary import BinaryAnswer
+from ._call_names import new_request_id, operation_for
 from ._call_options import checked_headers
 from ._client_args import call_deadline, call_timeout, check_mapping
-from ._engine import CallEngine, Sent, cut_timeout, new_request_id, operation_for
+from ._engine import CallEngine, Sent, cut_timeout
 from ._exceptions import APIError
 from ._multipart import encode_upload
 from ._objects import ApiObject, json_default, wrap_answer

@@ -408,7 +408,7 @@ class TestMapDoesNotStall:
     ("/models/gpt-4o-mini", "models"),
 ])
 def test_operation_names_follow_opentelemetry_genai(path, operation):
-    from cometkit._engine import operation_for
+    from cometkit._call_names import operation_for
 
     assert operation_for(path) == operation
 
