@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import requests
 
+from ._bodies import body_chunks
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -23,7 +24,6 @@ from ._exceptions import (
     SecretFilter,
     status_error_class,
 )
-from ._transport import body_chunks
 from .plugin_api import AttemptResult
 
 __all__ = ["iter_sse_data", "sse_lines", "event_error", "event_status", "read_first_event",

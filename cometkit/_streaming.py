@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import requests
 
+from ._bodies import body_chunks
 from ._exceptions import APIConnectionError, APIError, SecretFilter
 from ._objects import ApiObject
 from ._sse import NO_SECRETS, event_error, iter_sse_data
-from ._transport import body_chunks
 
 __all__ = ["Stream", "StreamCloser", "end_when_dropped", "nothing_to_finish"]
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 from ._answers import request_fields, send_attempt
+from ._bodies import body_chunks
 from ._engine import Sent, cut_timeout
 from ._exceptions import (
     APIConnectionError,
@@ -37,7 +38,6 @@ from ._exceptions import (
 )
 from ._sse import event_error, fail_attempt, first_event_failure, peek_first_event, sse_lines
 from ._streaming import StreamCloser, end_when_dropped, nothing_to_finish
-from ._transport import body_chunks
 from .plugin_api import AttemptResult
 from .priorities import PRIORITY_HEADER
 
@@ -296,7 +296,7 @@ class _EventBody:
                  secrets: SecretFilter, defer: Any, monotonic: Any, started_at: float,
                  request_id: Optional[str], errors: Any) -> None:
         self._response = response
-        #: The stream's lines (:func:`~cometkit._transport.body_chunks`, split), its first
+        #: The stream's lines (:func:`~cometkit._bodies.body_chunks`, split), its first
         #: event's already read within the attempt.
         self._lines = lines
         self._closer = closer = StreamCloser(response, end_of_stream)
