@@ -38,7 +38,7 @@ from ._client_args import (
 )
 from ._engine import CallEngine
 from ._exceptions import ConfigError, SecretFilter
-from ._plugins import PluginSet, build_plugins
+from ._plugin_build import PluginSet, build_plugins
 from ._pool_methods import PoolMethods
 from ._resources import Chat, Embeddings, Models
 from ._routes import Audio, Batches, Files, Images, Moderations, Responses, TextCompletions

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 from ._call_options import timeout_parts
 from ._exceptions import ConfigError
-from ._plugins import PluginSet
+from ._plugin_build import PluginSet
 from .config import parse_deadline, parse_timeout
 from .options import InvalidValue
 
