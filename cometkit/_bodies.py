@@ -15,7 +15,8 @@ import requests
 from urllib3.exceptions import ProtocolError
 
 from ._connection_errors import TRANSPORT_ERRORS, connection_error
-from ._exceptions import APIConnectionError, SecretFilter
+from ._exceptions import APIConnectionError
+from ._secrets import SecretFilter
 
 __all__ = ["answers_in_events", "body_chunks", "is_event_stream", "iter_body_chunks",
            "read_body"]

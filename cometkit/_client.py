@@ -37,11 +37,12 @@ from ._client_args import (
     client_deadline,
 )
 from ._engine import CallEngine
-from ._exceptions import ConfigError, SecretFilter
+from ._exceptions import ConfigError
 from ._plugin_build import PluginSet, build_plugins
 from ._pool_methods import PoolMethods
 from ._resources import Chat, Embeddings, Models
 from ._routes import Audio, Batches, Files, Images, Moderations, Responses, TextCompletions
+from ._secrets import SecretFilter
 from ._transport import DEFAULT_BASE_URL, Transport, check_base_url
 from ._workers import WorkerPool
 from .clock import Clock, SystemClock

@@ -23,7 +23,8 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from ._exceptions import APIConnectionError, APITimeoutError, SecretFilter
+from ._exceptions import APIConnectionError, APITimeoutError
+from ._secrets import SecretFilter
 
 __all__ = ["TRANSPORT_ERRORS", "connection_error"]
 

@@ -17,13 +17,8 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import requests
 
 from ._bodies import body_chunks
-from ._exceptions import (
-    APIConnectionError,
-    APIError,
-    APIStatusError,
-    SecretFilter,
-    status_error_class,
-)
+from ._exceptions import APIConnectionError, APIError, APIStatusError, status_error_class
+from ._secrets import SecretFilter
 from .plugin_api import AttemptResult
 
 __all__ = ["iter_sse_data", "sse_lines", "event_error", "event_status", "read_first_event",

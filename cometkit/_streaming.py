@@ -25,8 +25,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import requests
 
 from ._bodies import body_chunks
-from ._exceptions import APIConnectionError, APIError, SecretFilter
+from ._exceptions import APIConnectionError, APIError
 from ._objects import ApiObject
+from ._secrets import SecretFilter
 from ._sse import NO_SECRETS, event_error, iter_sse_data
 
 __all__ = ["Stream", "StreamCloser", "end_when_dropped", "nothing_to_finish"]

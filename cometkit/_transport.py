@@ -26,7 +26,8 @@ from urllib3.util.timeout import Timeout
 
 from ._bodies import answers_in_events, read_body
 from ._connection_errors import TRANSPORT_ERRORS, connection_error
-from ._exceptions import APIConnectionError, ConfigError, SecretFilter
+from ._exceptions import APIConnectionError, ConfigError
+from ._secrets import SecretFilter
 from ._version import __version__
 
 #: Besides its own names, it passes on those of :mod:`cometkit._bodies` and

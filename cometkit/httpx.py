@@ -29,13 +29,8 @@ from urllib.parse import urlsplit
 from ._answers import request_fields, send_attempt
 from ._bodies import body_chunks
 from ._engine import Sent, cut_timeout
-from ._exceptions import (
-    APIConnectionError,
-    APITimeoutError,
-    CometError,
-    ConfigError,
-    SecretFilter,
-)
+from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError
+from ._secrets import SecretFilter
 from ._sse import event_error, fail_attempt, first_event_failure, peek_first_event, sse_lines
 from ._streaming import StreamCloser, end_when_dropped, nothing_to_finish
 from .plugin_api import AttemptResult
