@@ -4,27 +4,11 @@ Retry strategy, admission control and metrics are supplied by pluggy plugins; se
 ``docs/plugins.md``. Everything a plugin may use is exported here.
 """
 
+from . import _exceptions, plugin_api
 from ._binary import BinaryAnswer
 from ._checkout import map_plugins_package
 from ._client import Client
-from ._exceptions import (
-    APIConnectionError,
-    APIError,
-    APIStatusError,
-    APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
-    CometError,
-    ConfigError,
-    ConflictError,
-    InternalServerError,
-    NotFoundError,
-    OpenAIError,
-    PermissionDeniedError,
-    PluginError,
-    RateLimitError,
-    UnprocessableEntityError,
-)
+from ._exceptions import *  # noqa: F403 -- the exception tree, named once in its __all__
 from ._objects import ApiObject, ListObject
 from ._raw_response import RawResponse
 from ._streaming import Stream
@@ -33,20 +17,7 @@ from .clock import Clock, SystemClock
 from .context import ClientContext
 from .hookspecs import hookimpl
 from .options import Option, PluginSpec
-from .plugin_api import (
-    ATTEMPT_FIELDS,
-    CALL_FIELDS,
-    AttemptRecord,
-    AttemptResult,
-    CallRecord,
-    CallTiming,
-    Limiter,
-    MetricsSink,
-    RequestInfo,
-    RetryDecision,
-    RetryPolicy,
-    Throttle,
-)
+from .plugin_api import *  # noqa: F403 -- the plugin contract, named once in its __all__
 
 __all__ = [
     "__version__",
@@ -60,37 +31,13 @@ __all__ = [
     "ClientContext",
     "Option",
     "PluginSpec",
-    "ATTEMPT_FIELDS",
-    "CALL_FIELDS",
-    "AttemptRecord",
-    "AttemptResult",
-    "CallRecord",
-    "CallTiming",
     "Clock",
-    "Limiter",
-    "MetricsSink",
-    "RequestInfo",
-    "RetryDecision",
-    "RetryPolicy",
     "SystemClock",
-    "Throttle",
-    "CometError",
-    "OpenAIError",
-    "ConfigError",
-    "PluginError",
-    "APIError",
-    "APIStatusError",
-    "BadRequestError",
-    "AuthenticationError",
-    "PermissionDeniedError",
-    "NotFoundError",
-    "ConflictError",
-    "UnprocessableEntityError",
-    "RateLimitError",
-    "InternalServerError",
-    "APIConnectionError",
-    "APITimeoutError",
 ]
+# The exception tree and the plugin contract are listed once, in their modules' __all__
+# (type checkers and IDEs follow both the star imports and these two lines).
+__all__ += plugin_api.__all__
+__all__ += _exceptions.__all__
 
 # From a checkout that was never installed, ``cometkit_plugins`` is the checkout's plugins/.
 map_plugins_package()

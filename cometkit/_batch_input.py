@@ -1,10 +1,18 @@
 """The input of ``cometkit batch``: what one line may say, checked before anything is sent.
 
-Lines are the OpenAI Batch API's format (``custom_id``, ``method``, ``url``, ``body``), or the
-shorthand for chat completions (``prompt`` or ``messages``, any other key into the body). A
-line that is not valid becomes a :class:`Problem` naming its line number and the fix; the
-runner (:mod:`cometkit.batch`) collects them all before sending, and reads only the lines that
-passed.
+Lines are the OpenAI Batch API's format (``custom_id``, ``method``, ``url``, ``body``)::
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+or the shorthand for chat completions (``prompt`` or ``messages``, any other key goes into the
+request body)::
+
+    {"custom_id": "q1", "prompt": "Say hello.", "model": "gpt-4o-mini", "temperature": 0}
+    {"custom_id": "q2", "messages": [{"role": "user", "content": "Hi"}]}
+
+A line that is not valid becomes a :class:`Problem` naming its line number and the fix;
+:func:`check_input` collects them all before anything is sent, and the runner
+(:mod:`cometkit.batch`) then reads only the lines that passed.
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from ._exceptions import CometError
+from ._idset import DigestSet
 
 __all__ = ["ALLOWED_URLS", "ALLOWED_METHODS", "MAX_PROBLEMS", "BatchInputError", "BatchItem",
-           "LineError", "Problem", "parse_line", "read_lines"]
+           "LineError", "Problem", "check_input", "parse_line", "read_lines"]
 
 
 #: Routes a batch line may name (the OpenAI Batch API's endpoints, as it spells them).
@@ -162,3 +171,41 @@ def parse_line(raw: bytes, line: int, *, model: Optional[str] = None) -> Optiona
 def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as handle:
         yield from enumerate(handle, start=1)
+
+
+def check_input(path: str, *, model: Optional[str] = None) -> tuple[int, set, DigestSet]:
+    """Check every line of the input (JSON, ``custom_id`` present and unique, known URL and
+    method, a model for every request), collecting *all* problems before anything is sent.
+
+    :param model: the model for lines that name none (``--model``).
+    :returns: the number of requests, the models they name (each once) and their
+        ``custom_id`` values.
+    :raises BatchInputError: invalid lines (all of them counted, the first ones listed).
+    :raises OSError: the input cannot be read.
+    """
+    input_ids = DigestSet()
+    models: set = set()
+    problems: list[Problem] = []
+    count = 0
+    total = 0
+    for line, raw in read_lines(path):
+        try:
+            item = parse_line(raw, line, model=model)
+        except ValueError as exc:
+            message: Optional[str] = str(exc)
+        else:
+            if item is None:
+                continue
+            models.add(item.body.get("model"))
+            message = None
+            if not input_ids.add(item.custom_id):
+                message = f"duplicate custom_id {item.custom_id!r} (seen on an earlier line)"
+        if message is not None:
+            count += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(Problem(line, message))
+            continue
+        total += 1
+    if count:
+        raise BatchInputError(path, problems, count)
+    return total, models, input_ids

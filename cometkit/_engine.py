@@ -2,21 +2,20 @@
 
 This is the one place that sequences the plugins' objects. ``Client`` uses it with its own
 transport; ``CometAdapter`` uses it to wrap a legacy ``requests`` Session. Both hand it an
-``attempt`` function that sends once and fills in an :class:`AttemptResult`.
+``attempt`` function that sends once and fills in an :class:`AttemptResult`. How calls are
+named is :mod:`cometkit._call_names`; the endings that finalizers hand over wait in
+:mod:`cometkit._deferred`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import queue
-import random
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
+from ._call_names import operation_for
+from ._deferred import Deferred
 from ._exceptions import APIConnectionError, APITimeoutError
 from ._workers import sleep_aside
 from .clock import Clock
@@ -35,50 +34,10 @@ from .plugin_api import (
     short_seconds,
 )
 
-__all__ = ["CallEngine", "Sent", "cut_timeout", "new_request_id", "operation_for",
-           "usage_tokens"]
+#: operation_for lives in :mod:`cometkit._call_names`; cometkit.adapters imports it from here.
+__all__ = ["CallEngine", "Sent", "cut_timeout", "operation_for", "usage_tokens"]
 
 logger = logging.getLogger("cometkit")
-
-_call_counter = itertools.count(1)
-_ID_PREFIX = f"ck-{os.getpid():x}-{random.getrandbits(24):06x}-"
-
-
-#: The operation name of each route, matched at the end of the path: OpenTelemetry GenAI
-#: names (``gen_ai.operation.name``) where the conventions have one, clear names otherwise.
-#: The first pattern that matches wins, so ``chat/completions`` comes before ``completions``.
-_OPERATIONS = (
-    (r"chat/completions", "chat"),
-    (r"messages", "chat"),  # the Anthropic-format route CometAPI also serves
-    (r"completions", "text_completion"),
-    (r"embeddings", "embeddings"),
-    (r"responses", "generate_content"),
-    (r"responses/[^/]+(?:/[^/]+)?", "responses"),  # retrieve, delete, input_items, cancel
-    (r"moderations", "moderations"),
-    (r"images/(?:generations|edits|variations)", "images"),
-    (r"audio/transcriptions", "audio.transcriptions"),
-    (r"audio/translations", "audio.translations"),
-    (r"audio/speech", "audio.speech"),
-    (r"files(?:/[^/]+(?:/content)?)?", "files"),
-    (r"batches(?:/[^/]+(?:/cancel)?)?", "batches"),
-    (r"models(?:/[^/]+)?", "models"),
-)
-_OPERATION_NAMES = tuple(name for _, name in _OPERATIONS)
-_OPERATION_PATTERN = re.compile(
-    "|".join(f"(/{pattern}$)" for pattern, _ in _OPERATIONS))
-
-
-def operation_for(path: str) -> str:
-    """The operation name of a route (or a full URL path ending in one, such as
-    ``/v1/files/file-1/content``); ``request`` for any other route."""
-    path = path.split("?", 1)[0].rstrip("/")
-    match = _OPERATION_PATTERN.search(path)
-    return _OPERATION_NAMES[match.lastindex - 1] if match else "request"
-
-
-def new_request_id() -> str:
-    """cometkit's own id for a call, shared by its attempts (never the provider's)."""
-    return f"{_ID_PREFIX}{next(_call_counter):x}"
 
 
 def usage_tokens(usage: Any) -> tuple[Optional[int], Optional[int]]:
@@ -149,53 +108,13 @@ class CallEngine:
         self._failed_sinks: set[int] = set()
         self._lock = threading.Lock()
         self.stats = {"calls": 0, "attempts": 0, "retries": 0, "failures": 0, "sink_errors": 0}
-        #: Endings of abandoned streams, handed over by finalizers (see :meth:`defer`).
-        self._deferred: queue.SimpleQueue = queue.SimpleQueue()
-        self._reaper: Optional[threading.Thread] = None
-
-    # -- work handed over by finalizers -----------------------------------------------------
-
-    def defer(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` soon on a normal thread. Safe from a finalizer or ``__del__``
-        (``SimpleQueue.put`` is reentrant), which may run inside any lock -- the limiter's or a
-        sink's -- where calling them directly could deadlock."""
-        self._deferred.put((fn, args))
-
-    def drain_deferred(self) -> None:
-        """Run what finalizers handed over; each item once, whoever drains."""
-        while True:
-            try:
-                fn, args = self._deferred.get_nowait()
-            except queue.Empty:
-                return
-            if fn is None:  # close()'s word to the reaper: leave it for the reaper
-                self._deferred.put((fn, args))
-                return
-            self._run_deferred(fn, args)
-
-    @staticmethod
-    def _run_deferred(fn: Callable[..., None], args: tuple) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            logger.warning("ending an abandoned stream failed", exc_info=True)
-
-    def _start_reaper(self) -> None:
-        """A daemon thread that drains the queue as items come, so a slot comes back even
-        when no further call is made (another thread may be waiting inside the limiter)."""
-        with self._lock:
-            if self._reaper is not None:
-                return
-            self._reaper = threading.Thread(target=self._reap, name="cometkit-stream-reaper",
-                                            daemon=True)
-        self._reaper.start()
-
-    def _reap(self) -> None:
-        while True:
-            fn, args = self._deferred.get()
-            if fn is None:
-                return
-            self._run_deferred(fn, args)
+        #: Endings of abandoned streams, handed over by finalizers (:mod:`cometkit._deferred`).
+        self._deferred = Deferred()
+        #: Run ``fn(*args)`` soon on a normal thread; safe from a finalizer (any lock held).
+        self.defer = self._deferred.put
+        #: Run what finalizers handed over, now.
+        self.drain_deferred = self._deferred.drain
+        self._nothing_deferred = self._deferred.queue.empty
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -269,7 +188,7 @@ class CallEngine:
     def _execute(self, request: RequestInfo, attempt_fn: AttemptFn, tally: list
                  ) -> Ended:
         clock, policy, limiter = self.clock, self.policy, self.limiter
-        if not self._deferred.empty():
+        if not self._nothing_deferred():
             self.drain_deferred()
         if policy is not None:
             policy.on_call_start(request)
@@ -444,8 +363,8 @@ class CallEngine:
                  ) -> Callable[[Optional[BaseException], Optional[dict], Optional[str],
                                 Optional[float]], None]:
         """The callback that ends a held attempt (a stream) exactly once."""
-        if self._reaper is None:
-            self._start_reaper()
+        if self._deferred.reaper is None:
+            self._deferred.start_reaper()
 
         def finish(error: Optional[BaseException], usage: Optional[dict],
                    response_model: Optional[str], ttfc_s: Optional[float]) -> None:
@@ -467,11 +386,7 @@ class CallEngine:
         return finish
 
     def close(self) -> None:
-        reaper = self._reaper
-        if reaper is not None:
-            self._deferred.put((None, ()))
-            reaper.join(timeout=10)
-        self.drain_deferred()
+        self._deferred.close()
         if self.limiter is not None:
             try:
                 self.limiter.close()

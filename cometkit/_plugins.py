@@ -1,10 +1,10 @@
-"""Finding, enabling, configuring and asking plugins.
+"""Finding, enabling and configuring plugins.
 
 Every plugin, first-party or not, arrives through the same door: the ``cometkit`` entry-point
 group (or a module path named in the configuration). Each client builds its own
-``pluggy.PluginManager`` with the plugins its configuration enables, validates each plugin's
-section against the options the plugin declared, and asks the factory hooks once for the
-objects that hold policy.
+``pluggy.PluginManager`` with the plugins its configuration enables and validates each
+plugin's section against the options the plugin declared; asking the factory hooks for the
+objects that hold policy is :mod:`cometkit._plugin_build`.
 
 Environment controls (as pytest and llm offer):
 
@@ -30,19 +30,16 @@ import pluggy
 from . import hookspecs
 from ._checkout import entry_points_from_setup_cfg
 from ._exceptions import ConfigError, PluginError
-from .context import ClientContext
 from .options import PluginSpec, validate_section
-from .plugin_api import Limiter, MetricsSink, RetryPolicy
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PluginInfo",
-    "PluginSet",
-    "build_plugins",
     "configure_plugins",
     "discover_plugins",
     "enabled_names",
     "inspect_plugins",
+    "registered_plugins",
 ]
 
 logger = logging.getLogger("cometkit.plugins")
@@ -187,15 +184,22 @@ def _register(pm: pluggy.PluginManager, info: PluginInfo) -> None:
     )
 
 
-def inspect_plugins(section: Optional[Mapping[str, Any]] = None) -> list[PluginInfo]:
-    """Every discoverable plugin with its spec and hooks (for ``cometkit plugins``)."""
-    infos = discover_plugins(section or {})
+def registered_plugins(section: Mapping[str, Any]
+                       ) -> tuple[list[PluginInfo], pluggy.PluginManager]:
+    """Every discoverable plugin (those ``section`` names by module path too), each that
+    loaded registered on a new manager with its spec and hooks read."""
+    infos = discover_plugins(section)
     pm = _new_manager()
     for info in infos:
         if info.error is None:
             _register(pm, info)
             info.spec = _plugin_spec(pm, info.name)
-    return infos
+    return infos, pm
+
+
+def inspect_plugins(section: Optional[Mapping[str, Any]] = None) -> list[PluginInfo]:
+    """Every discoverable plugin with its spec and hooks (for ``cometkit plugins``)."""
+    return registered_plugins(section or {})[0]
 
 
 def enabled_names(infos: Sequence[PluginInfo], section: Mapping[str, Any]) -> list[str]:
@@ -243,163 +247,3 @@ def configure_plugins(infos: Sequence[PluginInfo], section: Mapping[str, Any],
                                          {} if raw is True or raw is None else raw,
                                          where=where, key_path=f"plugins.{name}")
     return options
-
-
-@dataclass
-class PluginSet:
-    """What a client got from its plugins."""
-
-    manager: pluggy.PluginManager
-    context: ClientContext
-    infos: list[PluginInfo]
-    retry_policy: Optional[RetryPolicy]
-    limiter: Optional[Limiter]
-    sinks: list[MetricsSink]
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.manager.list_name_plugin()]
-
-    def close(self) -> None:
-        """Close the limiter and the sinks (best effort, each failure logged): for a client
-        whose construction failed after its plugins were built."""
-        _close_built([self.retry_policy, self.limiter, *self.sinks])
-
-
-def _close_built(objects: Sequence[Any]) -> None:
-    """Close what factories built, the last built first; never raises (the caller is already
-    handling the error that made this necessary)."""
-    for obj in reversed(objects):
-        close = getattr(obj, "close", None)
-        if not callable(close):
-            continue
-        try:
-            close()
-        except Exception:
-            logger.warning("closing %r after a failed client construction failed too", obj,
-                           exc_info=True)
-
-
-def _check_section(section: Any, where: str) -> dict[str, Any]:
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: plugins: must be a mapping of plugin names to true, false "
-                          f"or options, got {section!r}", path=where, key="plugins")
-    return section
-
-
-def _call_factory(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext, *,
-                  plugin: Any) -> Any:
-    """Call ``plugin``'s implementation of a factory hook with that plugin's own context; a
-    failure is a :class:`PluginError` naming the plugin."""
-    name = pm.get_name(plugin) or repr(plugin)
-    caller = pm.subset_hook_caller(hook_name, [p for p in pm.get_plugins() if p is not plugin])
-    try:
-        made = caller(ctx=ctx.for_plugin(name))
-    except (ConfigError, PluginError):
-        raise
-    except Exception as exc:
-        raise PluginError(f"{hook_name} failed in plugin(s) {[name]}: "
-                          f"{type(exc).__name__}: {exc}") from exc
-    if caller.spec is not None and caller.spec.opts.get("firstresult"):
-        return made
-    return next((one for one in made if one is not None), None)  # one plugin: one result
-
-
-def _factories(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext) -> list[Any]:
-    """The plugins implementing ``hook_name``, in pluggy's call order (tryfirst first). With
-    none, the hook is still called once (answering nothing), so COMETKIT_TRACE_HOOKS shows
-    that it was asked."""
-    caller = getattr(pm.hook, hook_name)
-    plugins = [impl.plugin for impl in reversed(caller.get_hookimpls())]
-    if not plugins:
-        caller(ctx=ctx)
-    return plugins
-
-
-def _make_one(pm: pluggy.PluginManager, hook_name: str, ctx: ClientContext) -> Any:
-    """A ``firstresult`` factory hook, asked plugin by plugin (each with its own context)
-    until one returns something."""
-    for plugin in _factories(pm, hook_name, ctx):
-        made = _call_factory(pm, hook_name, ctx, plugin=plugin)
-        if made is not None:
-            return made
-    return None
-
-
-def _make_sinks(pm: pluggy.PluginManager, ctx: ClientContext, built: list[Any]) -> list[Any]:
-    """Ask each sink factory on its own, in pluggy's call order, appending each sink to
-    ``built`` as soon as it exists: one pluggy call would drop the sinks already made when a
-    later factory raises, and they could not be closed (a metrics port left bound)."""
-    hook_name = "cometkit_make_metrics_sink"
-    sinks = []
-    for plugin in _factories(pm, hook_name, ctx):
-        sink = _call_factory(pm, hook_name, ctx, plugin=plugin)
-        if sink is not None:
-            built.append(sink)
-            sinks.append(sink)
-    return sinks
-
-
-def _require(obj: Any, methods: Sequence[str], what: str, hook_name: str,
-             pm: pluggy.PluginManager) -> None:
-    missing = [m for m in methods if not callable(getattr(obj, m, None))]
-    if missing:
-        owners = [impl.plugin_name for impl in getattr(pm.hook, hook_name).get_hookimpls()]
-        raise PluginError(f"{hook_name} (plugins {owners}) returned {type(obj).__name__}, "
-                          f"which is not a {what}: missing {', '.join(missing)}()")
-
-
-def build_plugins(
-    section: Any,
-    *,
-    where: str,
-    context_args: Mapping[str, Any],
-    extra_plugins: Sequence[Any] = (),
-) -> PluginSet:
-    """Discover, enable, validate and instantiate the plugins of one client.
-
-    :param section: the raw ``plugins:`` mapping from the configuration.
-    :param where: the config file name (or ``<dict>``) for error messages.
-    :param context_args: the :class:`ClientContext` fields other than ``plugin_options``.
-    :param extra_plugins: plugin objects registered directly (programmatic use and tests);
-        they are always enabled.
-    """
-    section = _check_section(section, where)
-    infos = discover_plugins(section)
-    pm = _new_manager()
-    for info in infos:
-        if info.error is None:
-            _register(pm, info)
-            info.spec = _plugin_spec(pm, info.name)
-    options: dict[str, Mapping[str, Any]] = dict(configure_plugins(infos, section, where))
-    for info in infos:
-        if info.error is None and info.name not in options:
-            pm.unregister(name=info.name)
-    for index, plugin in enumerate(extra_plugins):
-        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{index}"
-        pm.register(plugin, name=name)
-        options.setdefault(name, {})
-    ctx = ClientContext(plugin_options=options, enabled_plugins=frozenset(options),
-                        **context_args)
-    built: list[Any] = []  # closed again if a later factory or check fails
-    try:
-        policy = _make_one(pm, "cometkit_make_retry_policy", ctx)
-        built.append(policy)
-        if policy is not None:
-            _require(policy, ("decide", "on_call_start"), "RetryPolicy",
-                     "cometkit_make_retry_policy", pm)
-        limiter = _make_one(pm, "cometkit_make_limiter", ctx)
-        built.append(limiter)
-        if limiter is not None:
-            _require(limiter, ("acquire", "release", "close"), "Limiter",
-                     "cometkit_make_limiter", pm)
-        sinks = _make_sinks(pm, ctx, built)
-        for sink in sinks:
-            _require(sink, ("record_attempt", "record_call", "flush", "close"), "MetricsSink",
-                     "cometkit_make_metrics_sink", pm)
-    except BaseException:
-        _close_built(built)
-        raise
-    return PluginSet(pm, ctx, infos, policy, limiter, sinks)

@@ -6,49 +6,39 @@ default headers, the adapter) is resolved once when the client is built. A call 
 re-prepare the URL on every call, which is a large share of its CPU cost. A complete answer
 with no proxy involved is read straight from the adapter's urllib3 pool (same pool, TLS
 settings and headers); streams and proxied calls go through ``HTTPAdapter.send``. The HTTP
-library's own retries stay off: retrying is a plugin's job.
+library's own retries stay off: retrying is a plugin's job. Reading bodies is
+:mod:`cometkit._bodies`; mapping the HTTP library's errors is :mod:`cometkit._connection_errors`.
 """
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import logging
 import os
-import socket
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlencode, urlsplit
 
 import requests
-import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    MaxRetryError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
-from ._exceptions import APIConnectionError, APITimeoutError, ConfigError, SecretFilter
+from ._bodies import answers_in_events, read_body
+from ._connection_errors import TRANSPORT_ERRORS, connection_error
+from ._exceptions import APIConnectionError, ConfigError
+from ._secrets import SecretFilter
 from ._version import __version__
 
-__all__ = ["Transport", "connection_error", "body_chunks", "read_body",
-           "iter_body_chunks", "TRANSPORT_ERRORS",
-           "answers_in_events", "is_event_stream", "DEFAULT_BASE_URL"]
+#: Besides its own names, it passes on those of :mod:`cometkit._bodies` and
+#: :mod:`cometkit._connection_errors` that cometkit._answers and cometkit.adapters import
+#: from here.
+__all__ = ["Transport", "CompleteAnswer", "check_base_url", "DEFAULT_BASE_URL",
+           "answers_in_events", "connection_error"]
 
 logger = logging.getLogger("cometkit.transport")
 
 DEFAULT_BASE_URL = "https://api.cometapi.com/v1"
-
-#: Everything sending or reading may raise below cometkit: requests', urllib3's and the
-#: socket's exceptions (map them with :func:`connection_error`).
-TRANSPORT_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
-                    OSError, http.client.HTTPException)
 
 _NO_RETRIES = Retry(total=0, connect=0, read=False, redirect=False, status=0, raise_on_status=False)
 
@@ -86,165 +76,6 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool, where: str = "")
             key="base_url",
         )
     return base_url.rstrip("/")
-
-
-def connection_error(exc: BaseException, secrets: Optional[SecretFilter] = None
-                     ) -> APIConnectionError:
-    """Map a ``requests``, ``urllib3`` or socket exception to ours, telling *connect* (never
-    sent) from *read*, and a timeout from a broken connection wherever it happens (before the
-    answer or inside a stream).
-
-    The HTTP library quotes what the server sent in some messages (a malformed status or
-    chunk-size line), so the text goes through ``secrets`` when given. ``exc`` is chained as
-    the error's ``__cause__`` (what a traceback shows below it) unless some exception in its
-    chain quotes the secret: then the chain is left out rather than shown.
-    """
-    error = _mapped_connection_error(exc)
-    if secrets is not None:
-        clean = secrets.text(error.message)
-        if clean is not error.message:
-            error = type(error)(clean, stage=error.stage)
-    if secrets is None or _chain_is_clean(exc, secrets):
-        error.__cause__ = exc
-    return error
-
-
-def body_chunks(response: requests.Response, secrets: Optional[SecretFilter] = None,
-                request_id: Optional[str] = None) -> Iterator[bytes]:
-    """:func:`iter_body_chunks` with the transport's errors mapped to cometkit's
-    (:func:`connection_error`, carrying ``request_id``): what every stream reads its events
-    from, so a connection that breaks mid-stream is the same ``APIConnectionError`` (stage
-    ``read``) whoever reads it. The error is raised outside the handler, so it carries no
-    context: the HTTP library's exception may quote what the server sent."""
-    chunks = iter_body_chunks(response)
-    while True:
-        broken: Optional[APIConnectionError] = None
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            return
-        except TRANSPORT_ERRORS as exc:
-            broken = connection_error(exc, secrets)
-            broken.request_id = request_id
-        if broken is not None:
-            raise broken
-        yield chunk
-
-
-#: How deep :func:`_chain_is_clean` looks into an exception's causes and contexts.
-_MAX_CHAIN = 16
-
-
-def _chain_is_clean(exc: BaseException, secrets: SecretFilter) -> bool:
-    """Whether no exception in ``exc``'s chain (causes and contexts, as a traceback prints
-    them) has text or arguments holding the secret."""
-    seen: set[int] = set()
-    pending: list[Optional[BaseException]] = [exc]
-    while pending and len(seen) < _MAX_CHAIN:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        texts = [str(current), *(str(arg) for arg in current.args)]
-        if any(secrets.text(text) is not text for text in texts):
-            return False
-        pending += [current.__cause__, current.__context__]
-    return not pending or all(item is None or id(item) in seen for item in pending)
-
-
-def _mapped_connection_error(exc: BaseException) -> APIConnectionError:
-    if isinstance(exc, (ReadTimeoutError, TimeoutError, socket.timeout)):
-        return APITimeoutError(f"Read timeout: {exc}", stage="read")
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        return APITimeoutError(f"Read timeout: {exc}", stage="read")
-    if isinstance(exc, MaxRetryError):
-        reason: Any = exc.reason
-    else:  # requests wraps urllib3's MaxRetryError (or ReadTimeoutError) in its own exception
-        reason = exc.args[0] if exc.args else None
-        reason = getattr(reason, "reason", reason)
-    # before ConnectTimeoutError: urllib3 2's NewConnectionError (a refused connection)
-    # subclasses it, and a refusal is no timeout
-    if isinstance(reason, (NewConnectionError, SSLError)) or isinstance(
-            exc, requests.exceptions.SSLError):
-        return APIConnectionError(f"Could not connect: {exc}", stage="connect")
-    if isinstance(reason, ConnectTimeoutError):
-        return APITimeoutError(f"Connect timeout: {exc}", stage="connect")
-    if isinstance(reason, (ReadTimeoutError, TimeoutError, socket.timeout)):
-        return APITimeoutError(f"Read timeout: {exc}", stage="read")
-    return APIConnectionError(f"Connection broken: {type(exc).__name__}: {exc}", stage="read")
-
-
-def is_event_stream(headers: Any) -> bool:
-    """Whether a success answer to ``stream=True`` is read as server-sent events: anything
-    but a JSON or HTML answer is (a missing or odd Content-Type included), so a proxy that
-    relabels the stream does not break it; JSON and HTML are whole answers (an error body,
-    a completion, a gateway page), read at once like any other."""
-    content_type = (headers.get("content-type") or "").lower()
-    return "json" not in content_type and "html" not in content_type
-
-
-def answers_in_events(response: Any, stream: bool) -> bool:
-    """Whether ``response`` is read as it arrives (a stream) rather than whole."""
-    return stream and response.status_code < 300 and is_event_stream(response.headers)
-
-
-def read_body(response: requests.Response) -> bytes:
-    """The whole body, or ``APIConnectionError(stage="read")`` when it arrived cut short.
-
-    urllib3 2 refuses a body shorter than its Content-Length by itself; urllib3 1.26 does not
-    by default, so the length is checked here for both.
-    """
-    content = response.content
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and "Content-Encoding" not in response.headers \
-            and len(content) < int(declared):
-        raise APIConnectionError(
-            f"Connection broken: the body ended after {len(content)} of {declared} bytes",
-            stage="read")
-    return content
-
-
-#: Most bytes one read of a streamed body asks for; a read returns what has arrived, up to this.
-_STREAM_READ_BYTES = 65536
-
-
-def iter_body_chunks(response: requests.Response) -> Iterator[bytes]:
-    """The (decoded) body of a streamed answer, in pieces as they arrive off the socket.
-
-    ``requests``' ``iter_content(chunk_size=None)`` yields per chunk only for chunked
-    encoding: a body delimited by connection close (HTTP/1.0, or HTTP/1.1 without chunked
-    encoding, as some proxies send server-sent events) or by Content-Length is read to its
-    end before anything is yielded. ``read1`` returns whatever one socket read gives, so
-    each event is seen when it arrives, whatever the framing. Raises ``urllib3`` exceptions
-    (map them with :func:`connection_error`); a body cut short of its Content-Length raises
-    ``ProtocolError``.
-    """
-    raw = response.raw
-    read1 = getattr(raw, "read1", None)  # urllib3 >= 2.1; 1.26 has none
-    while True:
-        data = read1(_STREAM_READ_BYTES, decode_content=True) if read1 is not None \
-            else _read1_urllib3_126(raw)
-        if not data:
-            break
-        yield data
-    remaining = getattr(raw._fp, "length", None) if getattr(raw, "_fp", None) else None
-    if not getattr(raw, "chunked", False) and remaining:
-        raise ProtocolError(f"Connection broken: the body ended {remaining} bytes short of its "
-                            "Content-Length")
-
-
-def _read1_urllib3_126(raw: Any) -> bytes:
-    """One ``read1`` on urllib3 1.26's response, with the decoding and error mapping its own
-    ``read`` applies (1.26 has no ``read1``; these are its helpers for ``read``)."""
-    fp = raw._fp
-    if fp is None:
-        return b""
-    with raw._error_catcher():
-        data = fp.read1(_STREAM_READ_BYTES)
-        raw._init_decoder()
-        return raw._decode(data, True, not data)
 
 
 class CompleteAnswer:

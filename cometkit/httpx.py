@@ -27,24 +27,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 from ._answers import request_fields, send_attempt
+from ._bodies import body_chunks
 from ._engine import Sent, cut_timeout
-from ._exceptions import (
-    APIConnectionError,
-    APIStatusError,
-    APITimeoutError,
-    CometError,
-    ConfigError,
-    SecretFilter,
-)
-from ._streaming import (
-    StreamCloser,
-    end_when_dropped,
-    event_error,
-    first_event_failure,
-    peek_first_event,
-    sse_lines,
-)
-from ._transport import body_chunks
+from ._exceptions import APIConnectionError, APITimeoutError, CometError, ConfigError
+from ._secrets import SecretFilter
+from ._sse import event_error, fail_attempt, first_event_failure, peek_first_event, sse_lines
+from ._streaming import StreamCloser, end_when_dropped, nothing_to_finish
 from .plugin_api import AttemptResult
 from .priorities import PRIORITY_HEADER
 
@@ -211,7 +199,7 @@ class Transport:
         if sent.events is not None:  # a stream; one that failed at its first event, given up
             body_stream = self._event_body(  # on, reaches the SDK as it came (its own error)
                 response, engine.end_of_stream(sent, result, permit) if sent.streaming
-                else _already_recorded, sent.events, secrets=secrets,
+                else nothing_to_finish, sent.events, secrets=secrets,
                 defer=engine.defer, monotonic=engine.clock.monotonic,
                 started_at=result.started_at, request_id=sent.provider_request_id,
                 errors=functools.partial(self._library_error, request=request))
@@ -226,7 +214,7 @@ class Transport:
         """Read a held stream up to the end of its first event, within the attempt: one that
         fails before delivering anything (an error event first, a connection broken before
         any event) fails its attempt, for the retry policy to retry like any other (the
-        client's own streams do the same, :func:`cometkit._streaming.read_first_event`). The
+        client's own streams do the same, :func:`cometkit._sse.read_first_event`). The
         lines read are kept (``sent.events``) to be passed on as they came."""
         lines = sse_lines(body_chunks(sent.response, secrets, sent.provider_request_id))
         try:
@@ -234,15 +222,13 @@ class Transport:
         except APIConnectionError as exc:
             sent.response.close()
             sent.response, sent.streaming = None, False
-            result.error, result.error_stage = exc, exc.stage
+            fail_attempt(result, exc)
             return
         sent.events = itertools.chain(head, lines)
         failure = first_event_failure(data, sent.provider_request_id) if data else None
         if failure is not None:
             sent.streaming = False
-            result.error, result.error_code = failure, failure.code
-            if isinstance(failure, APIStatusError):
-                result.status_code = failure.status_code
+            fail_attempt(result, failure)
 
     def _below_base(self, url: Any) -> Optional[str]:
         """What follows ``base_url`` in ``url`` (path and query, as sent), or ``None``
@@ -305,7 +291,7 @@ class _EventBody:
                  secrets: SecretFilter, defer: Any, monotonic: Any, started_at: float,
                  request_id: Optional[str], errors: Any) -> None:
         self._response = response
-        #: The stream's lines (:func:`~cometkit._transport.body_chunks`, split), its first
+        #: The stream's lines (:func:`~cometkit._bodies.body_chunks`, split), its first
         #: event's already read within the attempt.
         self._lines = lines
         self._closer = closer = StreamCloser(response, end_of_stream)
@@ -368,11 +354,6 @@ class _EventBody:
         the engine, since this may run inside a garbage collection)."""
         if self._finalizer.detach() is not None:
             self._defer(self._closer, self._failure)
-
-
-@functools.cache
-def _already_recorded(*_: Any) -> None:
-    """The end_of_stream of a stream whose attempt the engine already recorded (a failure)."""
 
 
 def _event_body_class(httpx: ModuleType) -> type:

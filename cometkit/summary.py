@@ -33,7 +33,9 @@ summed in whole microseconds, as the CSV holds them, so the sums do not depend o
 which threads delivered the rows.
 
 The CSV format itself -- how the ``csv_metrics`` plugin writes cells and how they are read back
--- is :mod:`cometkit.metrics_csv`.
+-- is :mod:`cometkit.metrics_csv`. This module holds the aggregation; the sketch, the folding of
+attempts into calls and the text table are their own modules (:mod:`cometkit._latency_sketch`,
+:mod:`cometkit._open_calls`, :mod:`cometkit._summary_table`), their public names exported here.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
+from ._latency_sketch import LatencySketch
+from ._open_calls import MAX_OPEN_CALLS, CallSplit, OpenCalls
+from ._summary_table import format_table
 from .metrics_csv import read_attempts
 from .plugin_api import AttemptRecord
-from .prices import PriceTable, format_usd
+from .prices import PriceTable
 
 __all__ = [
     "Summary",
@@ -62,151 +67,6 @@ logger = logging.getLogger("cometkit.summary")
 AGGREGATED = "Aggregated"
 #: Shown in place of a missing model name (e.g. ``GET /models``).
 NO_MODEL = "(no model)"
-#: Calls whose final attempt has not been seen yet that are remembered at most; past it the
-#: oldest are forgotten (only rows of killed runs stay open forever).
-MAX_OPEN_CALLS = 65_536
-
-# -------------------------------------------------------------------------------------------
-# Latency sketch
-# -------------------------------------------------------------------------------------------
-
-
-class LatencySketch:
-    """Quantiles of durations in bounded memory (a DDSketch-style log-bucket histogram).
-
-    A duration ``v`` falls into bucket ``ceil(log(v) / log(gamma))`` with
-    ``gamma = (1 + a) / (1 - a)``; every value in a bucket is within a relative error ``a`` of
-    the bucket's representative ``2 * gamma**i / (gamma + 1)``, so each reported quantile is
-    within :attr:`RELATIVE_ACCURACY` (1 %) of the true nearest-rank quantile. Durations are
-    clamped to [1 µs, 10**6 s] (below 1 µs reads as 0), which caps the sketch at about 1,400
-    buckets whatever the number of values. Quantiles are also clamped to the exact minimum and
-    maximum seen. Not thread-safe on its own: :class:`Summary` locks around it.
-    """
-
-    RELATIVE_ACCURACY = 0.01
-    _GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
-    _LOG_GAMMA = math.log(_GAMMA)
-    MIN_S = 1e-6
-    MAX_S = 1e6
-
-    __slots__ = ("_buckets", "_zero", "count", "min_s", "max_s")
-
-    def __init__(self) -> None:
-        self._buckets: dict[int, int] = {}
-        self._zero = 0
-        self.count = 0
-        self.min_s = math.inf
-        self.max_s = -math.inf
-
-    def add(self, seconds: float) -> None:
-        if not seconds == seconds:  # NaN carries no information
-            return
-        self.count += 1
-        if seconds < self.min_s:
-            self.min_s = seconds
-        if seconds > self.max_s:
-            self.max_s = seconds
-        if seconds < self.MIN_S:
-            self._zero += 1
-            return
-        index = math.ceil(math.log(min(seconds, self.MAX_S)) / self._LOG_GAMMA)
-        self._buckets[index] = self._buckets.get(index, 0) + 1
-
-    def quantile(self, q: float) -> Optional[float]:
-        """The nearest-rank ``q`` quantile (0 < q <= 1), or ``None`` with no values."""
-        if self.count == 0:
-            return None
-        rank = max(1, math.ceil(q * self.count - 1e-9))
-        seen = self._zero
-        if seen >= rank:
-            return max(0.0, self.min_s)
-        for index in sorted(self._buckets):
-            seen += self._buckets[index]
-            if seen >= rank:
-                estimate = 2.0 * self._GAMMA**index / (self._GAMMA + 1.0)
-                return min(max(estimate, self.min_s), self.max_s)
-        return self.max_s  # pragma: no cover - ranks never exceed count
-
-
-# -------------------------------------------------------------------------------------------
-# Calls from attempts
-# -------------------------------------------------------------------------------------------
-
-
-def _us(seconds: Optional[float]) -> int:
-    """Seconds as whole microseconds, the CSV's resolution (``None`` is 0)."""
-    return round(float(seconds or 0.0) * 1e6)
-
-
-class CallSplit(NamedTuple):
-    """Where a call's time went, in whole microseconds (what the CSV holds): waiting for
-    admission, on the wire, and in the retry policy's sleeps."""
-
-    queue_us: int
-    wire_us: int
-    backoff_us: int
-
-    @property
-    def total_us(self) -> int:
-        return self.queue_us + self.wire_us + self.backoff_us
-
-    def plus(self, other: CallSplit) -> CallSplit:
-        return CallSplit(self.queue_us + other.queue_us, self.wire_us + other.wire_us,
-                         self.backoff_us + other.backoff_us)
-
-
-class OpenCalls:
-    """Attempt records folded into calls, for everything that reads a run call by call (the
-    summary, ``cometkit report --plot``).
-
-    A call is its ``request_id``; its attempts arrive in order, and the one whose outcome is
-    ``ok`` or ``error`` ends it. Until then the time it spent so far is remembered here -- at
-    most :data:`MAX_OPEN_CALLS` calls, past which the oldest are forgotten (only rows of killed
-    runs stay open forever). Not thread-safe on its own.
-    """
-
-    __slots__ = ("_open",)
-
-    def __init__(self) -> None:
-        self._open: dict[str, CallSplit] = {}
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    @staticmethod
-    def split_of(record: Any) -> CallSplit:
-        """One attempt's share of its call: its ``queue_s``, ``duration_s`` and the sleep after
-        it (``retry_delay_s``)."""
-        return CallSplit(_us(record.queue_s), _us(record.duration_s),
-                         _us(record.retry_delay_s))
-
-    def add(self, record: Any, split: Optional[CallSplit] = None) -> Optional[CallSplit]:
-        """Count one attempt (whose :meth:`split_of` the caller may already hold).
-
-        :returns: the whole call's split when ``record`` ends its call, else ``None`` (an
-            attempt to be retried, or an unknown outcome, which ends nothing).
-        """
-        if split is None:
-            split = self.split_of(record)
-        outcome = record.outcome
-        if outcome == "retry":
-            open_calls = self._open
-            before = open_calls.get(record.request_id)
-            open_calls[record.request_id] = split if before is None else before.plus(split)
-            if len(open_calls) > MAX_OPEN_CALLS:
-                del open_calls[next(iter(open_calls))]
-            return None
-        if outcome in ("ok", "error"):
-            before = self._open.pop(record.request_id, None)
-            return split if before is None else before.plus(split)
-        logger.debug("attempt of %s has unknown outcome %r: counted as an attempt only",
-                     record.request_id, outcome)
-        return None
-
-
-# -------------------------------------------------------------------------------------------
-# Summary
-# -------------------------------------------------------------------------------------------
 
 
 class _Stats:
@@ -274,40 +134,6 @@ class _Stats:
         }
 
 
-def _ms(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value * 1000.0:.0f}"
-
-
-def _percent(share: Optional[float]) -> str:
-    return "-" if share is None else f"{share * 100.0:.0f}"
-
-
-def _usd(cost: Optional[float]) -> str:
-    return "-" if cost is None else format_usd(cost, sign=False)
-
-
-#: Table layout: (header, row key, width, formatter). Latencies are shown in milliseconds.
-_COLUMNS = (
-    ("Calls", "calls", 8, str),
-    ("Fails", "failures", 7, str),
-    ("429s", "status_429", 7, str),
-    ("Retries", "retries", 8, str),
-    ("p50 ms", "latency_p50_s", 8, _ms),
-    ("p95 ms", "latency_p95_s", 8, _ms),
-    ("p99 ms", "latency_p99_s", 8, _ms),
-    ("Queue p50", "queue_p50_s", 10, _ms),
-    ("Queue p95", "queue_p95_s", 10, _ms),
-    ("Queue %", "queue_share", 8, _percent),
-    ("Wire %", "wire_share", 7, _percent),
-    ("Backoff %", "backoff_share", 10, _percent),
-    ("Tokens in", "input_tokens", 11, str),
-    ("Tokens out", "output_tokens", 11, str),
-    ("Calls/s", "calls_per_s", 8, lambda v: f"{v:.2f}"),
-)
-#: Shown after the others when the summary has prices.
-_COST_COLUMN = ("Cost $", "cost_usd", 10, _usd)
-_MODEL_WIDTH_MIN = len(AGGREGATED)
-_MODEL_WIDTH_MAX = 40
 
 
 class Summary:
@@ -425,23 +251,4 @@ class Summary:
 
     def format_table(self) -> str:
         """A fixed-width table shaped like Locust's console statistics, ending in a newline."""
-        rows = self.rows()
-        columns = _COLUMNS + ((_COST_COLUMN,) if self.prices else ())
-        model_width = max([_MODEL_WIDTH_MIN] + [len(row["model"]) for row in rows])
-        model_width = min(model_width, _MODEL_WIDTH_MAX)
-
-        def line(model: str, cells: Iterable[str]) -> str:
-            if len(model) > model_width:
-                model = model[: model_width - 1] + "~"
-            parts = [f"{model:<{model_width}}"]
-            parts += [f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, columns)]
-            return " ".join(parts).rstrip()
-
-        rule = "-" * model_width + "".join("|" + "-" * width for _, _, width, _ in columns)
-        out = [line("Model", (header for header, _, _, _ in columns)), rule]
-        for row in rows[:-1]:
-            out.append(line(row["model"], (fmt(row[key]) for _, key, _, fmt in columns)))
-        out.append(rule)
-        total = rows[-1]
-        out.append(line(total["model"], (fmt(total[key]) for _, key, _, fmt in columns)))
-        return "\n".join(out) + "\n"
+        return format_table(self.rows(), with_cost=bool(self.prices))

@@ -292,7 +292,7 @@ def test_the_key_as_request_id_or_model_is_blanked_in_answer_and_csv(behaviour, 
 def test_events_are_the_same_however_the_body_is_cut():
     """A body with a byte-order mark, CRLF and LF line ends, a comment, an ``event:`` line
     and a two-line event, cut at every pair of positions: always the same events."""
-    from cometkit._streaming import iter_sse_data
+    from cometkit._sse import iter_sse_data
 
     body = (b"\xef\xbb\xbf: keep-alive\r\nevent: message\r\ndata: {\"a\": 1}\r\n\r\n"
             b"data: line one\ndata: line two\n\ndata: [DONE]\n\n")

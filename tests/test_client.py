@@ -379,7 +379,7 @@ class TestMapDoesNotStall:
             finished.append(i)
             return i
 
-        from cometkit._client import MIN_RESULTS_BUFFERED
+        from cometkit._pool_methods import MIN_RESULTS_BUFFERED
 
         items = MIN_RESULTS_BUFFERED + 200
         with make_client(server, concurrency=2) as client:
@@ -408,7 +408,7 @@ class TestMapDoesNotStall:
     ("/models/gpt-4o-mini", "models"),
 ])
 def test_operation_names_follow_opentelemetry_genai(path, operation):
-    from cometkit._engine import operation_for
+    from cometkit._call_names import operation_for
 
     assert operation_for(path) == operation
 

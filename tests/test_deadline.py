@@ -19,7 +19,7 @@ from scripted_server import ScriptedServer, chat_body, json_reply
 
 import cometkit
 from cometkit import APITimeoutError, ConfigError, RateLimitError, RetryDecision
-from cometkit._client import _legacy_deadline_warned
+from cometkit._client_args import _legacy_deadline_warned
 from cometkit.adapters import CometAdapter
 from cometkit.sandbox import Sandbox
 

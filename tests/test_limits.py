@@ -683,11 +683,12 @@ def test_a_fleet_window_quota_counted_short_is_tried_one_higher_until_a_refusal_
                           clock.time, window_rank=rank)
 
     ranked(200, 8)   # the 8th of 8 accepted: the quota may be higher
-    assert control.window_quota == 9
+    assert control.window_quota == 9 and control.window_quota_open
     ranked(200, 9)
     assert control.window_quota == 10
     ranked(429, 11)  # the 11th refused: the quota is 10, settled
-    assert control.window_quota == 10
+    assert control.window_quota == 10 and not control.window_quota_open
+    assert control.learned()["window_settled"] is True  # for the fleet to take in
     ranked(200, 10)  # the quota's last, accepted: no more probing once settled
     assert control.window_quota == 10
 
@@ -699,3 +700,10 @@ def test_a_process_takes_the_fleets_newer_quota_for_a_window_it_knows():
     assert control.window_quota == 10
     control.adopt({"window_s": 60.0, "window_quota": 3})  # another window: not this one's
     assert (control.window_s, control.window_quota) == (10.0, 10)
+    assert control.window_quota_open
+    control.adopt({"window_settled": True})  # a refused rank elsewhere fixed it
+    assert not control.window_quota_open
+
+    joining = AdaptiveControl(16, 0.0)  # a process that meets the window settled
+    joining.adopt({"window_s": 10.0, "window_quota": 10, "window_settled": True})
+    assert (joining.window_quota, joining.window_quota_open) == (10, False)

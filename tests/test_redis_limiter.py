@@ -26,6 +26,7 @@ import cometkit
 from cometkit import AttemptResult, RateLimitError, RequestInfo
 from cometkit.hints import parse_hints
 from cometkit.sandbox import Sandbox, SandboxProcess
+from cometkit_plugins.limiting._redis_admission import POLL_MAX_S
 from cometkit_plugins.limiting.adaptive import CONCURRENCY_BACKOFF, INITIAL_LIMIT
 from cometkit_plugins.redis_limiter import DEFAULT_URL, RedisLimiter
 
@@ -555,6 +556,52 @@ def test_a_known_window_admits_its_quota_once_per_window_for_the_whole_fleet(pai
     assert two.stats()["models"]["m1"]["process"]["window_quota"] == 3
     time.sleep(2.1)  # the window ends in Redis' time: the next one opens for anyone
     held.append(two.acquire(REQUEST, 5))
+    for permit in held:
+        one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
+
+
+def refused_rank(limiter: RedisLimiter, permit: Any, clock: FakeClock,
+                 retry_after: str = "2") -> None:
+    """``permit``'s attempt refused with the learned window's own ``Retry-After``."""
+    refused = AttemptResult(REQUEST, 1, status_code=429,
+                            headers=CaseInsensitiveDict({"retry-after": retry_after}),
+                            started_at=clock.monotonic(), duration_s=0.0)
+    refused.hints = parse_hints(refused.headers, clock.time())
+    limiter.release(permit, refused)
+
+
+def test_a_fleet_quota_still_open_is_polled_raised_at_once_and_slept_on_once_fixed(pair):
+    """A learned window's quota may be short (counted from what one process had heard of)
+    until a refused rank fixes it. Until then a call it turns away looks again at the pace
+    of polls, not asleep to the window's end, and a quota raised by an accepted probe in
+    another process admits it at its first look; once a refused rank anywhere in the fleet
+    has fixed the quota, a call turned away sleeps (here: to its deadline)."""
+    one, two, clock = pair
+    learn_window(one, clock)  # a 2 s window of 3 calls, quota not yet fixed
+    held = [two.acquire(REQUEST, 5)]  # two takes the window in, with its first rank
+    held += [one.acquire(REQUEST, 5), one.acquire(REQUEST, 5)]
+    assert [permit.window_rank for permit in held] == [1, 2, 3]
+    clock.sleeps.clear()
+    with pytest.raises(RateLimitError, match="quota of a window"):
+        two.acquire(REQUEST, 0.3)
+    assert len(clock.sleeps) > 1 and max(clock.sleeps) <= POLL_MAX_S  # polled
+
+    # The quota's last rank accepted in one: the quota may be higher, one tries 4 and says
+    # so at once; two, still counting 3, is admitted by the fleet's 4 without a second look.
+    one.release(held.pop(), answered(REQUEST, 200, clock, clock.monotonic()))
+    assert one.stats()["models"]["m1"]["process"]["window_quota"] == 4
+    clock.sleeps.clear()
+    fourth = two.acquire(REQUEST, 5)
+    assert fourth.window_rank == 4 and clock.sleeps == []
+
+    # The 4th refused: the quota is 3, fixed, for the fleet. one, that has not heard of it
+    # yet, takes it in with its next look and then sleeps instead of polling.
+    refused_rank(two, fourth, clock)
+    assert two.stats()["models"]["m1"]["process"]["window_quota"] == 3
+    clock.sleeps.clear()
+    with pytest.raises(RateLimitError, match="quota of a window"):
+        one.acquire(REQUEST, 0.3)
+    assert clock.sleeps == [pytest.approx(0.3)]
     for permit in held:
         one.release(permit, answered(REQUEST, 200, clock, clock.monotonic()))
 

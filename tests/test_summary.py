@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-import cometkit.summary as summary_module
+import cometkit._open_calls as open_calls_module
 from cometkit import ATTEMPT_FIELDS, AttemptRecord
 from cometkit._plot import read_series
 from cometkit.metrics_csv import (
@@ -336,7 +336,7 @@ def test_the_plot_reads_the_same_calls_as_the_table(tmp_path):
 
 
 def test_open_calls_stay_bounded(monkeypatch):
-    monkeypatch.setattr(summary_module, "MAX_OPEN_CALLS", 3)
+    monkeypatch.setattr(open_calls_module, "MAX_OPEN_CALLS", 3)
     calls = OpenCalls()
     for i in range(5):
         assert calls.add(attempt(request_id=f"r{i}", outcome="retry", queue_s=1.0)) is None

@@ -16,17 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .._cli_common import checked_value
 from ..hints import parse_duration
 from .faults import FAULT_KINDS, format_faults, parse_faults
-from .server import (
-    HEADER_FAMILIES,
-    IN_FLIGHT_STYLES,
-    OVERLOAD_STYLES,
-    RETRY_AFTER_STYLES,
-    WINDOW_ALIGNS,
-    WINDOW_RETRY_AFTERS,
-    Sandbox,
-)
+from .server import CHOICES, Sandbox
 
 __all__ = ["add_arguments", "run", "sandbox_kwargs", "to_argv", "DESCRIPTION"]
 
@@ -36,13 +29,8 @@ DESCRIPTION = ("Serve an OpenAI-compatible API on 127.0.0.1 that behaves like a 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
+        return checked_value(text, kind, f"not a number: {text!r}",
+                             lambda value: None if value > 0 else f"must be positive: {text!r}")
     convert.__name__ = kind.__name__
     return convert
 
@@ -55,20 +43,13 @@ def _duration(text: str) -> float:
 
 
 def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
-    return value
+    return checked_value(text, float, f"not a number: {text!r}",
+                         lambda value: (None if 0.0 <= value <= 1.0
+                                        else f"must be between 0 and 1: {text!r}"))
 
 
 def _faults(text: str) -> Any:
-    try:
-        return parse_faults(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return checked_value(text, parse_faults)
 
 
 def _models(text: str) -> list:
@@ -83,7 +64,6 @@ class _Flag:
     format: Callable[[Any], str]
     help: str
     metavar: Optional[str] = None
-    choices: Optional[tuple] = None
 
 
 _FLAGS = (
@@ -107,7 +87,7 @@ _FLAGS = (
           f"(kinds: {', '.join(FAULT_KINDS)}; default: 500,502,503,reset)", "SPEC"),
     _Flag("seed", "--seed", int, str, "seed of the fault draws (default: random)", "S"),
     _Flag("retry_after", "--retry-after", str, str,
-          "how a 429 hints the wait (default: seconds)", None, RETRY_AFTER_STYLES),
+          "how a 429 hints the wait (default: seconds)"),
     _Flag("retry_after_value_s", "--retry-after-value", _duration, repr,
           "the wait hinted by --always-429 (default: 1s)", "DURATION"),
     _Flag("always_429", "--always-429", None, str,
@@ -122,23 +102,23 @@ _FLAGS = (
     _Flag("window_s", "--window", _duration, repr,
           "length of the --window-requests window, e.g. 10s (default: 60s)", "DURATION"),
     _Flag("window_align", "--window-align", str, str,
-          "when a window opens (default: first_request)", None, WINDOW_ALIGNS),
+          "when a window opens (default: first_request)"),
     _Flag("window_retry_after", "--window-retry-after", str, str,
-          "what a window's 429 hints (default: left)", None, WINDOW_RETRY_AFTERS),
+          "what a window's 429 hints (default: left)"),
     _Flag("token_ratio", "--token-ratio", _positive(float), repr,
           "the sandbox's prompt tokens per chars/4 estimated token (default: 1)", "R"),
     _Flag("token_window_s", "--token-window", _duration, repr,
           "enforce --tpm per fixed window of this length, e.g. 60s (default: a bucket)",
           "DURATION"),
     _Flag("ratelimit_headers", "--ratelimit-headers", str, str,
-          "rate-limit header names (default: openai)", None, HEADER_FAMILIES),
+          "rate-limit header names (default: openai)"),
     _Flag("in_flight_style", "--in-flight-style", str, str,
-          "wording of --max-in-flight 429s (default: openai)", None, IN_FLIGHT_STYLES),
+          "wording of --max-in-flight 429s (default: openai)"),
     _Flag("in_flight_retry_after_s", "--in-flight-retry-after", _duration, repr,
           "wait hinted by --max-in-flight 429s (default: latency, or 60s for litellm)",
           "DURATION"),
     _Flag("overload_style", "--overload-style", str, str,
-          "wording of bucket-limit 429s (default: openai)", None, OVERLOAD_STYLES),
+          "wording of bucket-limit 429s (default: openai)"),
 )
 
 
@@ -152,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=flag.help)
         else:
             parser.add_argument(flag.flag, dest=flag.kwarg, type=flag.parse, default=None,
-                                metavar=flag.metavar, choices=flag.choices, help=flag.help)
+                                metavar=flag.metavar, choices=CHOICES.get(flag.kwarg),
+                                help=flag.help)
     parser.add_argument("--api-key-env", metavar="VAR",
                         help="require 'Authorization: Bearer $VAR' (default: no key needed)")
     # SandboxProcess reads the URL from stdout; a person reads the stderr line.

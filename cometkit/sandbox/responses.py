@@ -3,6 +3,10 @@
 Benchmarks push thousands of calls through the sandbox, so the hot paths fill precomputed
 templates with already-escaped strings instead of building and serialising dicts per request.
 Every answer is a function of the request alone (an echo, a hash), so runs repeat exactly.
+
+This module plans and answers chat, embeddings and the models list, and holds the error and
+fault bodies. What every planner reads of a request is :mod:`~cometkit.sandbox._reading`'s;
+tool calls and ``response_format`` documents are :mod:`~cometkit.sandbox._structured`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +20,18 @@ import struct
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Optional, Sequence
+
+from ._json import dumps
+from ._reading import (
+    BadRequest,
+    content_text,
+    estimate_tokens,
+    positive_int,
+    required_model,
+    scale_tokens,
+    streaming,
+)
+from ._structured import example_value, formatted_reply, tool_call_for
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -35,6 +51,9 @@ __all__ = [
     "models_body",
     "model_body",
     "error_body",
+    "stream_pieces",
+    "token_usage",
+    "DONE_EVENT",
 ]
 
 DEFAULT_MODELS = ("gpt-4o-mini", "claude-3-5-haiku", "text-embedding-3-small")
@@ -43,147 +62,6 @@ DEFAULT_EMBEDDING_DIMENSIONS = 32
 MAX_EMBEDDING_DIMENSIONS = 4096
 #: Long answers are streamed in at most this many content chunks.
 MAX_STREAM_PIECES = 32
-
-
-class BadRequest(ValueError):
-    """A request the API refuses with 400; the message is what the client is told."""
-
-    def __init__(self, message: str, param: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def estimate_tokens(chars: int) -> int:
-    """Tokens for ``chars`` characters: a quarter, rounded up, at least one (roughly tiktoken)."""
-    return max(1, -(-chars // 4))
-
-
-def scale_tokens(tokens: int, ratio: float) -> int:
-    """``tokens`` counted by a tokenizer that yields ``ratio`` times as many, rounded up, at
-    least one: the sandbox's own tokenizer, which a client's estimate need not match."""
-    if ratio == 1.0:
-        return tokens
-    return max(1, math.ceil(tokens * ratio - 1e-9))
-
-
-def _text(content: Any) -> str:
-    """The text of a message ``content``: a string, or the ``text`` of its content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part["text"] for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
-def _positive_int(body: dict, name: str) -> Optional[int]:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"Invalid '{name}': expected a positive integer.", name)
-    return value
-
-
-def _model(body: Any) -> str:
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("You must provide a model parameter.", "model")
-    return model
-
-
-#: How deep :func:`example_value` follows a JSON schema (a recursive one would not end).
-MAX_SCHEMA_DEPTH = 8
-
-
-def example_value(schema: Any, text: str, root: Any = None, depth: int = 0) -> Any:
-    """A value that fits the JSON ``schema``, made from ``text``: strings are ``text``,
-    numbers its length, booleans true, arrays one item, objects every property; the first
-    of an ``enum``/``anyOf``/``oneOf``; ``$ref`` into ``$defs`` (as pydantic writes them)."""
-    root = schema if root is None else root
-    if not isinstance(schema, dict) or depth > MAX_SCHEMA_DEPTH:
-        return None
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part) if isinstance(target, dict) else None
-        return example_value(target, text, root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return example_value(schema[key][0], text, root, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or (kind is None and "properties" in schema):
-        properties = schema.get("properties")
-        return {name: example_value(sub, text, root, depth + 1)
-                for name, sub in (properties.items() if isinstance(properties, dict) else ())}
-    if kind == "array":
-        return [example_value(schema.get("items"), text, root, depth + 1)]
-    return {"string": text, "integer": len(text), "number": float(len(text)),
-            "boolean": True}.get(kind) if isinstance(kind, str) else None
-
-
-def _tool_call(body: dict, last_role: Optional[str], text: str) -> Optional[tuple[str, str]]:
-    """``(function name, arguments JSON)`` when the answer is a tool call: ``tools`` were
-    given, ``tool_choice`` is not ``"none"``, and the conversation does not end with a tool's
-    result (unless a tool call is required). The function is the one ``tool_choice`` names,
-    else the first; its arguments fit its ``parameters`` schema (:func:`example_value`)."""
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not tools or not all(
-            isinstance(tool, dict) and tool.get("type") == "function"
-            and isinstance(tool.get("function"), dict)
-            and isinstance(tool["function"].get("name"), str) for tool in tools):
-        raise BadRequest("Invalid 'tools': expected a non-empty array of "
-                         "{\"type\": \"function\", \"function\": {\"name\": ...}}.", "tools")
-    choice = body.get("tool_choice", "auto")
-    functions = {tool["function"]["name"]: tool["function"] for tool in tools}
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        if name not in functions:
-            raise BadRequest("Invalid 'tool_choice': it names no function of 'tools'.",
-                             "tool_choice")
-    elif choice == "none" or (choice == "auto" and last_role == "tool"):
-        return None
-    elif choice in ("auto", "required"):
-        name = next(iter(functions))
-    else:
-        raise BadRequest("Invalid 'tool_choice': expected 'none', 'auto', 'required' or a "
-                         "named function.", "tool_choice")
-    arguments = example_value(functions[name].get("parameters") or {"type": "object"}, text)
-    return name, json.dumps(arguments if isinstance(arguments, dict) else {})
-
-
-def _formatted_reply(body: dict, text: str) -> Optional[str]:
-    """The answer's content for ``response_format`` ``json_schema`` (a document fitting the
-    schema) or ``json_object`` (``{"echo": text}``); ``None`` for plain text."""
-    spec = body.get("response_format")
-    if spec is None:
-        return None
-    kind = spec.get("type") if isinstance(spec, dict) else None
-    if kind == "json_schema":
-        schema = spec.get("json_schema")
-        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
-            raise BadRequest("Invalid 'response_format.json_schema': expected an object with "
-                             "a 'schema'.", "response_format")
-        return json.dumps(example_value(schema["schema"], text), ensure_ascii=False)
-    if kind == "json_object":
-        return json.dumps({"echo": text}, ensure_ascii=False)
-    if kind == "text":
-        return None
-    raise BadRequest("Invalid 'response_format.type': expected 'text', 'json_object' or "
-                     "'json_schema'.", "response_format")
 
 
 @dataclass(frozen=True)
@@ -213,7 +91,7 @@ def plan_chat(body: Any, token_ratio: float = 1.0) -> ChatPlan:
 
     :raises BadRequest: when the API would answer 400.
     """
-    model = _model(body)
+    model = required_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest("Missing required parameter: 'messages'.", "messages")
@@ -223,23 +101,21 @@ def plan_chat(body: Any, token_ratio: float = 1.0) -> ChatPlan:
     for message in messages:
         if not isinstance(message, dict):
             raise BadRequest("Invalid 'messages': every message must be an object.", "messages")
-        text = _text(message.get("content"))
+        text = content_text(message.get("content"))
         prompt_chars += len(text)
         last_role = message.get("role")
         if last_role in ("user", "tool"):
             last_user = text
-    tool_call = _tool_call(body, last_role, last_user)
-    formatted = _formatted_reply(body, last_user)
+    tool_call = tool_call_for(body, last_role, last_user)
+    formatted = formatted_reply(body, last_user)
     reply = "" if tool_call else formatted if formatted is not None else "echo: " + last_user
     completion_tokens = estimate_tokens(len(reply) + sum(map(len, tool_call or ())))
-    limit = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    limit = positive_int(body, "max_completion_tokens") or positive_int(body, "max_tokens")
     finish_reason = "tool_calls" if tool_call else "stop"
     if limit is not None and completion_tokens > limit and not tool_call:
         reply, completion_tokens, finish_reason = reply[: limit * 4], limit, "length"
     prompt_tokens = scale_tokens(estimate_tokens(prompt_chars), token_ratio)
-    stream = body.get("stream") is True
-    options = body.get("stream_options")
-    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    stream, include_usage = streaming(body)
     charge = prompt_tokens + (limit if limit is not None else completion_tokens)
     return ChatPlan(model, reply, finish_reason, prompt_tokens, completion_tokens, stream,
                     include_usage, charge, tool_call)
@@ -263,18 +139,21 @@ def _tool_message(plan: ChatPlan, number: int, *, index: bool) -> dict:
             "tool_calls": [{"index": 0, **call} if index else call]}
 
 
+def token_usage(plan: Any) -> dict:
+    """The ``usage`` object of a chat or legacy completion answer to ``plan``."""
+    return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": plan.completion_tokens,
+            "total_tokens": plan.prompt_tokens + plan.completion_tokens}
+
+
 def chat_body(plan: ChatPlan, number: int, created: int) -> bytes:
     """The JSON answer to a non-streaming chat request; ``number`` makes the id unique."""
     if plan.tool_call is not None:
-        usage = {"prompt_tokens": plan.prompt_tokens,
-                 "completion_tokens": plan.completion_tokens,
-                 "total_tokens": plan.prompt_tokens + plan.completion_tokens}
         return json.dumps({
             "id": f"chatcmpl-sandbox-{number}", "object": "chat.completion", "created": created,
             "model": plan.model, "choices": [{
                 "index": 0, "message": _tool_message(plan, number, index=False),
                 "logprobs": None, "finish_reason": plan.finish_reason}],
-            "usage": usage, "system_fingerprint": "fp_sandbox"}).encode()
+            "usage": token_usage(plan), "system_fingerprint": "fp_sandbox"}).encode()
     return (_CHAT % (
         number, created, _quote(plan.model), _quote(plan.reply), plan.finish_reason,
         plan.prompt_tokens, plan.completion_tokens, plan.prompt_tokens + plan.completion_tokens,
@@ -291,7 +170,7 @@ _WORDS = re.compile(r"\s*\S+\s*|\s+")
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
-def _pieces(text: str) -> list[str]:
+def stream_pieces(text: str) -> list[str]:
     """``text`` cut at word boundaries into at most :data:`MAX_STREAM_PIECES` pieces."""
     words = _WORDS.findall(text)
     size = max(1, math.ceil(len(words) / MAX_STREAM_PIECES))
@@ -310,7 +189,7 @@ def chat_stream_events(plan: ChatPlan, number: int, created: int) -> list[bytes]
         deltas = [json.dumps(_tool_message(plan, number, index=True))]
     else:
         deltas = ['{"role":"assistant","content":""}']
-        deltas += [f'{{"content":{_quote(piece)}}}' for piece in _pieces(plan.reply)]
+        deltas += [f'{{"content":{_quote(piece)}}}' for piece in stream_pieces(plan.reply)]
     events = [_CHUNK % (*head, _DELTA % (delta, "null"), usage_null) for delta in deltas]
     events.append(_CHUNK % (*head, _DELTA % ("{}", f'"{plan.finish_reason}"'), usage_null))
     if plan.include_usage:
@@ -347,7 +226,7 @@ def plan_embeddings(body: Any, token_ratio: float = 1.0) -> EmbeddingPlan:
 
     :raises BadRequest: when the API would answer 400.
     """
-    model = _model(body)
+    model = required_model(body)
     raw = body.get("input")
     if isinstance(raw, str) or (_is_tokens(raw) and raw):
         raw = [raw]
@@ -366,7 +245,7 @@ def plan_embeddings(body: Any, token_ratio: float = 1.0) -> EmbeddingPlan:
         else:
             raise BadRequest("Invalid 'input': items must be strings or token arrays.", "input")
     tokens = array_tokens + (scale_tokens(text_tokens, token_ratio) if text_tokens else 0)
-    dimensions = _positive_int(body, "dimensions") or DEFAULT_EMBEDDING_DIMENSIONS
+    dimensions = positive_int(body, "dimensions") or DEFAULT_EMBEDDING_DIMENSIONS
     if dimensions > MAX_EMBEDDING_DIMENSIONS:
         raise BadRequest(f"Invalid 'dimensions': at most {MAX_EMBEDDING_DIMENSIONS}.",
                          "dimensions")
@@ -400,12 +279,12 @@ def embeddings_body(plan: EmbeddingPlan) -> bytes:
         else:
             encoded = vector
         data.append({"object": "embedding", "index": index, "embedding": encoded})
-    return json.dumps({
+    return dumps({
         "object": "list",
         "data": data,
         "model": plan.model,
         "usage": {"prompt_tokens": plan.prompt_tokens, "total_tokens": plan.prompt_tokens},
-    }, separators=(",", ":")).encode()
+    })
 
 
 def _model_object(model_id: str, created: int) -> dict:
@@ -414,13 +293,12 @@ def _model_object(model_id: str, created: int) -> dict:
 
 def models_body(models: Sequence[str], created: int) -> bytes:
     """The ``GET /models`` list."""
-    return json.dumps({"object": "list", "data": [_model_object(m, created) for m in models]},
-                      separators=(",", ":")).encode()
+    return dumps({"object": "list", "data": [_model_object(m, created) for m in models]})
 
 
 def model_body(model_id: str, created: int) -> bytes:
     """The ``GET /models/{id}`` answer."""
-    return json.dumps(_model_object(model_id, created), separators=(",", ":")).encode()
+    return dumps(_model_object(model_id, created))
 
 
 def error_body(message: str, type_: str, code: Optional[str] = None,

@@ -15,6 +15,8 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
+from ._json import dumps
+
 __all__ = ["BATCH_ENDPOINTS", "FILE_PURPOSES", "Store", "StoreError", "MAX_ITEMS"]
 
 #: The endpoints a batch may name (the OpenAI Batch API's).
@@ -23,8 +25,6 @@ BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions",
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 #: Most files, batches and responses kept of each; the oldest go first.
 MAX_ITEMS = 10_000
-_OCTETS = "application/octet-stream"
-_JSON = "application/json"
 
 #: Answers one request of a batch: ``(url, body, number) -> (status, body as a dict)``.
 AnswerLine = Callable[[str, Any, int], "tuple[int, Any]"]
@@ -39,14 +39,22 @@ class StoreError(Exception):
         self.status, self.code, self.param = status, code, param
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
 def _put(items: OrderedDict, key: str, value: Any) -> None:
     items[key] = value
     while len(items) > MAX_ITEMS:
         items.popitem(last=False)
+
+
+def _get(items: OrderedDict, key: str, missing: str, param: str) -> Any:
+    """``items[key]``, or a 404 :class:`StoreError` saying ``missing``, naming ``param``."""
+    found = items.get(key)
+    if found is None:
+        raise StoreError(404, missing, param=param)
+    return found
+
+
+def _no_response(response_id: str) -> str:
+    return f"Response with id '{response_id}' not found."
 
 
 class Store:
@@ -86,17 +94,14 @@ class Store:
             raise StoreError(400, f"Invalid 'purpose': one of {', '.join(FILE_PURPOSES)}.",
                              param="purpose")
         filename, content, _ = upload
-        return _dumps(self._add_file(filename, content, purpose))
+        return dumps(self._add_file(filename, content, purpose))
 
     def _file(self, file_id: str) -> tuple[dict, bytes]:
         with self._lock:
-            found = self._files.get(file_id)
-        if found is None:
-            raise StoreError(404, f"No such File object: {file_id}", param="id")
-        return found
+            return _get(self._files, file_id, f"No such File object: {file_id}", "id")
 
     def file(self, file_id: str) -> bytes:
-        return _dumps(self._file(file_id)[0])
+        return dumps(self._file(file_id)[0])
 
     def file_content(self, file_id: str) -> bytes:
         return self._file(file_id)[1]
@@ -131,13 +136,11 @@ class Store:
                      "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
                      "metadata": document.get("metadata")}
             _put(self._batches, batch["id"], batch)
-        return _dumps(batch)
+        return dumps(batch)
 
     def _batch(self, batch_id: str) -> dict:
-        batch = self._batches.get(batch_id)
-        if batch is None:
-            raise StoreError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
-        return batch
+        return _get(self._batches, batch_id, f"No batch found with id '{batch_id}'.",
+                    "batch_id")
 
     def retrieve_batch(self, batch_id: str) -> bytes:
         """The batch; one still in progress is run now (see the module docstring)."""
@@ -149,7 +152,7 @@ class Store:
         if run:
             self._run(batch)
         with self._lock:
-            return _dumps(batch)
+            return dumps(batch)
 
     def _run(self, batch: dict) -> None:
         _, content = self._file(batch["input_file_id"])
@@ -158,10 +161,10 @@ class Store:
             if not line.strip():
                 continue
             record, ok = self._answer_record(line, batch["endpoint"])
-            (outputs if ok else errors).append(json.dumps(record, separators=(",", ":")))
-        output = self._add_file("batch_output.jsonl", "\n".join(outputs).encode() + b"\n",
+            (outputs if ok else errors).append(dumps(record))
+        output = self._add_file("batch_output.jsonl", b"\n".join(outputs) + b"\n",
                                 "batch_output") if outputs else None
-        error = self._add_file("batch_errors.jsonl", "\n".join(errors).encode() + b"\n",
+        error = self._add_file("batch_errors.jsonl", b"\n".join(errors) + b"\n",
                                "batch_output") if errors else None
         with self._lock:
             now = self._now()
@@ -202,7 +205,7 @@ class Store:
             if batch["status"] == "in_progress":
                 now = self._now()
                 batch.update(status="cancelled", cancelling_at=now, cancelled_at=now)
-            return _dumps(batch)
+            return dumps(batch)
 
     def list_batches(self, after: Optional[str], limit: Optional[str]) -> bytes:
         try:
@@ -225,7 +228,7 @@ class Store:
                     "first_id": page[0]["id"] if page else None,
                     "last_id": page[-1]["id"] if page else None,
                     "has_more": len(newest) > count}
-            return _dumps(body)
+            return dumps(body)
 
     # -- stored responses -------------------------------------------------------------------
 
@@ -235,14 +238,10 @@ class Store:
 
     def response(self, response_id: str) -> bytes:
         with self._lock:
-            body = self._responses.get(response_id)
-        if body is None:
-            raise StoreError(404, f"Response with id '{response_id}' not found.", param="id")
-        return body
+            return _get(self._responses, response_id, _no_response(response_id), "id")
 
     def delete_response(self, response_id: str) -> bytes:
         with self._lock:
-            if self._responses.pop(response_id, None) is None:
-                raise StoreError(404, f"Response with id '{response_id}' not found.",
-                                 param="id")
-        return _dumps({"id": response_id, "object": "response.deleted", "deleted": True})
+            _get(self._responses, response_id, _no_response(response_id), "id")
+            del self._responses[response_id]
+        return dumps({"id": response_id, "object": "response.deleted", "deleted": True})

@@ -94,6 +94,14 @@ class FleetLearning:
         now = self.pacer.clock.monotonic()
         return self.pacer.with_control(lane.model, lambda control: control.held_s(now)) or 0.0
 
+    def quota_open(self, lane: RedisLane) -> bool:
+        """Whether the window quota that turned a call away may still rise (see
+        :attr:`AdaptiveControl.window_quota_open`): then the call polls, not sleeps to the
+        window's end, so the fleet's probes of one more follow each other at the pace of
+        answers."""
+        return self.pacer is not None and bool(self.pacer.with_control(
+            lane.model, lambda control: control.window_quota_open))
+
     # -- to the fleet --------------------------------------------------------------------------
 
     def share(self, lane: RedisLane) -> tuple[list[str], float, tuple[float, float], list]:

@@ -175,7 +175,9 @@ class SharedAdmission:
                 now = self.clock.monotonic()
                 if deadline is not None and now >= deadline:
                     raise self._timeout_error(request, timeout, text(detail))
-                if value >= 0:  # Redis knows when: a hold ending, a rate refilling
+                if value >= 0 and not (text(detail) == "window"
+                                       and learning.quota_open(lane)):
+                    # Redis knows when: a hold ending, a rate refilling, a window opening
                     self._wait(min(MAX_SLEEP_S, value / 1000.0), deadline, now)
                 else:  # a slot held elsewhere: poll, backing off, with jitter
                     backoff = self._poll(backoff, deadline, now)
@@ -260,6 +262,10 @@ class SharedAdmission:
                         "%.2f s in every process", lane.label, max(1, int(float(limit))),
                         hold_s)
         if result.status_code != 429 or not self.adaptive:
+            if outcome == "ok" and permit.window_rank:
+                # An accepted rank may have raised a quota still open (a probe of one
+                # more): the fleet's waiters poll for it, so tell them now.
+                self._learning.publish(lane)
             return local
         self._learning.publish(lane)
         age_s = float(text(ok_age_ms)) / 1000.0

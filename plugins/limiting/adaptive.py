@@ -748,6 +748,7 @@ class AdaptiveControl:
             "window_s": self.window_s if learned_window else None,
             "window_aligned": self.window_aligned if learned_window else None,
             "window_quota": self.window_quota if learned_window else None,
+            "window_settled": self._quota_settled if learned_window else None,
             "ceiling": self.ceiling,
         }
 
@@ -775,6 +776,7 @@ class AdaptiveControl:
             self.window_aligned = bool(shared.get("window_aligned"))
             quota = shared.get("window_quota")
             self.window_quota = int(quota) if quota else None
+            self._quota_settled = bool(shared.get("window_settled"))
             self._window_adopted = True
         elif "window_s" in shared and window_s is None and self._window_adopted:
             # The process that met it found it wrong (a hint that was a time left after all).
@@ -788,6 +790,10 @@ class AdaptiveControl:
                    or abs(float(window_s or 0) - self.window_s) < 1e-3)):
             # one window, one quota for the fleet: the latest any process counted
             self.window_quota = int(shared["window_quota"])
+        if (shared.get("window_settled") and self.window_s is not None
+                and not self._window_configured
+                and abs(float(shared.get("window_s") or self.window_s) - self.window_s) < 1e-3):
+            self._quota_settled = True  # a refused rank somewhere in the fleet fixed it
         ceiling = shared.get("ceiling")
         if ceiling and (self.ceiling is None or self._ceiling_adopted):
             self.ceiling = max(1, min(int(ceiling), self.max_limit))
@@ -797,6 +803,15 @@ class AdaptiveControl:
         elif "ceiling" in shared and ceiling is None and self._ceiling_adopted:
             self.ceiling = None
             self._ceiling_adopted = False
+
+    @property
+    def window_quota_open(self) -> bool:
+        """Whether a learned window's quota may still be found larger: no refused rank has
+        fixed it yet (here or, once shared, anywhere in the fleet). Until then a call the
+        quota turned away should look again soon, not sleep to the window's end: the quota
+        rises with each accepted probe of one more."""
+        return (self.window_s is not None and self.window_quota is not None
+                and not self._quota_settled and not self._window_configured)
 
     def accepted_elsewhere(self, sent: int, accepted: int, sent_tokens: int = 0,
                            accepted_tokens: int = 0) -> None:

@@ -78,10 +78,16 @@ end
 -- with its first admission (as the servers that count from a first request do) or at the
 -- clock's boundary.
 local window, quota, aligned = tonumber(ARGV[21]), tonumber(ARGV[22]), ARGV[23] == '1'
-if adaptive and window <= 0 then  -- one the fleet learned, before the caller took it in
+if adaptive then
   local w = redis.call('HMGET', KEYS[11], 'window_s', 'window_quota', 'window_aligned')
-  if tonumber(w[1]) and tonumber(w[2]) then
-    window, quota, aligned = tonumber(w[1]) * 1000, tonumber(w[2]), w[3] == 'true'
+  local fleet_window, fleet_quota = tonumber(w[1]), tonumber(w[2])
+  if fleet_window and fleet_quota then
+    fleet_window = fleet_window * 1000
+    if window <= 0 then  -- one the fleet learned, before the caller took it in
+      window, quota, aligned = fleet_window, fleet_quota, w[3] == 'true'
+    elseif math.abs(fleet_window - window) < 1 and fleet_quota > quota then
+      quota = fleet_quota  -- raised by a probe elsewhere, before the caller took it in
+    end
   end
 end
 if window > 0 and quota > 0 then
