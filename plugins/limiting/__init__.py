@@ -7,7 +7,10 @@ limiter. What they enforce is written once, here:
   (:class:`~.plan.PlanSettings`) and the arithmetic of rates, lane caps and token charges that
   both stores share (the token bucket itself is the core's ``cometkit.buckets``);
 - :mod:`.adaptive`: the adaptive policy (concurrency, send and token rates, holds, half-open
-  probes, windows, caps on calls in flight), one object per model lane, in both stores;
+  probes, windows, caps on calls in flight), one object per model lane, in both stores, with
+  its parts as mixins: rate learning (:mod:`._adaptive_rates`), holds and windows
+  (:mod:`._adaptive_windows`), caps on calls in flight (:mod:`._adaptive_caps`), sharing with a
+  fleet (:mod:`._adaptive_fleet`), and its tuned numbers (:mod:`._adaptive_constants`);
 - :mod:`.local`: the in-process store, :class:`AdmissionLimiter`, with its lanes and permits
   (:mod:`._local_lanes`) and its priority queue (:mod:`._local_queue`);
 - :mod:`.redis_store`: the Redis store, :class:`RedisLimiter`, which picks Redis or the

@@ -54,21 +54,60 @@ Only one signal per round trip counts: a 429 for an attempt sent before the last
 echo of the same burst, not news, so a burst of 429s cuts once.
 
 Why this module is over 400 lines: :class:`AdaptiveControl` is one state machine, not several
-controllers side by side. Concurrency, send and token rates, windows, holds and probes are one
-state read and written by every admission and answer -- a hold ends in a probe whose answer
-reopens the rate, a known window changes what a hold and a hint mean, a cap on calls in flight
-changes what a refusal teaches the rate -- so its transitions stay together here; what differs
-between the stores (where state lives, how a fleet shares it) lives in the stores.
+controllers side by side: every admission and answer reads and writes one state -- a hold ends
+in a probe whose answer reopens the rate, a known window changes what a hold and a hint mean, a
+cap on calls in flight changes what a refusal teaches the rate. Its parts that have one job each
+are mixins: learning the rates (:mod:`._adaptive_rates`), holds and windows
+(:mod:`._adaptive_windows`), caps on calls in flight (:mod:`._adaptive_caps`) and sharing with a
+fleet (:mod:`._adaptive_fleet`); the numbers are in :mod:`._adaptive_constants`. What stays here
+is the state itself (declared once, in ``__init__``) and the transitions that tie the parts
+together: admission, the answer to an attempt, a refusal, a success. What differs between the
+stores (where state lives, how a fleet shares it) lives in the stores.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 from cometkit import AttemptResult
 from cometkit.hints import RateLimitHints, parse_hints
+
+from ._adaptive_caps import InFlightCaps
+from ._adaptive_constants import CAP_EVIDENCE as CAP_EVIDENCE
+from ._adaptive_constants import (
+    CEILING_PROBE_OKS,
+    CONCURRENCY_BACKOFF,
+    DEFAULT_HOLD_S,
+    FIRST_EVIDENCE_S,
+    INITIAL_LIMIT,
+    LATENCY_SMOOTHING,
+    LOW_REMAINING_FRACTION,
+    MAX_HOLD_S,
+    MIN_MEASURE_S,
+    MIN_RATE_PER_S,
+    MINUTE_AFTER_PROBES,
+    PACING_HEADROOM,
+    PROBE_TIMEOUT_S,
+    RATE_ACCELERATION_PER_S,
+    RATE_BACKOFF,
+    RATE_FLOOR,
+    RATE_GROWTH_PER_S,
+    SOFT_BACKOFF,
+    SOFT_SIGNAL_INTERVAL_S,
+    STORM_HORIZON_S,
+)
+from ._adaptive_constants import FLOOR_REFUSALS as FLOOR_REFUSALS
+from ._adaptive_constants import HOLD_GROWTH as HOLD_GROWTH
+from ._adaptive_constants import MIN_PERIOD_S as MIN_PERIOD_S
+from ._adaptive_constants import MIN_SENT_SPAN_S as MIN_SENT_SPAN_S
+from ._adaptive_constants import MINUTE_SLACK_S as MINUTE_SLACK_S
+from ._adaptive_constants import PERIOD_EVIDENCE_S as PERIOD_EVIDENCE_S
+from ._adaptive_constants import WINDOW_SLACK_S as WINDOW_SLACK_S
+from ._adaptive_fleet import FleetSharing
+from ._adaptive_rates import RateLearning
+from ._adaptive_windows import WindowRecognition
 
 __all__ = [
     "AdaptiveControl",
@@ -90,89 +129,8 @@ __all__ = [
 
 logger = logging.getLogger("cometkit.limiter")
 
-#: Allowed concurrency after a 429: the limit times this (never below 1).
-CONCURRENCY_BACKOFF = 0.7
-#: Send rate after a signal, as a share of the refused rate, when the measurement cannot be
-#: used (too short yet, or the server accepted more than we were sending).
-RATE_BACKOFF = 0.7
-#: While successes continue, the rate rises per second of sending by this share of the last
-#: learned rate (growth is counted per success, so an idle client does not grow) ...
-RATE_GROWTH_PER_S = 0.1
-#: ... plus this share of what it has grown since: slow just above the rate that was measured,
-#: faster the longer no signal comes, in case the measurement undershot.
-RATE_ACCELERATION_PER_S = 0.4
-#: Multiplier of the send rate on a soft signal (few requests remaining, no 429 yet).
-SOFT_BACKOFF = 0.9
-#: Allowed concurrency at start-up; until the first signal it grows by one per success (it
-#: doubles every round trip, as TCP's slow start), then by one per window.
-INITIAL_LIMIT = 4
-#: Admissions are always spaced by at least ``latency / (this * allowed concurrency)``: no
-#: limit on throughput (concurrency binds first), but a crowd of threads re-admitted at the
-#: same instant is spread out, so the first 429 is seen before all of them went out.
-PACING_HEADROOM = 2.0
-#: Never cut a learned rate below this share of the rate that was refused in one step.
-RATE_FLOOR = 0.5
-#: First hold after a 429 that carries no usable hint, in seconds; :data:`HOLD_GROWTH` times
-#: longer after each refused probe (a limit that stays closed is probed ever more rarely).
-DEFAULT_HOLD_S = 0.25
-#: Growth of a hold per refused probe: a hint-less one goes 0.25 s, 2 s, then (after
-#: :data:`MINUTE_AFTER_PROBES` refused probes) to the turn of the wall-clock minute; a hinted
-#: one that keeps being refused waits at least as long.
-HOLD_GROWTH = 8.0
-#: Refused hint-less probes after which the next probe waits for the turn of the minute: a
-#: limit still closed 2.25 s after its first refusal is most often a calendar minute (LiteLLM's
-#: router counts rpm per UTC minute), which then costs its first refusal and two probes, not a
-#: probe every few seconds. A smooth bucket's first probe (after 0.25 s) is accepted and never
-#: meets the longer holds; a slow one without hints waits for the minute once, then is paced.
-MINUTE_AFTER_PROBES = 2
-#: Longest hold, whatever the server says: the retry policy decides whether a call waits
-#: longer; other calls should not queue for minutes behind one hint.
-MAX_HOLD_S = 60.0
-#: A hint-less hold never runs past the next wall-clock minute by more than this: calendar
-#: minutes reopen there.
-MINUTE_SLACK_S = 0.05
-#: Added to a window's computed end: the server opened it when our first request *arrived*.
-WINDOW_SLACK_S = 0.05
-#: A hint repeated on refusals at least this far apart is a period (the time left would have
-#: shrunk).
-PERIOD_EVIDENCE_S = 1.0
-#: Shortest hint taken for a period: a server rounding a short wait up to whole seconds
-#: repeats ``Retry-After: 1`` without meaning a window.
-MIN_PERIOD_S = 2.0
-#: The learned rate never falls below this (calls per second).
-MIN_RATE_PER_S = 0.5
-#: A measurement over less busy time than this is a burst, not a rate.
-MIN_MEASURE_S = 1.0
-#: Shortest span a send rate is computed over (a first 429 within a few round trips).
-MIN_SENT_SPAN_S = 0.1
-#: A success reporting fewer remaining requests than this share of the limit is a soft signal.
-LOW_REMAINING_FRACTION = 0.1
-#: At most one soft signal per this many seconds.
-SOFT_SIGNAL_INTERVAL_S = 1.0
-#: Weight of the newest attempt in the smoothed attempt duration.
-LATENCY_SMOOTHING = 0.2
-#: A probe that has not answered after this long (or 4 latencies, if longer) lets another go.
-PROBE_TIMEOUT_S = 2.0
-#: The server counts as still *accepting* while its last acceptance is at most this old (or two
-#: windows, if longer): long enough to span a calendar minute and its probe.
-STORM_HORIZON_S = 65.0
-#: Before the server accepted anything, refusals within this long of the first one (and no
-#: more than one wave of them: the lane's concurrency) still count as "not now" -- a fresh
-#: client's first wave meets the limit before any answer is back; after that, a server that
-#: never accepted is in a storm.
-FIRST_EVIDENCE_S = 2.0
-#: Successes without a concurrency refusal after which a remembered ceiling rises by one.
-CEILING_PROBE_OKS = 100
-#: Refusals in a row, none worded, each sent with more calls in flight than any accepted call
-#: had, before the lane takes the limit for a cap on calls in flight (nginx ``limit_conn``
-#: says nothing but "429"). A rate limit refuses at levels it also accepts, which resets it.
-CAP_EVIDENCE = 2
-#: Refusals at a configured rate, with the burst already at its smallest, before adaptive mode
-#: may send below that rate.
-FLOOR_REFUSALS = 2
 
-
-class AdaptiveControl:
+class AdaptiveControl(RateLearning, WindowRecognition, InFlightCaps, FleetSharing):
     """Allowed concurrency, send rate, holds, probes and windows of one lane.
 
     :param max_limit: the configured concurrency of the lane: the limit never grows past it.
@@ -320,17 +278,6 @@ class AdaptiveControl:
             self._next_send_at = max(self._next_send_at, now) + gap
         return probe
 
-    def _open_window(self, now: float) -> None:
-        """A new window starts with this admission (or at the wall-clock boundary)."""
-        assert self.window_s is not None
-        self._window_admitted = 0
-        self._run_started_at = now
-        self._run_ok = 0
-        self._window_end = now + self.window_s + WINDOW_SLACK_S
-        if self.window_aligned and self._wall_offset is not None:
-            wall = now + self._wall_offset
-            self._window_end = (now + self.window_s - wall % self.window_s) + WINDOW_SLACK_S
-
     def note_demand(self, now: float, busy: bool) -> None:
         """Whether the lane has attempts in flight or waiting, from ``now`` on."""
         if self._busy:
@@ -395,23 +342,6 @@ class AdaptiveControl:
             pass
         return None
 
-    def _window_ranked(self, result: AttemptResult, rank: int, hints: RateLimitHints) -> None:
-        """The quota of a learned window, from where in the fleet's window this answer's
-        attempt went out (see :meth:`on_result`). A refused rank fixes the quota (one less);
-        until one has, the last rank a window allowed, accepted, is taken for one short of
-        the quota: the quota first learned counts the fleet's acceptances as far as this
-        process had heard of them, which may be too few, and a quota never tried cannot be
-        found too small (one refusal, once, settles it)."""
-        if result.status_code == 429 and hints.refusal in (None, "requests"):
-            if self.window_quota is None or rank - 1 < self.window_quota:
-                self.window_quota = max(1, rank - 1)
-            self._quota_settled = True
-        elif result.accepted and self.window_quota is not None:
-            if rank > self.window_quota:
-                self.window_quota = rank
-            if rank == self.window_quota and not self._quota_settled:
-                self.window_quota = rank + 1
-
     def _throttled(self, result: AttemptResult, hints: RateLimitHints, now: float,
                    probe: bool, in_flight: Optional[int], ranked: bool = False) -> str:
         self.throttled += 1
@@ -457,85 +387,6 @@ class AdaptiveControl:
                     result.request.model or "-", kind, before, self.allowed(), hold_s)
         return kind
 
-    def _hold_for(self, hint: Optional[float], now: float, probe: bool,
-                  kind: str) -> tuple[float, str]:
-        """How long to hold after this refusal, and whether it showed a window."""
-        wall = now + (self._wall_offset or 0.0)
-        if probe:
-            self._failed_probes += 1
-        if hint is None:
-            self._last_hint = None
-            hold = (DEFAULT_HOLD_S * HOLD_GROWTH ** self._failed_probes
-                    if self._failed_probes < MINUTE_AFTER_PROBES else MAX_HOLD_S)
-            to_minute = 60.0 - wall % 60.0 + MINUTE_SLACK_S
-            self._minute_probe = to_minute <= hold
-            return min(hold, to_minute), ("window" if self.window_s is not None else kind)
-        if probe and self._failed_probes > 1:
-            # A probe refused again: the hint was not enough; probe ever more rarely.
-            hint = max(hint, DEFAULT_HOLD_S * HOLD_GROWTH ** min(self._failed_probes - 1, 8))
-        repeated = (self._last_hint is not None and abs(hint - self._last_hint) < 1e-3
-                    and now - self._last_hint_at >= PERIOD_EVIDENCE_S
-                    and hint >= MIN_PERIOD_S)
-        self._last_hint, self._last_hint_at = hint, now
-        if (not repeated and self.window_s is not None and not self._window_configured
-                and abs(hint - self.window_s) >= 1e-3):
-            logger.info("Retry-After %g s after a window of %g s was assumed: the hint is a "
-                        "time left after all", hint, self.window_s)
-            self.window_s = self.window_quota = None
-            self._window_end = -math.inf
-            self._quota_settled = False
-        # A long hint that ends a run of acceptances is taken for a window's length until a
-        # different hint says otherwise (then it was a time left, and one probe went early).
-        tentative = (self.window_s is None and hint >= MIN_PERIOD_S and not probe
-                     and abs(hint - round(hint)) < 1e-6  # windows are whole seconds
-                     and self._ok_since_signal > 0 and self._run_started_at is not None)
-        if (repeated or tentative) and not self._window_configured:
-            if self.window_s != hint:
-                logger.info("Retry-After %g s after a run of acceptances%s: taken for a window "
-                            "of that length, counted from its first request", hint,
-                            " (repeated)" if repeated else "")
-            self.window_s, self.window_aligned = hint, False
-        if self.window_s is not None and self._run_started_at is not None:
-            end = self._run_started_at + self.window_s + WINDOW_SLACK_S
-            if end > now:
-                self._window_end = end
-                return min(MAX_HOLD_S, end - now), "window"
-        return min(MAX_HOLD_S, hint), kind
-
-    def _above_accepted(self, hints: RateLimitHints, in_flight: Optional[int],
-                        now: float, echo: bool) -> bool:
-        """Whether this unworded 429 reads as a cap on calls in flight: sent with more in
-        flight than any accepted call had, for the :data:`CAP_EVIDENCE`-th signal in a row (or
-        once such a cap was inferred), while the server accepts fewer. Echoes of one burst
-        count once: a slow start meets any limit at its highest level so far."""
-        if hints.refusal is not None or in_flight is None or self._max_ok_level < 1:
-            return False
-        if in_flight <= self._max_ok_level or not self.accepting(now):
-            self._cap_evidence = 0  # refused where it also accepts: a rate, not a cap
-            return False
-        if not echo:
-            if self._cap_evidence == 0:
-                self._rate_before_evidence = self.rate_per_s
-            self._cap_evidence += 1
-        if self._cap_inferred:
-            return True
-        if self._cap_evidence < CAP_EVIDENCE:
-            return False
-        logger.info("429s only with more than %d calls in flight: taken for a cap on calls "
-                    "in flight", self._max_ok_level)
-        self._cap_inferred = True
-        # The refusals so far were read as a rate: undo what they taught (a send rate, a
-        # hold, the cuts) and keep just below the refused level instead.
-        self.rate_per_s = self._rate_before_evidence
-        if self.rate_per_s is None:
-            self.rate_per_s = self.rate_floor_per_s
-        self._anchor_rate = self.rate_per_s or 0.0
-        self._learn_pending = False
-        self.hold_until = min(self.hold_until, now)
-        self._half_open = False
-        self.limit = float(max(self.limit, self._max_ok_level))
-        return True
-
     def stated_exhausted(self, now: float) -> None:
         """An accepted answer said no request remains, and not when more will: hold as a
         hint-less 429 would (then probe) -- without spending the 429 to learn it."""
@@ -546,19 +397,6 @@ class AdaptiveControl:
         self._half_open = self.accepting(now)
         self._signal(now)  # answers to attempts sent before this do not reopen the lane
         logger.info("the server says no request remains: holding admissions %.2f s", hold_s)
-
-    def _capped(self, result: AttemptResult, in_flight: Optional[int]) -> str:
-        """A cap on calls in flight refused: stay one below the refused level, no hold."""
-        level = in_flight if in_flight is not None else self.allowed()
-        ceiling = max(1, min(level - 1, self.allowed()))
-        if self.ceiling is None or ceiling < self.ceiling:
-            logger.info("429 for model=%s: the server caps calls in flight; keeping at most %d",
-                        result.request.model or "-", ceiling)
-            self.ceiling = ceiling
-        self.limit = min(self.limit, float(self.ceiling))
-        self._ok_since_ceiling = 0
-        self._slow_start = False
-        return "concurrency"
 
     def _succeeded(self, result: AttemptResult, hints: RateLimitHints, now: float,
                    probe: bool, ranked: bool = False) -> None:
@@ -600,234 +438,12 @@ class AdaptiveControl:
         else:
             self._grow_rate(1)
 
-    def _grow_rate(self, successes: int) -> None:
-        """The learned rate rises per success, by the share of a second of sending it took."""
-        if self.rate_per_s is not None:
-            growth_per_s = (RATE_GROWTH_PER_S * self._anchor_rate
-                            + RATE_ACCELERATION_PER_S * (self.rate_per_s - self._anchor_rate))
-            self.rate_per_s += successes * growth_per_s / self.rate_per_s
-
-    def _reopen(self, now: float, sent_at: float) -> None:
-        """The probe (or a later attempt) was accepted: the limit is open again."""
-        self._half_open = False
-        if (self._minute_probe and self.window_s is None and not self._window_configured
-                and self._failed_probes > 0):
-            logger.info("acceptance came back when the wall-clock minute turned: a limit per "
-                        "calendar minute")
-            self.window_s, self.window_aligned = 60.0, True
-            self.window_quota = self._run_ok or None
-        self._failed_probes = 0
-        self._minute_probe = False
-        if self.window_s is not None:
-            previous_ok = self._run_ok
-            if now >= self._window_end or self._window_end == -math.inf:
-                self._open_window(sent_at)
-                self._window_admitted = 1
-                self._run_ok = 1
-            if self.window_quota is None and previous_ok > 1:
-                self.window_quota = previous_ok
-        else:
-            self._run_started_at = sent_at
-            self._run_ok = 1
-
     def _signal(self, now: float) -> None:
         self.signals += 1
         self._ok_since_signal = 0
         self._slow_start = False
         self._last_signal_at = now
         self._rate_at_signal = self.rate_per_s
-
-    def _learn_rate(self, now: float) -> None:
-        """Send at what the server accepted since the rate was last learned.
-
-        Not below :data:`RATE_FLOOR` of the refused rate; and when the server accepted more
-        than we were sending (a burst it had saved), or too little time has passed to tell,
-        at :data:`RATE_BACKOFF` of the refused rate instead. The measurement keeps running
-        until it spans :data:`MIN_MEASURE_S`, across as many signals as that takes.
-        """
-        self._learn_pending = False
-        measured = self._measured_rate(now)
-        before = self._rate_at_signal
-        if measured is not None and (before is None or measured <= before):
-            self._set_rate(measured if before is None else max(measured, before * RATE_FLOOR))
-        elif before is not None:
-            self._set_rate(before * RATE_BACKOFF)
-        elif self._epoch_sent:  # the first signal came quickly: back off from what we sent
-            busy_s = self._busy_s - self._epoch_busy_start
-            self._set_rate(RATE_BACKOFF * self._epoch_sent / max(busy_s, MIN_SENT_SPAN_S))
-        logger.debug("send rate %s/s (measured %s)",
-                     "-" if self.rate_per_s is None else f"{self.rate_per_s:.2f}",
-                     "-" if measured is None else f"{measured:.2f}/s")
-        if measured is not None:
-            self._epoch_ok = self._epoch_sent = 0
-            self._epoch_busy_start = self._busy_s
-
-    def _measured_rate(self, now: float) -> Optional[float]:
-        """Successes per busy second since the rate was last learned (``None`` if too few)."""
-        self.note_demand(now, self._busy)
-        busy_s = self._busy_s - self._epoch_busy_start
-        if not self._epoch_ok or busy_s < MIN_MEASURE_S:
-            return None
-        return self._epoch_ok / busy_s
-
-    def refused_at_floor(self) -> None:
-        """The limiter saw a refusal at the configured rate with its burst already smallest:
-        after :data:`FLOOR_REFUSALS` of them the server evidently allows less, so the floor
-        goes."""
-        self._floor_refusals += 1
-        if self._floor_refusals >= FLOOR_REFUSALS and self.rate_floor_per_s is not None:
-            logger.info("the server keeps refusing at the configured rate (%.2f/s): learning a "
-                        "lower one", self.rate_floor_per_s)
-            self.rate_floor_per_s = None
-
-    def adopt_token_rate(self, rate_per_s: float) -> None:
-        """The server states its token limit: spend tokens at that rate from now on (a token
-        refusal can still teach a lower one). A stated value seen again changes nothing."""
-        if self._stated_token_rate is not None and abs(rate_per_s - self._stated_token_rate) \
-                <= 1e-6 * rate_per_s:
-            return
-        self._stated_token_rate = rate_per_s
-        self.token_rate_per_s = self._token_anchor = rate_per_s
-
-    def _tokens_accepted(self, charged: int) -> None:
-        """An accepted call's tokens: measured, and the learned token rate grows by them."""
-        if charged <= 0:
-            return
-        self._epoch_ok_tokens += charged
-        rate = self.token_rate_per_s
-        if rate is not None:  # growth per second of sending, as for the send rate
-            growth_per_s = (RATE_GROWTH_PER_S * self._token_anchor
-                            + RATE_ACCELERATION_PER_S * (rate - self._token_anchor))
-            rate += growth_per_s * charged / rate
-            if self._stated_token_rate is not None:  # what the server states is a ceiling
-                rate = min(rate, self._stated_token_rate)
-            self.token_rate_per_s = rate
-
-    def _learn_token_rate(self, now: float) -> None:
-        """Spend tokens at what the server accepted since the token rate was last learned;
-        the same rules as :meth:`_learn_rate`, counted in tokens."""
-        self._token_learn_pending = False
-        self.note_demand(now, self._busy)
-        busy_s = self._busy_s - self._token_epoch_busy_start
-        before = self._token_rate_at_signal
-        measured = (self._epoch_ok_tokens / busy_s
-                    if self._epoch_ok_tokens and busy_s >= MIN_MEASURE_S else None)
-        if measured is not None and (before is None or measured <= before):
-            rate = measured if before is None else max(measured, before * RATE_FLOOR)
-        elif before is not None:
-            rate = before * RATE_BACKOFF
-        elif self._epoch_sent_tokens:
-            rate = RATE_BACKOFF * self._epoch_sent_tokens / max(busy_s, MIN_SENT_SPAN_S)
-        else:
-            return
-        self.token_rate_per_s = self._token_anchor = max(1.0, rate)
-        logger.debug("token rate %.0f/s (measured %s)", self.token_rate_per_s,
-                     "-" if measured is None else f"{measured:.0f}/s")
-        if measured is not None:
-            self._epoch_ok_tokens = self._epoch_sent_tokens = 0
-            self._token_epoch_busy_start = self._busy_s
-
-    def _set_rate(self, rate: float) -> None:
-        rate = max(MIN_RATE_PER_S, rate)
-        if self.rate_floor_per_s is not None:
-            rate = max(rate, self.rate_floor_per_s)
-        self.rate_per_s = self._anchor_rate = rate
-
-    # -- sharing: a store that keeps one lane's learning for a fleet of processes ------------
-
-    def learned(self) -> dict[str, Any]:
-        """What this lane has *learned*, for a store to share with other processes (see
-        :meth:`adopt`): the send and token rates as last learned (not what they grew to
-        since), a recognised window, and a ceiling on calls in flight. ``None`` for what it
-        has not learned; a configured window is not learned and not shared."""
-        learned_window = self.window_s is not None and not self._window_configured
-        return {
-            "rate_per_s": self._anchor_rate if self.rate_per_s is not None else None,
-            "token_rate_per_s": (self._token_anchor if self.token_rate_per_s is not None
-                                 else None),
-            "window_s": self.window_s if learned_window else None,
-            "window_aligned": self.window_aligned if learned_window else None,
-            "window_quota": self.window_quota if learned_window else None,
-            "window_settled": self._quota_settled if learned_window else None,
-            "ceiling": self.ceiling,
-        }
-
-    def adopt(self, shared: Mapping[str, Any]) -> None:
-        """Take in what another process of the fleet learned (its :meth:`learned`, or part of
-        it). The rates are the fleet's (measured over what the whole fleet had accepted, see
-        :meth:`accepted_elsewhere`), so they replace this lane's, growth starting afresh from
-        them, as after a rate this lane learned itself. A window and a ceiling are taken only
-        when this lane knows none (a process that met them knows its own better); once taken,
-        they follow the fleet's: a newer quota or ceiling, and ``None`` for one the process
-        that met it found wrong."""
-        rate = shared.get("rate_per_s")
-        if rate:
-            self._set_rate(float(rate))
-            self._slow_start = False
-        token_rate = shared.get("token_rate_per_s")
-        if token_rate:
-            token_rate = max(1.0, float(token_rate))
-            if self._stated_token_rate is not None:
-                token_rate = min(token_rate, self._stated_token_rate)
-            self.token_rate_per_s = self._token_anchor = token_rate
-        window_s = shared.get("window_s")
-        if window_s and self.window_s is None:
-            self.window_s = float(window_s)
-            self.window_aligned = bool(shared.get("window_aligned"))
-            quota = shared.get("window_quota")
-            self.window_quota = int(quota) if quota else None
-            self._quota_settled = bool(shared.get("window_settled"))
-            self._window_adopted = True
-        elif "window_s" in shared and window_s is None and self._window_adopted:
-            # The process that met it found it wrong (a hint that was a time left after all).
-            self.window_s = self.window_quota = None
-            self._window_end = -math.inf
-            self._window_adopted = False
-            self._quota_settled = False
-        elif (shared.get("window_quota") and self.window_s is not None
-              and not self._window_configured
-              and (self._window_adopted or "window_s" not in shared
-                   or abs(float(window_s or 0) - self.window_s) < 1e-3)):
-            # one window, one quota for the fleet: the latest any process counted
-            self.window_quota = int(shared["window_quota"])
-        if (shared.get("window_settled") and self.window_s is not None
-                and not self._window_configured
-                and abs(float(shared.get("window_s") or self.window_s) - self.window_s) < 1e-3):
-            self._quota_settled = True  # a refused rank somewhere in the fleet fixed it
-        ceiling = shared.get("ceiling")
-        if ceiling and (self.ceiling is None or self._ceiling_adopted):
-            self.ceiling = max(1, min(int(ceiling), self.max_limit))
-            self.limit = min(self.limit, float(self.ceiling))
-            self._slow_start = False
-            self._ceiling_adopted = True
-        elif "ceiling" in shared and ceiling is None and self._ceiling_adopted:
-            self.ceiling = None
-            self._ceiling_adopted = False
-
-    @property
-    def window_quota_open(self) -> bool:
-        """Whether a learned window's quota may still be found larger: no refused rank has
-        fixed it yet (here or, once shared, anywhere in the fleet). Until then a call the
-        quota turned away should look again soon, not sleep to the window's end: the quota
-        rises with each accepted probe of one more."""
-        return (self.window_s is not None and self.window_quota is not None
-                and not self._quota_settled and not self._window_configured)
-
-    def accepted_elsewhere(self, sent: int, accepted: int, sent_tokens: int = 0,
-                           accepted_tokens: int = 0) -> None:
-        """Attempts the rest of the fleet sent, and had accepted, while this lane was busy:
-        counted in what the server accepted since the rate was last learned, so that what
-        this lane measures and learns is the rate the server gives the *fleet* (which a store
-        enforces fleet-wide), and growing the rates as this lane's own successes do."""
-        self._epoch_sent += max(0, sent)
-        self._epoch_sent_tokens += max(0, sent_tokens)
-        if accepted > 0:
-            self._epoch_ok += accepted
-            self._ok_since_signal += accepted  # a refusal after them ends the fleet's run
-            self._grow_rate(accepted)
-            if self._run_started_at is not None:  # a window's quota is the fleet's
-                self._run_ok += accepted
-        self._tokens_accepted(accepted_tokens)
 
     # -- reporting -----------------------------------------------------------------------------
 
