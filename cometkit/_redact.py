@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping, Optional
 
+from ._secrets import BLANKED, MIN_SUBSTRING_SECRET
 from .options import Option
 
 __all__ = ["REDACTED", "redact"]
 
-#: What a secret is shown as.
-REDACTED = "***"
-#: Secrets at least this long are also replaced inside longer strings.
-_MIN_SUBSTRING_SECRET = 6
+#: What a secret is shown as: what the answers' secret filter blanks it to. Secrets at least
+#: :data:`~cometkit._secrets.MIN_SUBSTRING_SECRET` long are also replaced inside longer
+#: strings, by the same rule as in answers.
+REDACTED = BLANKED
 
 
 
@@ -43,7 +44,7 @@ def _scrub(value: Any, secrets: list[str]) -> Any:
         for secret in secrets:
             if text == secret:
                 return REDACTED
-            if len(secret) >= _MIN_SUBSTRING_SECRET and secret in text:
+            if len(secret) >= MIN_SUBSTRING_SECRET and secret in text:
                 text = text.replace(secret, REDACTED)
         return text
     if isinstance(value, dict):
