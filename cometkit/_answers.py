@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Optional
 
+from ._bodies import answers_in_events
 from ._engine import Sent, usage_tokens
-from ._exceptions import APIConnectionError, APIError, SecretFilter, make_status_error
+from ._exceptions import APIConnectionError, APIError, make_status_error
 from ._multipart import decode_upload
-from ._transport import CompleteAnswer, answers_in_events
+from ._secrets import SecretFilter
+from ._transport import CompleteAnswer
 from .plugin_api import AttemptResult
 
 __all__ = ["failure_from", "json_object", "request_fields", "note_head", "note_body",

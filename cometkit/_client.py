@@ -32,7 +32,6 @@ from ._client_args import (
     call_deadline,
     call_timeout,
     check_construction_args,
-    check_count,
     clean_api_key,
     client_deadline,
 )
@@ -50,8 +49,7 @@ from .config import load_config
 from .prices import PriceTable
 from .priorities import Priorities
 
-#: check_count: cometkit.batch checks its counts with it, imported from here.
-__all__ = ["Client", "check_count"]
+__all__ = ["Client"]
 
 logger = logging.getLogger("cometkit")
 

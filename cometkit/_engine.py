@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
-from ._call_names import operation_for
 from ._deferred import Deferred
 from ._exceptions import APIConnectionError, APITimeoutError
 from ._workers import sleep_aside
@@ -34,8 +33,7 @@ from .plugin_api import (
     short_seconds,
 )
 
-#: operation_for lives in :mod:`cometkit._call_names`; cometkit.adapters imports it from here.
-__all__ = ["CallEngine", "Sent", "cut_timeout", "operation_for", "usage_tokens"]
+__all__ = ["CallEngine", "Sent", "cut_timeout", "usage_tokens"]
 
 logger = logging.getLogger("cometkit")
 

@@ -17,8 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import requests
 
 #: The exceptions users catch, exported as they are by ``cometkit`` (the helpers below that
-#: build them are cometkit's own; :class:`SecretFilter`, which lives in
-#: :mod:`cometkit._secrets`, is imported from here by cometkit._answers).
+#: build them are cometkit's own).
 __all__ = [
     "CometError",
     "OpenAIError",

@@ -30,11 +30,7 @@ from ._exceptions import APIConnectionError, ConfigError
 from ._secrets import SecretFilter
 from ._version import __version__
 
-#: Besides its own names, it passes on those of :mod:`cometkit._bodies` and
-#: :mod:`cometkit._connection_errors` that cometkit._answers and cometkit.adapters import
-#: from here.
-__all__ = ["Transport", "CompleteAnswer", "check_base_url", "DEFAULT_BASE_URL",
-           "answers_in_events", "connection_error"]
+__all__ = ["Transport", "CompleteAnswer", "check_base_url", "DEFAULT_BASE_URL"]
 
 logger = logging.getLogger("cometkit.transport")
 

@@ -23,10 +23,11 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ._answers import note_body, note_head, request_fields
+from ._call_names import operation_for
 from ._client import Client
-from ._engine import Sent, cut_timeout, operation_for
+from ._connection_errors import connection_error
+from ._engine import Sent, cut_timeout
 from ._exceptions import APITimeoutError
-from ._transport import connection_error
 from .plugin_api import AttemptResult
 from .priorities import PRIORITY_HEADER
 

@@ -52,7 +52,7 @@ from ._batch_outcome import (
     BatchWriteError,
 )
 from ._batch_output import answer_usage, call_record, encode_record, is_ok_record
-from ._client import check_count
+from ._client_args import check_count
 from ._exceptions import CometError
 from ._idset import DigestSet
 from ._workers import Window
